@@ -1,0 +1,190 @@
+"""Leave-one-speaker-out folds: the teacher set, the validation split and the items of each split.
+
+Honesty rules (DESIGN §3), enforced here and checked by ``check_honesty``:
+1. nothing of the held-out speaker (logits, words, ids) is used to train or to select a model;
+2. validation comes from teacher speakers only, grouped by speaker + word (the microphones of one
+   (speaker, word) record the same utterance at once, so they never straddle train and valid);
+3. at test time the student's input is computed only from the held-out speaker's audio.
+
+An *item* is what the student sees once: its input streams, the streams whose ensemble is its KD
+target, and the reference word. Streams are indices into a ``LogitStore``.
+
+``input_streams``:
+- ``self``: one item per teacher utterance, input = that speaker's own SA stream; KD target = the
+  ensemble of the teacher speakers' streams of the same core id (same word and microphone).
+- ``matched``: one item per core id, input = all teacher speakers' streams of that core id; KD
+  target = their ensemble. At test time, the held-out speaker's own stream alone (S = 1).
+- ``cross``: one item per teacher utterance, input = the other teacher models on that audio; KD
+  target = their ensemble. At test time, every teacher model on the held-out speaker's audio.
+"""
+
+from collections import defaultdict
+
+import torch
+
+from local.corpus import GROUPS, SPEAKERS, core_id, group_of, parse_utterance_id, word_category
+
+TEACHER_SETS = ("same_level", "all_others")
+INPUT_STREAMS = ("self", "matched", "cross")
+
+
+class FoldError(ValueError):
+    """A fold that cannot be built honestly."""
+
+
+def teacher_speakers(held_out, teacher_set="same_level", teachers=None, exclude=()):
+    """The teacher speakers of a fold.
+
+    teacher_set: ``same_level`` (the other speakers of the held-out speaker's intelligibility
+    group) or ``all_others`` (the 14 others). ``teachers``, when given, is an explicit list that
+    replaces it; ``exclude`` removes speakers from either.
+    """
+    if held_out not in SPEAKERS:
+        raise FoldError(f"held_out {held_out!r} is not a UASpeech dysarthric speaker ({', '.join(SPEAKERS)})")
+    if teachers is not None:
+        teachers = list(teachers)
+        unknown = [t for t in teachers if t not in SPEAKERS]
+        if unknown:
+            raise FoldError(f"unknown teacher speaker(s) {unknown}")
+        if held_out in teachers:
+            raise FoldError(f"the held-out speaker {held_out} is among the teachers {teachers}: "
+                            f"that would train on the test speaker")
+    elif teacher_set == "same_level":
+        teachers = [s for s in GROUPS[group_of(held_out)] if s != held_out]
+    elif teacher_set == "all_others":
+        teachers = [s for s in SPEAKERS if s != held_out]
+    else:
+        raise FoldError(f"teacher_set must be one of {TEACHER_SETS}, not {teacher_set!r}")
+    teachers = sorted(t for t in teachers if t not in set(exclude or ()))
+    if not teachers:
+        raise FoldError(f"the teacher set of {held_out} is empty (teacher_set={teacher_set}, exclude={exclude})")
+    return teachers
+
+
+def store_pairs(held_out, teachers, input_streams):
+    """(model, audio speaker) pairs to read for training/validation and for the test."""
+    if input_streams not in INPUT_STREAMS:
+        raise FoldError(f"input_streams must be one of {INPUT_STREAMS}, not {input_streams!r}")
+    if input_streams == "cross":
+        train = [(m, s) for s in teachers for m in teachers if m != s]
+        test = [(m, held_out) for m in teachers] + [(held_out, held_out)]
+    else:
+        train = [(t, t) for t in teachers]
+        test = [(held_out, held_out)]
+    return train, test
+
+
+def validation_groups(store, teachers, valid_fraction, seed):
+    """(speaker, word key) groups held out for validation: ``valid_fraction`` of each teacher
+    speaker's words, drawn with ``seed``. Whole groups, so the microphones of one recording never
+    straddle train and validation."""
+    words = defaultdict(set)
+    for spk, utt_id in zip(store.stream_speaker, store.utt_ids):
+        if spk in teachers:
+            words[spk].add(parse_utterance_id(utt_id)["word"])
+    groups = set()
+    gen = torch.Generator().manual_seed(int(seed))
+    for spk in sorted(words):
+        keys = sorted(words[spk])
+        n_valid = int(round(valid_fraction * len(keys)))
+        if valid_fraction > 0 and n_valid == 0:
+            n_valid = 1
+        for i in torch.randperm(len(keys), generator=gen)[:n_valid].tolist():
+            groups.add((spk, keys[i]))
+    return groups
+
+
+def _item(streams, target, utt_id, word, self_stream=-1):
+    parts = parse_utterance_id(utt_id)
+    return {
+        "streams": list(streams),
+        "target": list(target),
+        "self_stream": self_stream,
+        "word": word,
+        "speaker": parts["speaker"],
+        "category": word_category(parts["word"]),
+        "mic": parts["mic"],
+    }
+
+
+def stream_group(store, j):
+    """(audio speaker, word key) of a stream: the unit of the validation split."""
+    return store.stream_speaker[j], parse_utterance_id(store.utt_ids[j])["word"]
+
+
+def build_items(train_store, test_store, held_out, teachers, input_streams, valid_groups):
+    """``{"train": {id: item}, "valid": {...}, "test": {...}}`` for a fold.
+
+    ``train_store`` holds the teacher pairs only and ``test_store`` the pairs on the held-out
+    speaker's audio, so the held-out speaker cannot leak into training by construction.
+    """
+    teachers = sorted(teachers)
+
+    def in_valid(j):
+        return stream_group(train_store, j) in valid_groups
+
+    splits = {"train": {}, "valid": {}, "test": {}}
+    if input_streams in ("self", "matched"):
+        by_core = defaultdict(list)  # core id -> the teacher speakers' own streams
+        for j, (model, spk, utt_id) in enumerate(zip(train_store.stream_model, train_store.stream_speaker,
+                                                     train_store.utt_ids)):
+            if model == spk and spk in teachers:
+                by_core[core_id(utt_id)].append(j)
+        for core, streams in sorted(by_core.items()):
+            train = [j for j in streams if not in_valid(j)]
+            for j in streams:
+                if in_valid(j):  # validation looks like the test: one speaker's own stream
+                    utt_id = train_store.utt_ids[j]
+                    splits["valid"][utt_id] = _item([j], streams, utt_id, train_store.words[j])
+            if input_streams == "self":
+                for j in train:
+                    utt_id = train_store.utt_ids[j]
+                    splits["train"][utt_id] = _item([j], train, utt_id, train_store.words[j])
+            elif train:
+                item = _item(train, train, train_store.utt_ids[train[0]], train_store.words[train[0]])
+                item["speaker"] = "+".join(train_store.stream_speaker[j] for j in train)
+                splits["train"][core] = item
+    else:
+        by_utt = defaultdict(list)  # teacher utterance -> the other teacher models on that audio
+        for j, (model, spk, utt_id) in enumerate(zip(train_store.stream_model, train_store.stream_speaker,
+                                                     train_store.utt_ids)):
+            if model != spk and model in teachers and spk in teachers:
+                by_utt[utt_id].append(j)
+        for utt_id, streams in sorted(by_utt.items()):
+            split = "valid" if in_valid(streams[0]) else "train"
+            splits[split][utt_id] = _item(streams, streams, utt_id, train_store.words[streams[0]])
+    # The test: streams computed from the held-out speaker's audio only.
+    for j, (model, spk, utt_id) in enumerate(zip(test_store.stream_model, test_store.stream_speaker,
+                                                 test_store.utt_ids)):
+        if model != held_out or spk != held_out:
+            continue
+        if input_streams == "cross":
+            streams = [test_store.stream(m, utt_id) for m in teachers]
+        else:
+            streams = [j]
+        splits["test"][utt_id] = _item(streams, (), utt_id, test_store.words[j], self_stream=j)
+    return splits
+
+
+def check_honesty(splits, train_store, test_store, held_out):
+    """Raises FoldError if any honesty rule of DESIGN §3 is broken by these splits."""
+    if held_out in train_store.stream_model or held_out in train_store.stream_speaker:
+        raise FoldError(f"the training store holds logits of the held-out speaker {held_out}")
+    for name in ("train", "valid"):
+        for item_id, item in splits[name].items():
+            for j in item["streams"] + item["target"]:
+                model, spk = train_store.stream_model[j], train_store.stream_speaker[j]
+                if held_out in (model, spk):
+                    raise FoldError(f"{name} item {item_id} uses the stream of model {model} on "
+                                    f"{train_store.utt_ids[j]}: the held-out speaker is {held_out}")
+    valid = {stream_group(train_store, j) for item in splits["valid"].values() for j in item["streams"]}
+    for item_id, item in splits["train"].items():
+        for j in item["streams"] + item["target"]:
+            if stream_group(train_store, j) in valid:
+                raise FoldError(f"train item {item_id} uses {train_store.utt_ids[j]}, whose (speaker, word) "
+                                f"is in validation")
+    for item_id, item in splits["test"].items():
+        for j in item["streams"] + [item["self_stream"]]:
+            if j >= 0 and test_store.stream_speaker[j] != held_out:
+                raise FoldError(f"test item {item_id} takes a stream of speaker "
+                                f"{test_store.stream_speaker[j]}'s audio, not the held-out {held_out}")

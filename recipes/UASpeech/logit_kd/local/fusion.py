@@ -1,0 +1,179 @@
+"""Fusion students: from S >= 1 streams of teacher logits ``[B, S, U, V]`` to one ``[B, U, V]``.
+
+All of them take any number of streams (``stream_mask`` [B, S] says which are present) and return
+log-probability-like logits. With a single stream, ``mean``, ``weights`` and ``attention`` are the
+identity (the student then equals the stream's own SA model); they earn their keep with several
+streams (``input_streams: cross``). ``transformer`` can also correct a single stream.
+
+No student looks at a later position than the one it predicts: decoder logits are teacher-forced,
+so position u+1 was computed from the reference token at u, and looking ahead would leak the
+reference into the hypothesis.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FUSIONS = ("mean", "weights", "attention", "transformer")
+
+
+def stream_log_weights(scores, stream_mask):
+    """Log-softmax over streams (dim 1) of ``scores`` [B, S, U]; absent streams get -inf (weight 0).
+    Working in log space keeps the gradient finite where a weight is exactly zero."""
+    scores = scores.float().masked_fill(~stream_mask[:, :, None], float("-inf"))
+    return torch.log_softmax(scores, dim=1)
+
+
+def mix_probabilities(logp, log_weights):
+    """log sum_s w_s p_s from log-probs [B, S, U, V] and log-weights [B, S, U]."""
+    return torch.logsumexp(logp + log_weights.unsqueeze(-1), dim=1)
+
+
+class MeanFusion(nn.Module):
+    """No parameters: the mean of the streams' logits, probabilities or log-probabilities."""
+
+    def __init__(self, mode="prob"):
+        super().__init__()
+        if mode not in ("logit", "prob", "logprob"):
+            raise ValueError(f"mean fusion mode must be logit, prob or logprob, not {mode!r}")
+        self.mode = mode
+
+    def forward(self, logits, stream_mask, stream_ids=None):
+        mask = stream_mask[:, :, None, None].to(logits.dtype)
+        count = mask.sum(1).clamp(min=1.0)
+        if self.mode == "logit":
+            return (logits * mask).sum(1) / count
+        logp = F.log_softmax(logits.float(), -1)
+        if self.mode == "logprob":
+            return (logp * mask).sum(1) / count
+        equal = torch.zeros(stream_mask.shape + (logits.shape[2],), device=logits.device)
+        return mix_probabilities(logp, stream_log_weights(equal, stream_mask))
+
+
+class WeightsFusion(nn.Module):
+    """One learned weight per teacher identity (an unknown identity shares one extra weight)."""
+
+    def __init__(self, n_identities):
+        super().__init__()
+        self.n_identities = n_identities
+        self.weight = nn.Parameter(torch.zeros(n_identities + 1))
+
+    def forward(self, logits, stream_mask, stream_ids):
+        ids = stream_ids.clamp(min=0, max=self.n_identities)
+        scores = self.weight[ids].unsqueeze(-1).expand(-1, -1, logits.shape[2])
+        return mix_probabilities(F.log_softmax(logits.float(), -1), stream_log_weights(scores, stream_mask))
+
+
+def evidence_features(logp, k):
+    """Per stream and position: the k largest log-probs (sorted) and the entropy, [..., k + 1]."""
+    top = logp.topk(k, dim=-1).values
+    entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+    return torch.cat([top, entropy], dim=-1)
+
+
+class AttentionFusion(nn.Module):
+    """Per-position weights over streams, scored from each stream's own evidence (its confidence
+    profile), then a probability mix."""
+
+    def __init__(self, evidence_k=5, hidden=32):
+        super().__init__()
+        self.evidence_k = evidence_k
+        self.score = nn.Sequential(nn.Linear(evidence_k + 1, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, logits, stream_mask, stream_ids=None):
+        logp = F.log_softmax(logits.float(), -1)
+        feats = evidence_features(logp, min(self.evidence_k, logp.shape[-1]))
+        scores = self.score(feats.to(self.score[0].weight.dtype)).squeeze(-1)
+        return mix_probabilities(logp, stream_log_weights(scores, stream_mask))
+
+
+class TransformerFusion(nn.Module):
+    """Stream encoder + a small transformer over positions and streams + a residual correction.
+
+    Each stream position is encoded from its top-k (token id, log-probability) pairs only, so the
+    cost does not grow as S x V dense products: an embedding look-up of k ids, a linear map of k
+    numbers. A transformer attends over all (stream, position) cells at the same or earlier
+    positions. Its output scores the streams per position (an attention mix of their
+    probabilities) and, pooled over streams, adds a low-rank correction (d -> r -> V) to the mix.
+    The correction's last layer starts at zero, so the untrained student is the attention mix.
+    """
+
+    def __init__(self, vocab_size, top_k=8, d_model=64, n_heads=4, n_layers=2, d_ffn=128,
+                 correction_rank=16, dropout=0.1, max_positions=64):
+        super().__init__()
+        self.top_k = top_k
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.evidence = nn.Linear(top_k + 1, d_model)
+        self.position = nn.Embedding(max_positions, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, n_heads, d_ffn, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)  # LayerNorm, not BatchNorm: SyncBatchNorm breaks CPU DDP
+        self.stream_score = nn.Linear(d_model, 1)
+        self.correction = nn.Sequential(nn.Linear(d_model, correction_rank), nn.Linear(correction_rank, vocab_size))
+        nn.init.zeros_(self.correction[1].weight)
+        nn.init.zeros_(self.correction[1].bias)
+        self.n_heads = n_heads
+
+    def forward(self, logits, stream_mask, stream_ids=None):
+        B, S, U, V = logits.shape
+        logp = F.log_softmax(logits.float(), -1)
+        top = logp.topk(self.top_k, dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+        dtype = self.evidence.weight.dtype
+        # Encode each (stream, position) from its top-k pairs: ids weighted by their probability.
+        share = torch.softmax(top.values, -1).unsqueeze(-1).to(dtype)
+        h = (share * self.token_embedding(top.indices)).sum(-2)
+        h = h + self.evidence(torch.cat([top.values, entropy], -1).to(dtype))
+        h = h + self.position(torch.arange(U, device=logits.device))
+        # Attend over all cells (s', u') with u' <= u of present streams.
+        pos = torch.arange(U, device=logits.device).repeat(S)
+        causal = pos[None, :] > pos[:, None]                                   # [SU, SU]
+        absent = ~stream_mask.repeat_interleave(U, dim=1)                       # [B, SU]
+        blocked = causal[None] | absent[:, None, :]                             # [B, SU, SU]
+        blocked = blocked & ~torch.eye(S * U, dtype=torch.bool, device=logits.device)[None]
+        attn_mask = blocked.repeat_interleave(self.n_heads, dim=0)
+        h = self.norm(self.encoder(h.reshape(B, S * U, -1), mask=attn_mask)).reshape(B, S, U, -1)
+        mixed = mix_probabilities(logp, stream_log_weights(self.stream_score(h).squeeze(-1), stream_mask))
+        present = stream_mask[:, :, None, None].to(h.dtype)
+        pooled = (h * present).sum(1) / present.sum(1).clamp(min=1.0)
+        return mixed + self.correction(pooled).float()
+
+
+class FusionStudent(nn.Module):
+    """The student of the recipe: one of FUSIONS, built from the hparams' knobs."""
+
+    def __init__(self, fusion, vocab_size, n_identities, mean_mode="prob", evidence_k=5,
+                 attention_hidden=32, top_k=8, d_model=64, n_heads=4, n_layers=2, d_ffn=128,
+                 correction_rank=16, dropout=0.1):
+        super().__init__()
+        self.fusion_name = fusion
+        if fusion == "mean":
+            self.fusion = MeanFusion(mean_mode)
+        elif fusion == "weights":
+            self.fusion = WeightsFusion(n_identities)
+        elif fusion == "attention":
+            self.fusion = AttentionFusion(evidence_k, attention_hidden)
+        elif fusion == "transformer":
+            self.fusion = TransformerFusion(vocab_size, min(top_k, vocab_size), d_model, n_heads, n_layers,
+                                            d_ffn, correction_rank, dropout)
+        else:
+            raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
+
+    def forward(self, logits, stream_mask, stream_ids):
+        return self.fusion(logits, stream_mask, stream_ids)
+
+
+def drop_streams(stream_mask, p, generator=None):
+    """Random stream subsets for training: with probability p an item keeps a uniformly drawn
+    number (1..S_i) of its S_i streams, so a student trained on many streams also works on one."""
+    B, S = stream_mask.shape
+    if S == 1 or p <= 0:
+        return stream_mask
+    device = stream_mask.device
+    noise = torch.rand(B, S, generator=generator).to(device).masked_fill(~stream_mask, 2.0)
+    rank = noise.argsort(1).argsort(1)
+    n = stream_mask.sum(1)
+    keep_n = (torch.rand(B, generator=generator).to(device) * n).floor().long() + 1
+    apply = torch.rand(B, generator=generator).to(device) < p
+    keep_n = torch.where(apply, keep_n, n)
+    return stream_mask & (rank < keep_n[:, None])

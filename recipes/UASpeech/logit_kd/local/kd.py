@@ -1,0 +1,124 @@
+"""The distillation objective: the teacher-ensemble target and the KD + CE loss (DESIGN §4).
+
+    loss = alpha * T^2 * KL(softmax(target / T) || softmax(student / T)) + (1 - alpha) * CE(student, tokens_eos)
+
+Both terms are averaged over the real (unpadded) positions of the batch and computed in float32,
+whatever the autocast precision of the forward pass.
+"""
+
+import torch
+import torch.nn.functional as F
+
+AGGREGATIONS = ("prob_mean", "logprob_mean", "logit_mean", "weighted", "best")
+
+
+def ensemble_target(logits, temperature, aggregation="prob_mean", weights=None, tokens=None):
+    """Teacher-ensemble distribution ``[U, V]`` at temperature T from ``[S, U, V]`` teacher logits.
+
+    - ``prob_mean``: mean of the teachers' softmax(z / T);
+    - ``logprob_mean``: normalised geometric mean, softmax(mean log_softmax(z / T));
+    - ``logit_mean``: softmax(mean z / T);
+    - ``weighted``: sum_s w_s softmax(z_s / T), ``weights`` [S] (teacher quality, summing to 1);
+    - ``best``: the teacher that gives the reference ``tokens`` [U] the highest likelihood.
+    """
+    logits = logits.float()
+    if aggregation == "prob_mean":
+        return F.softmax(logits / temperature, -1).mean(0)
+    if aggregation == "logprob_mean":
+        return F.softmax(F.log_softmax(logits / temperature, -1).mean(0), -1)
+    if aggregation == "logit_mean":
+        return F.softmax(logits.mean(0) / temperature, -1)
+    if aggregation == "weighted":
+        if weights is None:
+            raise ValueError("the weighted aggregation needs teacher weights")
+        weights = torch.as_tensor(weights, dtype=torch.float32)
+        return (weights[:, None, None] * F.softmax(logits / temperature, -1)).sum(0)
+    if aggregation == "best":
+        if tokens is None:
+            raise ValueError("the best aggregation needs the reference tokens")
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        logp = F.log_softmax(logits, -1).gather(-1, tokens.expand(logits.shape[0], -1).unsqueeze(-1))
+        best = int(logp.squeeze(-1).sum(-1).argmax())
+        return F.softmax(logits[best] / temperature, -1)
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
+
+
+def kd_loss(student_logits, target_probs, tokens, mask, temperature, alpha):
+    """KD + CE loss of a batch and its two parts.
+
+    student_logits: [B, U, V]; target_probs: [B, U, V] ensemble distribution at temperature T, or
+    None (then only the CE term is computed: the test, where no teacher target exists);
+    tokens: [B, U] tokens_eos; mask: [B, U] real positions. Returns (loss, kd, ce), each a scalar
+    averaged over real positions (kd is None without a target).
+    """
+    student_logits = student_logits.float()
+    mask = mask.float()
+    n_pos = mask.sum().clamp(min=1.0)
+    ce = F.cross_entropy(student_logits.transpose(1, 2), tokens, reduction="none")
+    ce = (ce * mask).sum() / n_pos
+    if target_probs is None:
+        return ce, None, ce
+    target_probs = target_probs.float()
+    student_logp = F.log_softmax(student_logits / temperature, -1)
+    # KL(p || q) = sum p (log p - log q), with 0 log 0 = 0 for the pieces the target rules out.
+    kl = (torch.xlogy(target_probs, target_probs) - target_probs * student_logp).sum(-1)
+    kd = (kl * mask).sum() / n_pos * temperature**2
+    return alpha * kd + (1.0 - alpha) * ce, kd, ce
+
+
+class EnsembleTargets:
+    """The KD targets of a fold, computed once: one packed ``[positions + 1, V]`` table (the last
+    row is the zero padding row) with one entry per distinct set of target streams."""
+
+    def __init__(self, store, target_sets, temperature, aggregation, teacher_weights=None,
+                 dtype=torch.float32):
+        self.temperature, self.aggregation = temperature, aggregation
+        self.key_of = {}
+        lengths = []
+        for streams in target_sets:
+            key = tuple(streams)
+            if key and key not in self.key_of:
+                self.key_of[key] = len(lengths)
+                lengths.append(int(store.lengths[key[0]]))
+        self.lengths = torch.tensor(lengths, dtype=torch.long)
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        self.pad_row = int(self.lengths.sum())
+        self.data = torch.zeros(self.pad_row + 1, store.vocab_size, dtype=dtype)
+        for key, k in self.key_of.items():
+            weights = None
+            if aggregation == "weighted":
+                raw = torch.tensor([teacher_weights[store.stream_model[j]] for j in key]).clamp(min=1e-3)
+                weights = raw / raw.sum()  # proportional to each teacher's accuracy
+            tokens = store.tokens.tokens_eos(store.words[key[0]])
+            target = ensemble_target(store.gather(list(key), len(tokens)), temperature, aggregation,
+                                     weights=weights, tokens=tokens)
+            start = int(self.offsets[k])
+            self.data[start:start + len(tokens)] = target
+
+    def index(self, streams):
+        """Index of the target of a set of streams (-1 for none)."""
+        return self.key_of.get(tuple(streams), -1) if streams else -1
+
+    def gather(self, indices, max_len):
+        """``[B, max_len, V]`` float32 targets of ``indices`` (-1 -> zeros)."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        safe = indices.clamp(min=0)
+        pos = torch.arange(max_len)
+        rows = self.offsets[safe].unsqueeze(-1) + pos
+        inside = (indices >= 0).unsqueeze(-1) & (pos < self.lengths[safe].unsqueeze(-1))
+        return self.data[torch.where(inside, rows, torch.full_like(rows, self.pad_row))].float()
+
+
+def teacher_quality(store, streams):
+    """Per teacher model: the word accuracy of its greedy teacher-forced decode on ``streams`` (its
+    training streams), the quality behind the ``weighted`` target. Never computed on held-out data."""
+    from local.scoring import greedy_ids
+
+    correct, total = {}, {}
+    for j in streams:
+        model = store.stream_model[j]
+        tokens = store.tokens.tokens_eos(store.words[j])
+        hyp = greedy_ids(store.logits(j).unsqueeze(0), torch.tensor([len(tokens)]))[0]
+        correct[model] = correct.get(model, 0) + int(hyp == tokens[:-1])
+        total[model] = total.get(model, 0) + 1
+    return {m: correct[m] / total[m] for m in total}

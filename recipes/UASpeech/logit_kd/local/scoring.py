@@ -1,0 +1,118 @@
+"""Decoding and scoring, identical to the SA pipeline (DESIGN §5).
+
+Greedy rule: argmax at each real position, cut at the first ``</s>`` (id 2), then
+``tokenizer.decode_ids(ids).split(" ")`` against ``word.split(" ")``, scored by SpeechBrain's
+``ErrorRateStats`` with the hypothesis first. ``.split(" ")`` is kept on purpose: it is what produced
+the SA baselines (an empty hypothesis is ``[""]``; ``<unk>`` decodes to ``" ⁇ "``, three tokens).
+``WER_normalized`` (``.split()`` on both sides) is reported beside it, clearly named.
+
+The decoder logits are teacher-forced, so every position after the first has seen the reference
+prefix: this is the "teacher-forced greedy WER" that the SA pipeline's validation reported.
+"""
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+
+from speechbrain.utils.edit_distance import wer_summary
+from speechbrain.utils.metric_stats import ErrorRateStats
+
+from local.corpus import WORD_CATEGORIES
+from local.store import EOS
+
+
+def greedy_ids(logits, lengths):
+    """Token ids per utterance: argmax over ``lengths[b]`` positions, cut at the first </s>."""
+    best = logits.argmax(-1).tolist()
+    hyps = []
+    for seq, n in zip(best, lengths.tolist()):
+        seq = seq[: int(n)]
+        hyps.append(seq[: seq.index(EOS)] if EOS in seq else seq)
+    return hyps
+
+
+def _rates(scores):
+    """WER, SER, WRA (percent) and counts of per-utterance ErrorRateStats scores."""
+    summary = wer_summary(scores)
+    return {
+        "WER": summary["WER"],
+        "SER": summary["SER"],
+        "WRA": 100.0 - summary["SER"],
+        "n": summary["num_scored_sents"],
+        "edits": summary["num_edits"],
+        "ref_words": summary["num_scored_tokens"],
+    }
+
+
+class SystemScores:
+    """The scores of one system (the student or a baseline) on one set of utterances."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.wer = ErrorRateStats()
+        self.cer = ErrorRateStats(split_tokens=True, space_token=" ")
+        self.wer_normalized = ErrorRateStats()
+        self.groups = {}  # utterance id -> (category, mic)
+        self.hypotheses = {}
+
+    def append(self, ids, logits, lengths, words, categories, mics):
+        """Decodes ``logits`` [B, U, V] (``lengths`` [B] real positions) and scores them."""
+        hyp_texts = [self.tokenizer.decode_ids(h) for h in greedy_ids(logits, lengths)]
+        hyps = [h.split(" ") for h in hyp_texts]
+        refs = [w.split(" ") for w in words]
+        self.wer.append(ids, hyps, refs)
+        self.cer.append(ids, hyps, refs)
+        self.wer_normalized.append(ids, [h.split() for h in hyp_texts], [w.split() for w in words])
+        for utt_id, text, category, mic in zip(ids, hyp_texts, categories, mics):
+            self.groups[utt_id] = (category, mic)
+            self.hypotheses[utt_id] = text
+
+    def __len__(self):
+        return len(self.wer.scores)
+
+    def summary(self):
+        """WER, CER, WRA, SER (percent), WER_normalized, and per word category and microphone."""
+        result = _rates(self.wer.scores)
+        result["CER"] = self.cer.summarize("error_rate")
+        result["WER_normalized"] = self.wer_normalized.summarize("error_rate")
+        by_category, by_mic = defaultdict(list), defaultdict(list)
+        for score in self.wer.scores:
+            category, mic = self.groups[score["key"]]
+            by_category[category].append(score)
+            by_mic[mic].append(score)
+        order = {c: i for i, c in enumerate(WORD_CATEGORIES)}
+        result["by_category"] = {c: _rates(by_category[c]) for c in sorted(by_category, key=order.get)}
+        result["by_mic"] = {m: _rates(by_mic[m]) for m in sorted(by_mic)}
+        return result
+
+    def write_stats(self, path):
+        """``wer_test.txt`` in SpeechBrain's format, so it diffs against existing ``wer_*.txt``."""
+        atomic_write(path, self.wer.write_stats)
+
+
+def atomic_write(path, write):
+    """Writes a file through ``write(stream)`` into a temporary file that is then renamed, so a
+    crash never leaves a half-written result file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            write(stream)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, data):
+    atomic_write(path, lambda stream: json.dump(data, stream, indent=2, sort_keys=False))
+
+
+def format_table(results):
+    """A small text table of WER / CER / WRA per system for the log."""
+    lines = [f"{'system':<24} {'WER':>7} {'CER':>7} {'WRA':>7} {'n':>6}"]
+    for name, r in results.items():
+        lines.append(f"{name:<24} {r['WER']:7.2f} {r['CER']:7.2f} {r['WRA']:7.2f} {r['n']:6d}")
+    return "\n".join(lines)

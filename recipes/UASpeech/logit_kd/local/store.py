@@ -1,0 +1,259 @@
+"""The SA logit extraction, read in place, validated, and packed for training.
+
+    <logit_root>/<MODEL>/<SPK>/<SPK>_decoder_logits.pt   # SA model MODEL on speaker SPK's audio
+    <logit_root>/<MODEL>/<SPK>/<SPK>_metadata.json
+
+A *stream* is one model's decoder logits on one utterance, ``[U, V]``, teacher-forced on
+``[<s>] + encode_as_ids(word)``, so ``U = len(encode_as_ids(word)) + 1`` and position u predicts
+``tokens_eos[u]``. Token ids are not stored on disk: they are derived from ``target_words`` with
+the SA tokenizer, and every ``U`` is checked against them (a mismatch means the wrong tokenizer
+or a corrupt file).
+
+Every problem stops the run before training with one ``LogitStoreError`` that names the file, the
+speaker and the utterance. CTC files are never opened here.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from local.corpus import parse_utterance_id
+
+SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2}
+EOS = SPECIAL_IDS["</s>"]
+METADATA_KEYS = ("utterance_ids", "target_words", "num_utterances")
+
+
+class LogitStoreError(ValueError):
+    """Bad input: the message names the file, the speaker and the utterance."""
+
+
+def load_tokenizer(path):
+    """The SA SentencePiece model, loaded from a file (never fetched from a hub)."""
+    import sentencepiece as spm
+
+    path = Path(path)
+    if not path.is_file():
+        raise LogitStoreError(f"tokenizer file {path} does not exist (give --tokenizer_file=...)")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as err:
+        raise LogitStoreError(f"tokenizer file {path} is not a SentencePiece model: {err}") from None
+    for piece, expected in SPECIAL_IDS.items():
+        if sp.piece_to_id(piece) != expected:
+            raise LogitStoreError(
+                f"tokenizer {path}: {piece} has id {sp.piece_to_id(piece)}, but the SA models use "
+                f"<unk>=0, <s>=1, </s>=2 (no offset): this is not the SA tokenizer"
+            )
+    return sp
+
+
+class TokenTable:
+    """``tokens_eos`` of each word, derived once with the SA tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size()
+        self._cache = {}
+
+    def tokens_eos(self, word):
+        if word not in self._cache:
+            self._cache[word] = self.tokenizer.encode_as_ids(word) + [EOS]
+        return self._cache[word]
+
+
+@dataclass
+class PairInfo:
+    """The metadata of one (model, audio speaker) pair, validated."""
+
+    model: str
+    speaker: str
+    folder: Path
+    utt_ids: list
+    words: list
+    lengths: list  # U_i = len(tokens) + 1, from the tokenizer
+
+    @property
+    def decoder_file(self):
+        return self.folder / f"{self.speaker}_decoder_logits.pt"
+
+    @property
+    def ctc_file(self):
+        return self.folder / f"{self.speaker}_ctc_logits.pt"
+
+
+def read_metadata(logit_root, model, speaker, tokens):
+    """Reads and checks ``<logit_root>/<model>/<speaker>/<speaker>_metadata.json``."""
+    folder = Path(logit_root) / model / speaker
+    where = f"SA model {model} on speaker {speaker}"
+    if not folder.is_dir():
+        raise LogitStoreError(f"missing folder {folder} ({where}): is --logit_root right?")
+    path = folder / f"{speaker}_metadata.json"
+    if not path.is_file():
+        raise LogitStoreError(f"missing metadata file {path} ({where})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LogitStoreError(f"unreadable metadata file {path} ({where}): {err}") from None
+    if not isinstance(meta, dict) or any(k not in meta for k in METADATA_KEYS):
+        raise LogitStoreError(f"metadata file {path} ({where}) lacks one of the keys {METADATA_KEYS}")
+    utt_ids, words = meta["utterance_ids"], meta["target_words"]
+    if not (isinstance(utt_ids, list) and isinstance(words, list)):
+        raise LogitStoreError(f"metadata file {path}: utterance_ids and target_words must be lists")
+    if not (len(utt_ids) == len(words) == meta["num_utterances"]):
+        raise LogitStoreError(
+            f"metadata file {path} ({where}): {len(utt_ids)} utterance_ids, {len(words)} target_words, "
+            f"num_utterances {meta['num_utterances']}: they must agree"
+        )
+    declared = meta.get("vocab_size_decoder")
+    if declared is not None and declared != tokens.vocab_size:
+        raise LogitStoreError(
+            f"metadata file {path} ({where}): vocab_size_decoder is {declared} but the tokenizer "
+            f"has {tokens.vocab_size} pieces: wrong tokenizer?"
+        )
+    seen = set()
+    lengths = []
+    for utt_id, word in zip(utt_ids, words):
+        if utt_id in seen:
+            raise LogitStoreError(f"metadata file {path} ({where}): duplicate utterance id {utt_id}")
+        seen.add(utt_id)
+        try:
+            spk = parse_utterance_id(utt_id)["speaker"]
+        except ValueError as err:
+            raise LogitStoreError(f"metadata file {path} ({where}): {err}") from None
+        if spk != speaker:
+            raise LogitStoreError(
+                f"metadata file {path} ({where}): utterance {utt_id} belongs to speaker {spk}, not {speaker}"
+            )
+        if not isinstance(word, str) or not word.strip():
+            raise LogitStoreError(f"metadata file {path}: utterance {utt_id} has no target word ({word!r})")
+        if word != word.upper():
+            raise LogitStoreError(
+                f"metadata file {path}: utterance {utt_id} has the word {word!r} in lower case; the SA "
+                f"tokenizer is upper-case only (lower case maps to <unk>)"
+            )
+        lengths.append(len(tokens.tokens_eos(word)))
+    return PairInfo(model, speaker, folder, list(utt_ids), list(words), lengths)
+
+
+def _load_tensors(path, where):
+    """``torch.load`` with weights_only (never unpickle arbitrary objects) and mmap when possible."""
+    if not path.is_file():
+        raise LogitStoreError(f"missing logit file {path} ({where})")
+    try:
+        try:
+            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any failure to read is reported the same way
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise LogitStoreError(f"unreadable logit file {path} ({where}): {first_line}") from None
+
+
+def read_decoder_logits(info, vocab_size):
+    """Yields ``(i, logits [U_i, V])`` of a pair's decoder file, every utterance checked."""
+    path = info.decoder_file
+    where = f"SA model {info.model} on speaker {info.speaker}"
+    data = _load_tensors(path, where)
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 3:
+            raise LogitStoreError(f"logit file {path} ({where}): a tensor of shape {tuple(data.shape)}, "
+                                  f"expected a list of [U, V] tensors or one [N, U, V] tensor")
+        items = data.unbind(0)
+    elif isinstance(data, (list, tuple)):
+        items = data
+    else:
+        raise LogitStoreError(f"logit file {path} ({where}) holds a {type(data).__name__}, "
+                              f"not a list of tensors or a tensor")
+    if len(items) != len(info.utt_ids):
+        raise LogitStoreError(
+            f"logit file {path} ({where}) holds {len(items)} utterances but its metadata lists "
+            f"{len(info.utt_ids)} utterance_ids"
+        )
+    for i, (logits, utt_id, word, U) in enumerate(zip(items, info.utt_ids, info.words, info.lengths)):
+        at = f"logit file {path} ({where}), utterance {utt_id}"
+        if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 2:
+            kind = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise LogitStoreError(f"{at}: expected a float [U, V] tensor, found {kind}")
+        if logits.shape[1] != vocab_size:
+            raise LogitStoreError(
+                f"{at}: vocab size {logits.shape[1]}, but the tokenizer (and the other teachers) have "
+                f"{vocab_size}: wrong tokenizer or a model of another vocabulary"
+            )
+        if logits.shape[0] != U:
+            raise LogitStoreError(
+                f"{at}: {logits.shape[0]} positions, but the tokenizer gives {U - 1} tokens + </s> for "
+                f"{word!r}: wrong tokenizer or a corrupt file"
+            )
+        finite = torch.isfinite(logits)
+        if not bool(finite.all()):
+            pos = int(torch.nonzero(~finite)[0, 0])
+            raise LogitStoreError(f"{at}: NaN or Inf logits at position {pos}")
+        yield i, logits
+
+
+class LogitStore:
+    """The decoder logits of several (model, audio speaker) pairs, packed into one contiguous
+    ``[positions + 1, V]`` tensor (the last row is zeros, the padding row) with a stream index.
+
+    Each decoder file is read once; all metadata is read and checked before any logit file is
+    opened, and the packed tensor is allocated once from the token lengths.
+    """
+
+    def __init__(self, logit_root, tokens, pairs, store_dtype=torch.float32):
+        self.logit_root = Path(logit_root)
+        self.tokens = tokens
+        self.vocab_size = tokens.vocab_size
+        self.pairs = [tuple(p) for p in pairs]
+        infos = [read_metadata(logit_root, m, s, tokens) for m, s in self.pairs]
+        self.stream_model, self.stream_speaker, self.utt_ids, self.words = [], [], [], []
+        lengths = []
+        for info in infos:
+            self.stream_model += [info.model] * len(info.utt_ids)
+            self.stream_speaker += [info.speaker] * len(info.utt_ids)
+            self.utt_ids += info.utt_ids
+            self.words += info.words
+            lengths += info.lengths
+        self.lengths = torch.tensor(lengths, dtype=torch.long)
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        total = int(self.lengths.sum())
+        self.data = torch.zeros(total + 1, self.vocab_size, dtype=store_dtype)
+        self.pad_row = total
+        self.index = {(m, u): i for i, (m, u) in enumerate(zip(self.stream_model, self.utt_ids))}
+        first = 0
+        for info in infos:
+            for i, logits in read_decoder_logits(info, self.vocab_size):
+                start = int(self.offsets[first + i])
+                self.data[start:start + logits.shape[0]] = logits
+            first += len(info.utt_ids)
+
+    def __len__(self):
+        return len(self.utt_ids)
+
+    def stream(self, model, utt_id):
+        """Index of the stream of ``model`` on utterance ``utt_id`` (KeyError if absent)."""
+        return self.index[(model, utt_id)]
+
+    def logits(self, stream):
+        """``[U, V]`` float32 logits of one stream."""
+        start, U = int(self.offsets[stream]), int(self.lengths[stream])
+        return self.data[start:start + U].float()
+
+    def rows(self, streams, max_len):
+        """Row indices ``[..., max_len]`` of ``streams`` (-1 = no stream): pads point to the zero row."""
+        streams = torch.as_tensor(streams, dtype=torch.long)
+        valid = streams >= 0
+        safe = streams.clamp(min=0)
+        pos = torch.arange(max_len)
+        rows = self.offsets[safe].unsqueeze(-1) + pos
+        inside = valid.unsqueeze(-1) & (pos < self.lengths[safe].unsqueeze(-1))
+        return torch.where(inside, rows, torch.full_like(rows, self.pad_row))
+
+    def gather(self, streams, max_len):
+        """``[..., max_len, V]`` float32 logits of ``streams`` in one indexing operation."""
+        return self.data[self.rows(streams, max_len)].float()

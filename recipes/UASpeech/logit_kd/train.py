@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Logit-level knowledge distillation on UASpeech, leave one speaker out.
+
+Fifteen speaker-adaptive (SA) SpeechBrain ASR models, one per dysarthric speaker, had their
+decoder logits extracted to disk. This recipe reads them in place, trains a small fusion student
+by knowledge distillation from the teacher speakers' ensemble (KL at temperature T, scaled by T^2,
+plus cross-entropy on the reference), and tests it on one held-out speaker per intelligibility
+group with the SA pipeline's own decoding and SpeechBrain's ErrorRateStats.
+
+    python train.py hparams/fold_M01.yaml                      # the embedded synthetic demo tree
+    python train.py hparams/fold_M08.yaml --logit_root=/data/logit_extraction \
+        --tokenizer_file=/data/tokenizer.ckpt --output_folder=results/M08
+    torchrun --standalone --nproc_per_node=4 train.py hparams/fold_M05.yaml --logit_root=...
+
+See README.md for what the figures mean (teacher-forced greedy WER) and DESIGN of the folds.
+"""
+
+import functools
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import speechbrain as sb
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.dataio.sampler import ReproducibleRandomSampler
+from speechbrain.utils.distributed import if_main_process, run_on_main
+
+from local.batch import OUTPUT_KEYS, FoldBatch
+from local.corpus import SPEAKERS, group_of
+from local.fold_hparams import HparamsError, load_fold_hparams
+from local.folds import FoldError, build_items, check_honesty, store_pairs, teacher_speakers, validation_groups
+from local.fusion import MeanFusion, drop_streams
+from local.kd import EnsembleTargets, kd_loss, teacher_quality
+from local.scoring import SystemScores, format_table, write_json
+from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
+from local.synthetic import ensure_demo_tree
+
+logger = logging.getLogger(__name__)
+
+
+class FusionKD(sb.Brain):
+    """Trains the fusion student on teacher logits; scores it like the SA pipeline."""
+
+    def compute_forward(self, batch, stage):
+        """The student fuses the item's streams; in training, random stream subsets teach it to
+        work with however many streams the test offers (one, for ``self`` and ``matched``)."""
+        batch = batch.to(self.device)
+        streams = batch.stream_mask
+        if stage == sb.Stage.TRAIN:
+            streams = drop_streams(streams, self.hparams.stream_dropout)
+        return self.modules.student(batch.logits, streams, batch.stream_ids)
+
+    def compute_objectives(self, predictions, batch, stage):
+        """KD to the teacher ensemble + CE to the reference, in float32; decode and score."""
+        loss, kd, ce = kd_loss(predictions, batch.targets, batch.tokens, batch.pos_mask,
+                               self.hparams.temperature, self.hparams.alpha)
+        if stage != sb.Stage.TRAIN:
+            n_pos = float(batch.pos_mask.sum())
+            self.loss_parts["ce"] += float(ce) * n_pos
+            self.loss_parts["kd"] += float(kd) * n_pos if kd is not None else 0.0
+            self.loss_parts["positions"] += n_pos
+            self.score(batch, "student", predictions)
+            self.score(batch, "mean", self.mean_fusion(batch.logits, batch.stream_mask))
+            if stage == sb.Stage.TEST and batch.self_logits is not None:
+                self.score(batch, "sa_self", batch.self_logits)
+        return loss
+
+    def score(self, batch, system, logits):
+        if system not in self.scores:
+            self.scores[system] = SystemScores(self.hparams.tokenizer)
+        self.scores[system].append(batch.id, logits.float(), batch.lengths, batch.word, batch.category, batch.mic)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        if should_step:
+            self.hparams.lr_scheduler(self.optimizer)
+
+    def on_stage_start(self, stage, epoch=None):
+        if stage != sb.Stage.TRAIN:
+            self.scores = {}
+            self.loss_parts = {"kd": 0.0, "ce": 0.0, "positions": 0.0}
+            # The untrained baseline of the same streams: no parameters, always probability mean.
+            self.mean_fusion = MeanFusion("prob")
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = {"loss": stage_loss}
+            return
+        positions = max(self.loss_parts["positions"], 1.0)
+        results = {name: s.summary() for name, s in self.scores.items()}
+        stats = {"loss": stage_loss, "CE": self.loss_parts["ce"] / positions}
+        if stage == sb.Stage.VALID:
+            stats["KD"] = self.loss_parts["kd"] / positions
+            stats.update(WER=results["student"]["WER"], WRA=results["student"]["WRA"],
+                         WER_mean=results["mean"]["WER"], WRA_mean=results["mean"]["WRA"])
+            self.hparams.epoch_counter.update_metric(stage_loss)  # early stopping on valid loss
+            self.hparams.train_logger.log_stats(
+                {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]},
+                train_stats=self.train_stats, valid_stats=stats,
+            )
+            # On every rank: the checkpointer synchronises the ranks itself.
+            self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "WER": stats["WER"]},
+                                                 min_keys=["loss"])
+            return
+        stats.update(WER=results["student"]["WER"], WRA=results["student"]["WRA"])
+        self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current},
+                                            test_stats=stats)
+        logger.info("Test (teacher-forced greedy decoding):\n%s", format_table(results))
+        if if_main_process():
+            self.write_test_outputs(results)
+
+    def write_test_outputs(self, results):
+        """wer_test.txt (student), wer_test_<baseline>.txt, test_results.json; written atomically."""
+        out = Path(self.hparams.output_folder)
+        self.scores["student"].write_stats(self.hparams.test_wer_file)
+        for name in results:
+            if name != "student":
+                self.scores[name].write_stats(out / f"wer_test_{name}.txt")
+        write_json(self.hparams.test_results_file, {
+            **self.hparams.fold_info,
+            "n_utterances": results["student"]["n"],
+            "epoch_loaded": self.hparams.epoch_counter.current,
+            "decoding": "teacher-forced greedy (argmax, cut at the first </s>), decode_ids(...).split(' ')",
+            "student": results["student"],
+            "baselines": {name: r for name, r in results.items() if name != "student"},
+        })
+
+    def init_optimizers(self):
+        # The `mean` fusion has no parameters: nothing to optimise (Adam refuses an empty list).
+        if any(p.requires_grad for p in self.modules.parameters()):
+            super().init_optimizers()
+
+    def _train_loader_specifics(self, dataset, loader_kwargs):
+        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
+        if self.train_sampler is None:
+            # SpeechBrain only calls set_epoch on samplers it made: track ours (seeded from hparams).
+            self.train_sampler = loader_kwargs.get("sampler")
+        return loader_kwargs
+
+
+def uses_demo_tree(hparams):
+    """True when logit_root is the embedded demo tree (the default of every fold)."""
+    demo = Path(hparams["demo_folder"]) / "logit_extraction"
+    return Path(hparams["logit_root"]).resolve() == demo.resolve()
+
+
+def prepare_fold(hparams):
+    """Reads the fold's logits in place and checks everything before anything is trained or
+    written: teachers, stores, validation split, honesty rules, KD targets."""
+    demo = uses_demo_tree(hparams)
+    if demo:
+        run_on_main(ensure_demo_tree, kwargs={"folder": hparams["demo_folder"]})
+    tokenizer = load_tokenizer(hparams["tokenizer_file"])
+    tokens = TokenTable(tokenizer)
+    held_out = hparams["held_out"]
+    teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
+    train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
+    dtype = getattr(torch, hparams["store_dtype"])
+    train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype)
+    test_store = LogitStore(hparams["logit_root"], tokens, test_pairs, dtype)
+    valid_groups = validation_groups(train_store, teachers, hparams["valid_fraction"], hparams["seed"])
+    splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
+    check_honesty(splits, train_store, test_store, held_out)
+    quality = None
+    if hparams["target_aggregation"] == "weighted":
+        quality = teacher_quality(train_store, [j for item in splits["train"].values() for j in item["streams"]])
+    target_sets = [item["target"] for name in ("train", "valid") for item in splits[name].values()]
+    targets = EnsembleTargets(train_store, target_sets, hparams["temperature"], hparams["target_aggregation"],
+                              quality, dtype)
+    synthetic = demo or (Path(hparams["logit_root"]).parent / "SYNTHETIC.json").is_file()
+    info = {
+        "held_out": held_out,
+        "group": group_of(held_out),
+        "teachers": teachers,
+        "teacher_set": hparams["teacher_set"] if hparams["teachers"] is None else "explicit",
+        "input_streams": hparams["input_streams"],
+        "fusion": hparams["fusion"],
+        "target_aggregation": hparams["target_aggregation"],
+        "temperature": hparams["temperature"],
+        "alpha": hparams["alpha"],
+        "seed": hparams["seed"],
+        "logit_root": str(hparams["logit_root"]),
+        "tokenizer_file": str(hparams["tokenizer_file"]),
+        "synthetic_data": synthetic,
+    }
+    return SimpleNamespace(tokenizer=tokenizer, train_store=train_store, test_store=test_store,
+                           splits=splits, targets=targets, info=info)
+
+
+def dataio_prepare(fold):
+    """DynamicItemDatasets of the fold's items and their collate functions (gather by index)."""
+    datasets, collate = {}, {}
+    for name, store in (("train", fold.train_store), ("valid", fold.train_store), ("test", fold.test_store)):
+        data = {
+            item_id: {
+                "streams": item["streams"],
+                "target_index": fold.targets.index(item["target"]),
+                "self_stream": item["self_stream"],
+                "word": item["word"],
+                "category": item["category"],
+                "mic": item["mic"],
+            }
+            for item_id, item in fold.splits[name].items()
+        }
+        datasets[name] = DynamicItemDataset(data, output_keys=OUTPUT_KEYS)
+        collate[name] = functools.partial(FoldBatch, store=store, targets=fold.targets if name != "test" else None)
+    return datasets, collate
+
+
+if __name__ == "__main__":
+    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
+    sb.utils.distributed.ddp_init_group(run_opts)
+    try:
+        base_file, fold_overrides, hparams = load_fold_hparams(hparams_file, overrides)
+        fold = prepare_fold(hparams)
+    except (HparamsError, LogitStoreError, FoldError) as err:
+        # Bad input stops here, before training and before anything in output_folder is written.
+        sys.exit(f"ERROR: {err}")
+
+    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
+                                   hyperparams_to_save=base_file, overrides=fold_overrides)
+    if fold.info["synthetic_data"]:
+        logger.warning("The input is a SYNTHETIC logit tree (%s), not UASpeech: its figures only show that "
+                       "the recipe runs. Give --logit_root and --tokenizer_file for real data.", hparams["logit_root"])
+    logger.info("Fold %s (%s): teachers %s, input_streams=%s, fusion=%s; %d train, %d valid, %d test items",
+                fold.info["held_out"], fold.info["group"], " ".join(fold.info["teachers"]),
+                fold.info["input_streams"], fold.info["fusion"], *(len(fold.splits[s]) for s in ("train", "valid", "test")))
+
+    datasets, collate = dataio_prepare(fold)
+    hparams["tokenizer"] = fold.tokenizer
+    hparams["fold_info"] = fold.info
+    student = hparams["student"](vocab_size=fold.train_store.vocab_size, n_identities=len(SPEAKERS))
+    hparams["checkpointer"].add_recoverable("student", student)
+    brain = FusionKD(modules={"student": student}, opt_class=hparams["opt_class"], hparams=hparams,
+                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
+
+    trainable = any(p.requires_grad for p in student.parameters())
+    if not trainable:
+        logger.info("The %s fusion has no parameters: nothing to train, scoring it directly.", hparams["fusion"])
+    elif brain.test_only and not hparams["checkpointer"].find_checkpoints(min_key="loss"):
+        sys.exit(f"ERROR: --test_only but no checkpoint in {hparams['save_folder']}: train this fold first.")
+    else:
+        brain.fit(
+            brain.hparams.epoch_counter, datasets["train"], datasets["valid"],
+            train_loader_kwargs={
+                "batch_size": hparams["batch_size"], "collate_fn": collate["train"],
+                "num_workers": hparams["num_workers"],
+                # Our own seeded sampler: under DDP SpeechBrain wraps it, and the order follows --seed.
+                "sampler": ReproducibleRandomSampler(datasets["train"], seed=hparams["seed"]),
+            },
+            valid_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["valid"]},
+        )
+    brain.evaluate(datasets["test"], min_key="loss",
+                   test_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["test"]})

@@ -1,0 +1,49 @@
+"""Shared fixtures: the recipe's modules on sys.path, and the real SA artefacts when present."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "UASpeech" / "logit_kd"
+sys.path.insert(0, str(RECIPE))
+
+# Real artefacts of the SA pipeline (tokenizer, 15 metadata files, SpeechBrain wer_*.txt files) live
+# beside the checkout, never inside it. UASPEECH_SHARED points elsewhere if needed.
+SHARED = Path(os.environ.get("UASPEECH_SHARED", REPO.parent / "shared" / "uaspeech"))
+
+
+@pytest.fixture(scope="session")
+def shared_uaspeech():
+    """The folder of real SA artefacts; skips the test when it is absent."""
+    if not (SHARED / "sa_tokenizer.model").is_file():
+        pytest.skip(f"real SA artefacts not found at {SHARED} (set UASPEECH_SHARED to use them)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def demo_tree(tmp_path_factory):
+    """The embedded demo tree (all 15 speakers, diagonal), generated once per test session.
+    Tests must not modify it: copy it (``copy_tree``) to craft bad input."""
+    from local.synthetic import ensure_demo_tree
+
+    folder = tmp_path_factory.mktemp("demo") / "demo_data"
+    ensure_demo_tree(folder)
+    return folder
+
+
+@pytest.fixture
+def copy_tree(demo_tree, tmp_path):
+    """A private copy of the demo tree for tests that damage it."""
+    import shutil
+
+    def _copy(speakers=None):
+        dest = tmp_path / "tree"
+        shutil.copytree(demo_tree, dest, ignore=None if speakers is None else
+                        (lambda d, names: [n for n in names if d.endswith("logit_extraction") and
+                                           len(n) == 3 and n not in speakers]))
+        return dest
+
+    return _copy

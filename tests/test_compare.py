@@ -1,0 +1,333 @@
+"""Tests of local/compare.py: parsing SpeechBrain wer_*.txt files and lining systems up."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from local.compare import WerFileMismatch, compare, majority_vote, read_wer_file
+
+SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "UASpeech" / "logit_kd" / "local" / "compare.py"
+
+
+def edit_distance(ref, hyp):
+    """Plain Levenshtein distance between two token lists (independent of SpeechBrain)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i]
+        for j, h in enumerate(hyp, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h)))
+        prev = cur
+    return prev[-1]
+
+
+def header_numbers(path):
+    """The first two lines of a wer file, read independently of compare.py."""
+    with open(path, encoding="utf-8") as handle:
+        wer_line, ser_line = handle.readline(), handle.readline()
+    w = re.match(r"%WER (\S+) \[ (\d+) / (\d+),", wer_line)
+    s = re.match(r"%SER (\S+) \[ (\d+) / (\d+) \]", ser_line)
+    return {"WER": w[1], "edits": int(w[2]), "ref": int(w[3]),
+            "SER": s[1], "wrong": int(s[2]), "n": int(s[3])}
+
+
+def write_sb_file(path, rows):
+    """Write a wer file with SpeechBrain's own ErrorRateStats; rows: (id, ref, hyp)."""
+    from speechbrain.utils.metric_stats import ErrorRateStats
+
+    stats = ErrorRateStats()
+    # two append calls, as a training loop would do batch by batch
+    half = max(1, len(rows) // 2)
+    for batch in (rows[:half], rows[half:]):
+        if batch:
+            stats.append([r[0] for r in batch], [r[2] for r in batch], [r[1] for r in batch])
+    with open(path, "w", encoding="utf-8") as handle:
+        stats.write_stats(handle)
+    return stats
+
+
+@pytest.fixture(scope="module")
+def real_files(shared_uaspeech):
+    files = sorted((shared_uaspeech / "cross_testing").glob("*/wer_*.txt"))
+    return files
+
+
+def test_all_real_files_reproduce_their_headers(real_files):
+    assert len(real_files) == 56
+    for path in real_files:
+        head = header_numbers(path)
+        parsed = read_wer_file(path)
+        utts = parsed.utterances
+        assert len(utts) == head["n"], path
+        # recount from the ops rows and from the tokens, independently of the module's sums
+        edits = sum(u.ops.count("I") + u.ops.count("D") + u.ops.count("S") for u in utts)
+        ref_words = sum(len(u.ref) for u in utts)
+        wrong = sum(1 for u in utts if edit_distance(u.ref, u.hyp) > 0)
+        assert sum(edit_distance(u.ref, u.hyp) for u in utts) == edits == head["edits"], path
+        assert ref_words == head["ref"], path
+        assert wrong == head["wrong"], path
+        assert f"{100.0 * edits / ref_words:.2f}" == head["WER"], path
+        assert f"{100.0 * wrong / len(utts):.2f}" == head["SER"], path
+        assert parsed.wer == head["WER"] and parsed.ser == head["SER"]
+        metrics = parsed.metrics()
+        assert f"{metrics['WER']:.2f}" == head["WER"] and f"{metrics['SER']:.2f}" == head["SER"]
+        assert metrics["WRA"] == pytest.approx(100.0 - metrics["SER"])
+        assert not parsed.mismatches
+        assert all(re.fullmatch(r"[FM]\d\d_B3_[A-Z]+\d*_M[2-8]", u.id) for u in utts), path
+
+
+def test_real_file_first_utterance_by_hand(real_files):
+    path = next(p for p in real_files if p.parent.name == "F02" and p.stem == "wer_M08")
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    first = read_wer_file(path).utterances[0]
+    assert lines[12].startswith(first.id + ", %WER")
+    assert first.ref == [lines[13].strip()] and first.hyp == [lines[15].strip()]
+
+
+SB_ROWS = [
+    ("utt_empty_hyp", ["COME"], [""]),                      # empty-string token: blank cell
+    ("utt_multi", ["AND"], ["AND", "⁇", "OF"]),            # two insertions, unk-like token
+    ("utt_ins_del", ["THE", "QUICK", "BROWN", "FOX"], ["THE", "BROWN", "FOX", "JUMPS"]),
+    ("utt_all_deleted", ["A", "B"], []),                    # deletions: <eps> in the hyp row
+    ("utt_unk", ["HELLO"], ["<unk>"]),
+    ("utt_spaced_token", ["X"], ["AND ⁇ OF"]),             # one token holding spaces
+    ("utt_right", ["YES"], ["YES"]),
+    ("utt_empty_ref", [], ["EXTRA"]),                       # insertion into nothing
+    ("utt_nothing", [], []),                                # three empty rows
+    ("utt_wide", ["SUPERCALIFRAGILISTIC", "I"], ["S", "EYE", "EXTRA", "WORDS"]),
+]
+
+
+def test_speechbrain_written_file_round_trips(tmp_path):
+    path = tmp_path / "wer_crafted.txt"
+    stats = write_sb_file(path, SB_ROWS)
+    summary = stats.summarize()
+    parsed = read_wer_file(path)
+    assert [u.id for u in parsed.utterances] == [r[0] for r in SB_ROWS]
+    for (utt_id, ref, hyp), utt, score in zip(SB_ROWS, parsed.utterances, stats.scores):
+        assert utt.ref == ref, utt_id
+        assert utt.hyp == hyp, utt_id
+        assert utt.insertions == score["insertions"]
+        assert utt.deletions == score["deletions"]
+        assert utt.substitutions == score["substitutions"]
+        assert utt.edits == score["num_edits"] == edit_distance(ref, hyp)
+        assert utt.ref_count == score["num_ref_tokens"]
+    assert parsed.wer == f"{summary['WER']:.2f}"
+    assert parsed.ser == f"{summary['SER']:.2f}"
+    assert parsed.edits == summary["num_edits"]
+    assert parsed.ref_tokens == summary["num_scored_tokens"]
+    assert (parsed.insertions, parsed.deletions, parsed.substitutions) == (
+        summary["insertions"], summary["deletions"], summary["substitutions"])
+    assert parsed.n_sentences == summary["num_scored_sents"] == len(SB_ROWS)
+    metrics = parsed.metrics()
+    assert metrics["WER"] == pytest.approx(summary["WER"])
+    assert metrics["SER"] == pytest.approx(summary["SER"])
+
+
+def test_trailing_blanks_stripped_by_an_editor_still_parse(tmp_path):
+    path = tmp_path / "wer_crafted.txt"
+    write_sb_file(path, SB_ROWS)
+    stripped = tmp_path / "wer_stripped.txt"
+    stripped.write_text("\n".join(line.rstrip() for line in path.read_text(encoding="utf-8").split("\n")),
+                        encoding="utf-8")
+    a, b = read_wer_file(path), read_wer_file(stripped)
+    assert [(u.ref, u.hyp) for u in a.utterances] == [(u.ref, u.hyp) for u in b.utterances]
+
+
+def test_tampered_header_is_detected(tmp_path, real_files):
+    original = real_files[0].read_text(encoding="utf-8")
+    lines = original.split("\n")
+    w = re.match(r"%WER (\d+)\.(\d\d) (.*)", lines[0])
+    lines[0] = f"%WER {w[1]}.{(int(w[2]) + 1) % 100:02d} {w[3]}"  # one hundredth off
+    tampered = tmp_path / "wer_tampered.txt"
+    tampered.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(WerFileMismatch, match="%WER"):
+        read_wer_file(tampered)
+    assert any("%WER" in m for m in read_wer_file(tampered, check=False).mismatches)
+
+    # the error count of %SER, consistent-looking but wrong
+    lines = original.split("\n")
+    s = re.match(r"%SER (\S+) \[ (\d+) / (\d+) \]", lines[1])
+    lines[1] = f"%SER {s[1]} [ {int(s[2]) + 1} / {s[3]} ]"
+    tampered.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match="erroneous"):
+        read_wer_file(tampered)
+
+
+def test_tampered_alignment_is_detected_with_file_and_line(tmp_path, real_files):
+    lines = real_files[0].read_text(encoding="utf-8").split("\n")
+    # utterance block: line 13 (1-based) is the first utterance's header; flip its op row
+    assert lines[14].strip() in {"=", "S"}
+    lines[14] = lines[14].replace("=", "S") if "=" in lines[14] else lines[14].replace("S", "=")
+    bad = tmp_path / "wer_bad.txt"
+    bad.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"wer_bad\.txt:1[3-6]:"):
+        read_wer_file(bad)
+
+    truncated = tmp_path / "wer_truncated.txt"
+    truncated.write_text("\n".join(real_files[0].read_text(encoding="utf-8").split("\n")[:14]),
+                         encoding="utf-8")
+    with pytest.raises(ValueError, match=r"wer_truncated\.txt:\d+: file ends"):
+        read_wer_file(truncated)
+
+    garbage = tmp_path / "wer_garbage.txt"
+    garbage.write_text("hello\nworld\n!\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"wer_garbage\.txt:1:"):
+        read_wer_file(garbage)
+
+
+# Four systems on six shared utterances (+1 only A has). Hand-worked expectations below.
+REFS = {
+    "M08_B3_CW1_M2": ["COME"],
+    "M08_B3_CW1_M3": ["COME"],
+    "M08_B3_CW2_M2": ["WE"],
+    "M08_B3_CW2_M3": ["WE"],
+    "M08_B3_LA_M2": ["ALPHA"],
+    "M08_B3_LZ_M2": ["ZULU"],
+    "M08_B3_D1_M2": ["ONE"],
+}
+HYPS = {  # system -> utterance -> hypothesis
+    "A": {"M08_B3_CW1_M2": ["COME"], "M08_B3_CW1_M3": ["GUM"], "M08_B3_CW2_M2": ["NO", "ONE"],
+          "M08_B3_CW2_M3": [""], "M08_B3_LA_M2": ["ALPHA"], "M08_B3_LZ_M2": ["ROMEO"],
+          "M08_B3_D1_M2": ["ONE"]},
+    "B": {"M08_B3_CW1_M2": ["COME"], "M08_B3_CW1_M3": ["CALM"], "M08_B3_CW2_M2": ["NO", "ONE"],
+          "M08_B3_CW2_M3": ["WE", "WE"], "M08_B3_LA_M2": ["ALFA"], "M08_B3_LZ_M2": ["ZULU"]},
+    "C": {"M08_B3_CW1_M2": ["CALM"], "M08_B3_CW1_M3": ["COME"], "M08_B3_CW2_M2": ["WE"],
+          "M08_B3_CW2_M3": [""], "M08_B3_LA_M2": ["ALFA"], "M08_B3_LZ_M2": ["ZULU"]},
+    "D": {"M08_B3_CW1_M2": ["COME"], "M08_B3_CW1_M3": ["GUM"], "M08_B3_CW2_M2": ["WEE"],
+          "M08_B3_CW2_M3": ["WHY"], "M08_B3_LA_M2": ["ALFA"], "M08_B3_LZ_M2": ["ROMEO"]},
+}
+SHARED = list(REFS)[:6]
+# Majority vote, worked by hand:
+#   CW1_M2: COME x3 vs CALM                         -> COME
+#   CW1_M3: GUM (A, D) x2, CALM, COME               -> GUM
+#   CW2_M2: NO ONE (A, B) x2, WE, WEE               -> NO ONE
+#   CW2_M3: "" (A, C) x2, WE WE, WHY                -> ""
+#   LA_M2 : ALFA x3 vs ALPHA                        -> ALFA
+#   LZ_M2 : ROMEO (A, D) x2 vs ZULU (B, C) x2: tie  -> ROMEO (A is the earliest system)
+VOTE = [["COME"], ["GUM"], ["NO", "ONE"], [""], ["ALFA"], ["ROMEO"]]
+# Oracle (fewest edits, ties to the earliest system), worked by hand:
+#   CW1_M2 A COME (0); CW1_M3 C COME (0); CW2_M2 C WE (0);
+#   CW2_M3 everyone has 1 edit -> A "" (1); LA_M2 A ALPHA (0); LZ_M2 B ZULU (0)
+ORACLE = [["COME"], ["COME"], ["WE"], [""], ["ALPHA"], ["ZULU"]]
+ORACLE_RIGHT = 5  # every utterance but CW2_M3 has a system that is exactly right
+
+
+@pytest.fixture()
+def crafted_systems(tmp_path):
+    paths = []
+    for name, hyps in HYPS.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        path = folder / "wer_M08.txt"
+        write_sb_file(path, [(u, REFS[u], h) for u, h in hyps.items()])
+        paths.append(path)
+    return paths
+
+
+def _rates(hyps, refs):
+    edits = sum(edit_distance(r, h) for r, h in zip(refs, hyps))
+    words = sum(len(r) for r in refs)
+    wrong = sum(edit_distance(r, h) > 0 for r, h in zip(refs, hyps))
+    return 100.0 * edits / words, 100.0 * wrong / len(refs)
+
+
+def test_majority_vote_tie_break_is_system_order():
+    assert majority_vote([["X"], ["Y"], ["Y"], ["X"]]) == 0
+    assert majority_vote([["Y"], ["X"], ["Y"], ["X"]]) == 0
+    assert majority_vote([["Z"], ["X"], ["Y"], ["X"]]) == 1
+    assert majority_vote([["A", "B"], ["A"], ["B"]]) == 0
+
+
+def test_vote_and_oracle_on_crafted_files(crafted_systems):
+    result = compare(crafted_systems, names=list(HYPS))
+    refs = [REFS[u] for u in SHARED]
+    assert result["n_shared"] == 6
+    assert result["reference"] == "A"
+
+    # per system: whole file vs shared ids
+    assert result["systems"]["A"]["n"] == 7 and result["systems"]["A"]["shared"]["n"] == 6
+    for name, hyps in HYPS.items():
+        wer, ser = _rates([hyps[u] for u in SHARED], refs)
+        shared = result["systems"][name]["shared"]
+        assert shared["WER"] == pytest.approx(wer) and shared["SER"] == pytest.approx(ser)
+        assert shared["WRA"] == pytest.approx(100.0 - ser)
+        wer_all, ser_all = _rates(list(hyps.values()), [REFS[u] for u in hyps])
+        assert result["systems"][name]["WER"] == pytest.approx(wer_all)
+        assert result["systems"][name]["SER"] == pytest.approx(ser_all)
+
+    vote_wer, vote_ser = _rates(VOTE, refs)
+    # by hand, too: edits 0 + 1 + 2 + 1 + 1 + 1 = 6 over 6 words; only CW1_M2 is right
+    assert (vote_wer, vote_ser) == pytest.approx((100.0, 100.0 * 5 / 6))
+    assert result["majority_vote"]["WER"] == pytest.approx(vote_wer)
+    assert result["majority_vote"]["SER"] == pytest.approx(vote_ser)
+    assert result["majority_vote"]["WRA"] == pytest.approx(100.0 - vote_ser)
+
+    oracle_wer, oracle_ser = _rates(ORACLE, refs)
+    assert (oracle_wer, oracle_ser) == pytest.approx((100.0 / 6, 100.0 / 6))
+    assert result["oracle"]["WER"] == pytest.approx(oracle_wer)
+    assert result["oracle"]["WRA"] == pytest.approx(100.0 - oracle_ser)
+    assert result["oracle"]["WRA_any_right"] == pytest.approx(100.0 * ORACLE_RIGHT / 6)
+
+    assert [d["id"] for d in result["disagreements"]] == SHARED  # no two utterances agree fully
+    third = result["disagreements"][2]
+    assert third["hyps"] == {"A": "NO ONE", "B": "NO ONE", "C": "WE", "D": "WEE"}
+    assert third["ref"] == "WE"
+
+    assert set(result["paired_tests"]) == {"B", "C", "D"}
+    for tests in result["paired_tests"].values():
+        for test in tests.values():
+            assert 0.0 < test["p_value"] <= 1.0
+            assert test["n_groups"] == 4  # CW1, CW2, LA, LZ: mics of a word are one group
+
+
+def test_disagreement_list_skips_unanimous_utterances(tmp_path):
+    paths = []
+    for name, hyp in (("A", ["GUM"]), ("B", ["GUM"])):
+        (tmp_path / name).mkdir()
+        paths.append(tmp_path / name / "wer_M08.txt")
+        write_sb_file(paths[-1], [("M08_B3_CW1_M2", ["COME"], hyp), ("M08_B3_CW1_M3", ["COME"], [name])])
+    result = compare(paths)
+    assert [d["id"] for d in result["disagreements"]] == ["M08_B3_CW1_M3"]
+    assert result["names"] == ["A/wer_M08", "B/wer_M08"]
+
+
+def test_reference_by_name_and_bad_names(crafted_systems):
+    result = compare(crafted_systems, names=list(HYPS), reference="C")
+    assert result["reference"] == "C" and set(result["paired_tests"]) == {"A", "B", "D"}
+    with pytest.raises(ValueError):
+        compare(crafted_systems, names=["A", "B", "C"])
+    with pytest.raises(ValueError):
+        compare(crafted_systems, names=list(HYPS), reference="nobody")
+
+
+def test_cli_on_three_real_m08_files(tmp_path, shared_uaspeech):
+    files = [shared_uaspeech / "cross_testing" / sa / "wer_M08.txt" for sa in ("F02", "M11", "M04")]
+    out = tmp_path / "out" / "cmp.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, files), "--json", str(out), "--n-perm", "2000",
+         "--n-boot", "200"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["names"] == ["F02/wer_M08", "M11/wer_M08", "M04/wer_M08"]
+    for name, path in zip(data["names"], files):
+        head = header_numbers(path)
+        system = data["systems"][name]
+        assert f"{system['WER']:.2f}" == head["WER"]
+        assert f"{system['SER']:.2f}" == head["SER"]
+        assert system["WRA"] == pytest.approx(100.0 - float(head["SER"]), abs=0.006)
+        assert system["n"] == head["n"]
+        assert name in proc.stdout
+    for key in ("majority_vote", "oracle", "paired_tests", "disagreements"):
+        assert key in data
+    assert set(data["paired_tests"]) == {"M11/wer_M08", "M04/wer_M08"}
+    # oracle can never be worse than the best system
+    assert data["oracle"]["WRA"] >= max(s["WRA"] for s in data["systems"].values())
+    assert "majority vote" in proc.stdout and "oracle" in proc.stdout
+    assert not [p for p in out.parent.iterdir() if p.name != "cmp.json"]  # no temp file left

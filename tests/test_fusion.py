@@ -1,0 +1,106 @@
+"""Fusion students: any number of streams, identity on one stream, no look-ahead, finite gradients."""
+
+import pytest
+import torch
+
+from local.fusion import FUSIONS, FusionStudent, MeanFusion, drop_streams
+
+V = 13
+
+
+def _student(fusion, seed=0):
+    torch.manual_seed(seed)
+    model = FusionStudent(fusion, V, n_identities=15, top_k=4, d_model=16, n_heads=2, n_layers=1, d_ffn=32,
+                          correction_rank=4, dropout=0.0)
+    return model.eval()
+
+
+def _batch(B=3, S=4, U=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, S, U, V, generator=g) * 3
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, 2:] = False
+    mask[2, 1:] = False
+    ids = torch.arange(S).repeat(B, 1)
+    return logits, mask, ids
+
+
+@pytest.mark.parametrize("fusion", ["mean", "weights", "attention"])
+def test_single_stream_is_the_identity(fusion):
+    logits, mask, ids = _batch(S=1)
+    out = _student(fusion)(logits, mask, ids)
+    assert torch.allclose(torch.log_softmax(out, -1), torch.log_softmax(logits[:, 0], -1), atol=1e-5)
+
+
+def test_untrained_transformer_is_the_attention_mix():
+    logits, mask, ids = _batch(S=1)
+    out = _student("transformer")(logits, mask, ids)  # zero-initialised correction
+    assert torch.allclose(torch.log_softmax(out, -1), torch.log_softmax(logits[:, 0], -1), atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_absent_streams_do_not_matter(fusion):
+    model = _student(fusion)
+    logits, mask, ids = _batch()
+    out = model(logits, mask, ids)
+    changed = logits.clone()
+    changed[~mask] = torch.randn_like(changed[~mask]) * 10
+    assert torch.allclose(model(changed, mask, ids), out, atol=1e-5)
+    assert out.shape == (3, 5, V)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_no_look_ahead(fusion):
+    """Position u must not depend on positions > u: their teacher-forced logits saw the reference
+    token at u."""
+    model = _student(fusion)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # leave the zero initialisation
+    logits, mask, ids = _batch()
+    out = model(logits, mask, ids)
+    for u in range(4):
+        later = logits.clone()
+        later[:, :, u + 1:] = torch.randn_like(later[:, :, u + 1:]) * 5
+        assert torch.allclose(model(later, mask, ids)[:, : u + 1], out[:, : u + 1], atol=1e-5)
+
+
+def test_mean_modes():
+    logits, mask, _ = _batch()
+    p = torch.softmax(logits, -1)
+    m = mask[:, :, None, None].float()
+    expected = torch.log((p * m).sum(1) / m.sum(1))
+    assert torch.allclose(MeanFusion("prob")(logits, mask), expected, atol=1e-5)
+    assert torch.allclose(MeanFusion("logit")(logits, mask), (logits * m).sum(1) / m.sum(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["weights", "attention", "transformer"])
+def test_gradients_are_finite_with_masked_streams(fusion):
+    model = _student(fusion).train()
+    logits, mask, ids = _batch()
+    model(logits, mask, ids).logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_weights_fusion_learns_per_identity():
+    model = _student("weights")
+    with torch.no_grad():
+        model.fusion.weight[2] = 50.0  # trust teacher identity 2 entirely
+    logits, mask, ids = _batch()
+    out = model(logits, torch.ones_like(mask), ids)
+    assert torch.allclose(torch.log_softmax(out, -1), torch.log_softmax(logits[:, 2], -1), atol=1e-4)
+
+
+def test_drop_streams_keeps_a_random_nonempty_subset():
+    mask = torch.ones(2000, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    g = torch.Generator().manual_seed(0)
+    kept = drop_streams(mask, 1.0, generator=g)
+    assert not (kept & ~mask).any()
+    counts = kept.sum(1)
+    assert counts.min() == 1 and counts.max() == 4
+    assert set(counts.tolist()) == {1, 2, 3, 4}
+    assert torch.equal(drop_streams(mask, 0.0), mask)
+    single = torch.ones(5, 1, dtype=torch.bool)
+    assert torch.equal(drop_streams(single, 1.0), single)

@@ -1,0 +1,129 @@
+"""Decoding and scoring parity with the SA pipeline: the greedy rule, decode_ids(...).split(" "),
+ErrorRateStats, checked against an independent word-level edit distance."""
+
+import pytest
+import torch
+
+from local.scoring import SystemScores, atomic_write, greedy_ids
+from local.store import load_tokenizer
+
+
+def edit_distance(ref, hyp):
+    """Plain Levenshtein distance between two token lists (independent of SpeechBrain)."""
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
+
+
+def independent_scores(pairs):
+    """WER and WRA (percent) of (reference word, hypothesis text) pairs, tokens by .split(" ")."""
+    edits = sum(edit_distance(ref.split(" "), hyp.split(" ")) for ref, hyp in pairs)
+    words = sum(len(ref.split(" ")) for ref, _ in pairs)
+    exact = sum(edit_distance(ref.split(" "), hyp.split(" ")) == 0 for ref, hyp in pairs)
+    return 100.0 * edits / words, 100.0 * exact / len(pairs)
+
+
+def test_greedy_rule_cuts_at_first_eos():
+    V = 6
+    def one_hot(seq):
+        return torch.nn.functional.one_hot(torch.tensor(seq), V).float()
+    logits = torch.stack([one_hot([3, 4, 2, 5]), one_hot([2, 3, 4, 5]), one_hot([3, 4, 5, 5]), one_hot([0, 2, 2, 2])])
+    lengths = torch.tensor([4, 4, 3, 4])
+    assert greedy_ids(logits, lengths) == [[3, 4], [], [3, 4, 5], [0]]
+
+
+@pytest.fixture(params=["demo", "real"])
+def tokenizer(request, demo_tree, shared_uaspeech_optional):
+    if request.param == "real":
+        if shared_uaspeech_optional is None:
+            pytest.skip("real SA tokenizer not present")
+        return load_tokenizer(shared_uaspeech_optional / "sa_tokenizer.model")
+    return load_tokenizer(demo_tree / "tokenizer.model")
+
+
+@pytest.fixture
+def shared_uaspeech_optional():
+    from conftest import SHARED
+
+    return SHARED if (SHARED / "sa_tokenizer.model").is_file() else None
+
+
+def test_scores_match_an_independent_edit_distance(tokenizer):
+    sp = tokenizer
+    V = sp.vocab_size()
+    words = ["SEVEN", "ALPHA", "COMMAND", "THE", "UP", "DELETE"]
+    enc = {w: sp.encode_as_ids(w) for w in words}
+    # Hypotheses (as id sequences before </s>): right, another word, empty, <unk>, a word with <unk>
+    # inside, and one that never emits </s> (the decode then runs to the last position).
+    plans = [
+        ("SEVEN", enc["SEVEN"] + [2]),
+        ("ALPHA", enc["THE"] + [2]),
+        ("COMMAND", [2]),
+        ("THE", [0, 2]),
+        ("UP", enc["UP"][:1] + [0] + enc["DELETE"] + [2]),
+        ("DELETE", (enc["DELETE"] + [7, 9, 11])[: len(enc["DELETE"]) + 1]),
+    ]
+    n_pos = [len(enc[w]) + 1 for w, _ in plans]  # U of each reference (teacher forcing)
+    logits = torch.randn(len(plans), max(n_pos), V)
+    expected = []
+    for b, ((word, seq), n) in enumerate(zip(plans, n_pos)):
+        seq = (seq + [2] * n)[:n]
+        for u, tok in enumerate(seq):
+            logits[b, u, tok] += 100.0
+        kept = seq[: seq.index(2)] if 2 in seq else seq
+        expected.append(sp.decode_ids(kept))
+    scores = SystemScores(sp)
+    ids = [f"X_B3_D{i}_M5" for i in range(len(plans))]
+    scores.append(ids, logits, torch.tensor(n_pos), [w for w, _ in plans], ["D"] * len(plans), ["M5"] * len(plans))
+    texts = [scores.hypotheses[i] for i in ids]
+    assert texts == expected
+    assert texts[2] == ""                                   # empty hypothesis
+    assert "⁇" in texts[3] and "⁇" in texts[4]              # <unk> decodes to " ⁇ "
+    summary = scores.summary()
+    wer, wra = independent_scores([(w, t) for (w, _), t in zip(plans, expected)])
+    assert summary["WER"] == pytest.approx(wer)
+    assert summary["WRA"] == pytest.approx(wra)
+    assert summary["n"] == len(plans)
+    # the normalised WER (.split()) differs exactly where .split(" ") makes extra tokens
+    norm_edits = sum(edit_distance(w.split(), t.split()) for (w, _), t in zip(plans, texts))
+    assert summary["WER_normalized"] == pytest.approx(100.0 * norm_edits / len(plans))
+
+
+def test_breakdowns_add_up(demo_tree):
+    sp = load_tokenizer(demo_tree / "tokenizer.model")
+    torch.manual_seed(0)
+    n = 40
+    words = ["SEVEN", "ALPHA", "COMMAND", "THE", "PAPER"] * 8
+    cats = ["D", "L", "C", "CW", "UW"] * 8
+    mics = [f"M{2 + i % 7}" for i in range(n)]
+    lengths = torch.tensor([len(sp.encode_as_ids(w)) + 1 for w in words])
+    logits = torch.randn(n, int(lengths.max()), sp.vocab_size()) * 4
+    scores = SystemScores(sp)
+    scores.append([f"F02_B3_X{i}_M2" for i in range(n)], logits, lengths, words, cats, mics)
+    summary = scores.summary()
+    assert list(summary["by_category"]) == ["D", "L", "C", "CW", "UW"]
+    assert sum(c["n"] for c in summary["by_category"].values()) == n
+    assert sum(c["edits"] for c in summary["by_mic"].values()) == summary["edits"]
+    wrong = sum(c["n"] * (100 - c["WRA"]) / 100 for c in summary["by_category"].values())
+    assert wrong == pytest.approx(n * (100 - summary["WRA"]) / 100)
+
+
+def test_write_stats_is_speechbrain_format_and_atomic(demo_tree, tmp_path):
+    sp = load_tokenizer(demo_tree / "tokenizer.model")
+    scores = SystemScores(sp)
+    logits = torch.zeros(1, 2, sp.vocab_size())
+    logits[0, 0, sp.encode_as_ids("THE")[0]] = 9
+    logits[0, 1, 2] = 9
+    scores.append(["M08_B3_CW1_M2"], logits, torch.tensor([2]), ["THE"], ["CW"], ["M2"])
+    path = tmp_path / "wer_test.txt"
+    scores.write_stats(path)
+    text = path.read_text()
+    assert text.startswith("%WER ") and "M08_B3_CW1_M2, %WER" in text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    # a failing writer leaves the old file untouched
+    with pytest.raises(RuntimeError):
+        atomic_write(path, lambda stream: (stream.write("partial"), (_ for _ in ()).throw(RuntimeError("boom"))))
+    assert path.read_text() == text
