@@ -194,3 +194,7 @@ def test_bad_input_stops_before_anything_is_overwritten(copy_tree, tmp_path, dem
     _assert_clean_failure(proc, "ERROR:", "missing folder")
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+    fresh = tmp_path / "fresh"
+    proc = run_recipe("M16", *args[:2], f"--output_folder={fresh}", *FAST, check=False)
+    _assert_clean_failure(proc, "ERROR:", "NaN")
+    assert not fresh.exists()  # a failed run leaves no trace

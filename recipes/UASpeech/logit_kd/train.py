@@ -139,6 +139,15 @@ class FusionKD(sb.Brain):
         return loader_kwargs
 
 
+def remove_empty_folders(*folders):
+    """Removes the given folders, innermost first, where they are empty."""
+    for folder in folders:
+        try:
+            Path(folder).rmdir()
+        except OSError:
+            pass  # not empty or absent: leave it as it is
+
+
 def uses_demo_tree(hparams):
     """True when logit_root is the embedded demo tree (the default of every fold)."""
     demo = Path(hparams["demo_folder"]) / "logit_extraction"
@@ -215,7 +224,10 @@ if __name__ == "__main__":
         base_file, fold_overrides, hparams = load_fold_hparams(hparams_file, overrides)
         fold = prepare_fold(hparams)
     except (HparamsError, LogitStoreError, FoldError) as err:
-        # Bad input stops here, before training and before anything in output_folder is written.
+        # Bad input stops here, before training and before anything in output_folder is written
+        # (loading the hparams made an empty save folder: a fresh, empty one is removed again).
+        if "hparams" in locals():
+            remove_empty_folders(hparams["save_folder"], hparams["output_folder"])
         sys.exit(f"ERROR: {err}")
 
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
