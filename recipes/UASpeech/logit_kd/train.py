@@ -25,7 +25,7 @@ import torch
 import speechbrain as sb
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
-from speechbrain.utils.distributed import if_main_process, run_on_main
+from speechbrain.utils.distributed import get_rank, if_main_process, run_once_per_node
 
 from local.batch import OUTPUT_KEYS, FoldBatch
 from local.corpus import SPEAKERS, group_of
@@ -71,6 +71,17 @@ class FusionKD(sb.Brain):
         if system not in self.scores:
             self.scores[system] = SystemScores(self.hparams.tokenizer)
         self.scores[system].append(batch.id, logits.float(), batch.lengths, batch.word, batch.category, batch.mic)
+
+    def fit_batch(self, batch):
+        """One training step. Its randomness (stream subsets, dropout) comes from a generator
+        seeded by (seed, epoch, step, rank), so a run killed anywhere and resumed from a
+        checkpoint replays exactly the steps the uninterrupted run would have taken."""
+        # (hashes of tuples of ints are not randomised between Python processes)
+        step_seed = hash((self.hparams.seed, self.hparams.epoch_counter.current, self.step, get_rank() or 0))
+        cuda = [torch.device(self.device)] if str(self.device).startswith("cuda") else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(step_seed % 2**63)
+            return super().fit_batch(batch)
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
@@ -157,17 +168,25 @@ def uses_demo_tree(hparams):
 def prepare_fold(hparams):
     """Reads the fold's logits in place and checks everything before anything is trained or
     written: teachers, stores, validation split, honesty rules, KD targets."""
-    demo = uses_demo_tree(hparams)
-    if demo:
-        run_on_main(ensure_demo_tree, kwargs={"folder": hparams["demo_folder"]})
+    if uses_demo_tree(hparams):
+        run_once_per_node(ensure_demo_tree, kwargs={"folder": hparams["demo_folder"]})
+    if hparams["cache_folder"] is not None:
+        # One process per node reads the source files and builds the packed caches; the other
+        # ranks then map them (sharing the pages) instead of reading everything again.
+        run_once_per_node(load_fold, args=[hparams], post_func=None)
+    return load_fold(hparams)
+
+
+def load_fold(hparams):
     tokenizer = load_tokenizer(hparams["tokenizer_file"])
     tokens = TokenTable(tokenizer)
     held_out = hparams["held_out"]
     teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
     train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
     dtype = getattr(torch, hparams["store_dtype"])
-    train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype)
-    test_store = LogitStore(hparams["logit_root"], tokens, test_pairs, dtype)
+    cache = hparams["cache_folder"]
+    train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache)
+    test_store = LogitStore(hparams["logit_root"], tokens, test_pairs, dtype, cache)
     valid_groups = validation_groups(train_store, teachers, hparams["valid_fraction"], hparams["seed"])
     splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
     check_honesty(splits, train_store, test_store, held_out)
@@ -176,8 +195,8 @@ def prepare_fold(hparams):
         quality = teacher_quality(train_store, [j for item in splits["train"].values() for j in item["streams"]])
     target_sets = [item["target"] for name in ("train", "valid") for item in splits[name].values()]
     targets = EnsembleTargets(train_store, target_sets, hparams["temperature"], hparams["target_aggregation"],
-                              quality, dtype)
-    synthetic = demo or (Path(hparams["logit_root"]).parent / "SYNTHETIC.json").is_file()
+                              quality, dtype, cache)
+    synthetic = uses_demo_tree(hparams) or (Path(hparams["logit_root"]).parent / "SYNTHETIC.json").is_file()
     info = {
         "held_out": held_out,
         "group": group_of(held_out),
@@ -225,9 +244,10 @@ if __name__ == "__main__":
         fold = prepare_fold(hparams)
     except (HparamsError, LogitStoreError, FoldError) as err:
         # Bad input stops here, before training and before anything in output_folder is written
-        # (loading the hparams made an empty save folder: a fresh, empty one is removed again).
+        # (loading the hparams made an empty save folder, and a cache folder may have been made:
+        # fresh, empty ones are removed again; a cache is only ever complete, never partial).
         if "hparams" in locals():
-            remove_empty_folders(hparams["save_folder"], hparams["output_folder"])
+            remove_empty_folders(hparams["save_folder"], hparams["cache_folder"] or "", hparams["output_folder"])
         sys.exit(f"ERROR: {err}")
 
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],

@@ -6,8 +6,13 @@ Both terms are averaged over the real (unpadded) positions of the batch and comp
 whatever the autocast precision of the forward pass.
 """
 
+import hashlib
+import json
+
 import torch
 import torch.nn.functional as F
+
+from local.packed import PackedRows, build_packed, cache_key
 
 AGGREGATIONS = ("prob_mean", "logprob_mean", "logit_mean", "weighted", "best")
 
@@ -66,12 +71,13 @@ def kd_loss(student_logits, target_probs, tokens, mask, temperature, alpha):
     return alpha * kd + (1.0 - alpha) * ce, kd, ce
 
 
-class EnsembleTargets:
+class EnsembleTargets(PackedRows):
     """The KD targets of a fold, computed once: one packed ``[positions + 1, V]`` table (the last
-    row is the zero padding row) with one entry per distinct set of target streams."""
+    row is the zero padding row) with one entry per distinct set of target streams; cached on disk
+    with ``cache_dir`` (keyed by the store, the target sets, T, the aggregation and the weights)."""
 
     def __init__(self, store, target_sets, temperature, aggregation, teacher_weights=None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, cache_dir=None):
         self.temperature, self.aggregation = temperature, aggregation
         self.key_of = {}
         lengths = []
@@ -80,33 +86,30 @@ class EnsembleTargets:
             if key and key not in self.key_of:
                 self.key_of[key] = len(lengths)
                 lengths.append(int(store.lengths[key[0]]))
-        self.lengths = torch.tensor(lengths, dtype=torch.long)
-        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
-        self.pad_row = int(self.lengths.sum())
-        self.data = torch.zeros(self.pad_row + 1, store.vocab_size, dtype=dtype)
-        for key, k in self.key_of.items():
-            weights = None
-            if aggregation == "weighted":
-                raw = torch.tensor([teacher_weights[store.stream_model[j]] for j in key]).clamp(min=1e-3)
-                weights = raw / raw.sum()  # proportional to each teacher's accuracy
-            tokens = store.tokens.tokens_eos(store.words[key[0]])
-            target = ensemble_target(store.gather(list(key), len(tokens)), temperature, aggregation,
-                                     weights=weights, tokens=tokens)
-            start = int(self.offsets[k])
-            self.data[start:start + len(tokens)] = target
+        sets = list(self.key_of)
+        cache = cache_key("targets", store.key, str(dtype), temperature, aggregation, teacher_weights,
+                          hashlib.sha256(json.dumps(sets).encode()).hexdigest())
+        offsets = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0) - torch.tensor(lengths, dtype=torch.long)
+
+        def fill(data):
+            for k, key in enumerate(sets):
+                weights = None
+                if aggregation == "weighted":
+                    raw = torch.tensor([teacher_weights[store.stream_model[j]] for j in key]).clamp(min=1e-3)
+                    weights = raw / raw.sum()  # proportional to each teacher's accuracy
+                tokens = store.tokens.tokens_eos(store.words[key[0]])
+                target = ensemble_target(store.gather(list(key), len(tokens)), temperature, aggregation,
+                                         weights=weights, tokens=tokens)
+                start = int(offsets[k])
+                data[start:start + len(tokens)] = target
+
+        data, self.from_cache = build_packed(cache_dir, "targets", cache, (sum(lengths) + 1, store.vocab_size),
+                                             dtype, fill)
+        super().__init__(data, lengths)
 
     def index(self, streams):
         """Index of the target of a set of streams (-1 for none)."""
         return self.key_of.get(tuple(streams), -1) if streams else -1
-
-    def gather(self, indices, max_len):
-        """``[B, max_len, V]`` float32 targets of ``indices`` (-1 -> zeros)."""
-        indices = torch.as_tensor(indices, dtype=torch.long)
-        safe = indices.clamp(min=0)
-        pos = torch.arange(max_len)
-        rows = self.offsets[safe].unsqueeze(-1) + pos
-        inside = (indices >= 0).unsqueeze(-1) & (pos < self.lengths[safe].unsqueeze(-1))
-        return self.data[torch.where(inside, rows, torch.full_like(rows, self.pad_row))].float()
 
 
 def teacher_quality(store, streams):

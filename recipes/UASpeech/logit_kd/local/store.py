@@ -13,6 +13,7 @@ Every problem stops the run before training with one ``LogitStoreError`` that na
 speaker and the utterance. CTC files are never opened here.
 """
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from local.corpus import parse_utterance_id
+from local.packed import PackedRows, build_packed, cache_key, file_signature
 
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2}
 EOS = SPECIAL_IDS["</s>"]
@@ -53,9 +55,11 @@ def load_tokenizer(path):
 class TokenTable:
     """``tokens_eos`` of each word, derived once with the SA tokenizer."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, signature=None):
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.vocab_size()
+        # What the derived lengths depend on (part of the cache keys): the tokenizer's content.
+        self.signature = signature or hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest()
         self._cache = {}
 
     def tokens_eos(self, word):
@@ -197,15 +201,17 @@ def read_decoder_logits(info, vocab_size):
         yield i, logits
 
 
-class LogitStore:
+class LogitStore(PackedRows):
     """The decoder logits of several (model, audio speaker) pairs, packed into one contiguous
     ``[positions + 1, V]`` tensor (the last row is zeros, the padding row) with a stream index.
 
-    Each decoder file is read once; all metadata is read and checked before any logit file is
-    opened, and the packed tensor is allocated once from the token lengths.
+    All metadata is read and checked first (cheap), which gives every length, so the packed tensor
+    is allocated once; then each decoder file is read once (memory-mapped) and copied in, every
+    utterance checked. With ``cache_dir``, the packed tensor is kept on disk (see ``packed.py``),
+    keyed by the source files' size and mtime: the next run of the fold maps it instead.
     """
 
-    def __init__(self, logit_root, tokens, pairs, store_dtype=torch.float32):
+    def __init__(self, logit_root, tokens, pairs, store_dtype=torch.float32, cache_dir=None):
         self.logit_root = Path(logit_root)
         self.tokens = tokens
         self.vocab_size = tokens.vocab_size
@@ -219,18 +225,25 @@ class LogitStore:
             self.utt_ids += info.utt_ids
             self.words += info.words
             lengths += info.lengths
-        self.lengths = torch.tensor(lengths, dtype=torch.long)
-        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
-        total = int(self.lengths.sum())
-        self.data = torch.zeros(total + 1, self.vocab_size, dtype=store_dtype)
-        self.pad_row = total
         self.index = {(m, u): i for i, (m, u) in enumerate(zip(self.stream_model, self.utt_ids))}
-        first = 0
-        for info in infos:
-            for i, logits in read_decoder_logits(info, self.vocab_size):
-                start = int(self.offsets[first + i])
-                self.data[start:start + logits.shape[0]] = logits
-            first += len(info.utt_ids)
+        shape = (sum(lengths) + 1, self.vocab_size)
+        self.key = cache_key(
+            "store", str(store_dtype), tokens.signature,
+            [[m, s, file_signature(i.decoder_file), file_signature(i.folder / f"{s}_metadata.json")]
+             for (m, s), i in zip(self.pairs, infos)],
+        )
+        offsets = torch.cumsum(torch.tensor(lengths), 0) - torch.tensor(lengths)
+
+        def fill(data):
+            first = 0
+            for info in infos:
+                for i, logits in read_decoder_logits(info, self.vocab_size):
+                    start = int(offsets[first + i])
+                    data[start:start + logits.shape[0]] = logits
+                first += len(info.utt_ids)
+
+        data, self.from_cache = build_packed(cache_dir, "store", self.key, shape, store_dtype, fill)
+        super().__init__(data, lengths)
 
     def __len__(self):
         return len(self.utt_ids)
@@ -241,19 +254,4 @@ class LogitStore:
 
     def logits(self, stream):
         """``[U, V]`` float32 logits of one stream."""
-        start, U = int(self.offsets[stream]), int(self.lengths[stream])
-        return self.data[start:start + U].float()
-
-    def rows(self, streams, max_len):
-        """Row indices ``[..., max_len]`` of ``streams`` (-1 = no stream): pads point to the zero row."""
-        streams = torch.as_tensor(streams, dtype=torch.long)
-        valid = streams >= 0
-        safe = streams.clamp(min=0)
-        pos = torch.arange(max_len)
-        rows = self.offsets[safe].unsqueeze(-1) + pos
-        inside = valid.unsqueeze(-1) & (pos < self.lengths[safe].unsqueeze(-1))
-        return torch.where(inside, rows, torch.full_like(rows, self.pad_row))
-
-    def gather(self, streams, max_len):
-        """``[..., max_len, V]`` float32 logits of ``streams`` in one indexing operation."""
-        return self.data[self.rows(streams, max_len)].float()
+        return self.block(stream)
