@@ -173,7 +173,9 @@ def prepare_fold(hparams):
     if hparams["cache_folder"] is not None:
         # One process per node reads the source files and builds the packed caches; the other
         # ranks then map them (sharing the pages) instead of reading everything again.
-        run_once_per_node(load_fold, args=[hparams], post_func=None)
+        fold = run_once_per_node(load_fold, args=[hparams])
+        if fold is not None:
+            return fold
     return load_fold(hparams)
 
 
@@ -259,6 +261,10 @@ if __name__ == "__main__":
                 fold.info["held_out"], fold.info["group"], " ".join(fold.info["teachers"]),
                 fold.info["input_streams"], fold.info["fusion"], *(len(fold.splits[s]) for s in ("train", "valid", "test")))
 
+    for name, table in (("train/valid logits", fold.train_store), ("test logits", fold.test_store),
+                        ("KD targets", fold.targets)):
+        logger.info("Packed %s: %d rows x %d, %s; %s", name, table.data.shape[0], table.data.shape[1],
+                    table.data.dtype, "mapped from the cache" if table.from_cache else "built from the source files")
     datasets, collate = dataio_prepare(fold)
     hparams["tokenizer"] = fold.tokenizer
     hparams["fold_info"] = fold.info

@@ -1,0 +1,181 @@
+"""Scale and safety: the packed cache, bf16, torchrun DDP, and exact resume after SIGKILL."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import RECIPE
+from local.kd import EnsembleTargets
+from local.store import LogitStore, TokenTable, load_tokenizer
+from test_recipe import FAST, read_train_log, run_recipe
+
+PAIRS = [("F02", "F02"), ("M07", "M07")]
+
+
+def _store(tree, cache):
+    tokens = TokenTable(load_tokenizer(tree / "tokenizer.model"))
+    return LogitStore(tree / "logit_extraction", tokens, PAIRS, torch.float16, cache)
+
+
+def test_cache_is_reused_and_never_trusted_when_stale_or_corrupt(copy_tree, tmp_path):
+    tree = copy_tree(speakers=["F02", "M07"])
+    cache = tmp_path / "cache"
+    cold = _store(tree, cache)
+    assert not cold.from_cache
+    expected = cold.data.clone()  # cold.data maps the cache file, which this test damages below
+    (folder,) = cache.glob("store-*")
+    warm = _store(tree, cache)
+    assert warm.from_cache and torch.equal(warm.data, expected)
+    assert warm.data.dtype == torch.float16
+    # corrupt content (same size): refused by the checksum, rebuilt, right again
+    with open(folder / "data.bin", "r+b") as f:
+        f.write(b"\x7f" * 4096)
+    again = _store(tree, cache)
+    assert not again.from_cache and torch.equal(again.data, expected)
+    # truncated file and broken header: rebuilt
+    with open(folder / "data.bin", "r+b") as f:
+        f.truncate(1000)
+    assert not _store(tree, cache).from_cache
+    (folder / "header.json").write_text("{not json")
+    assert not _store(tree, cache).from_cache
+    assert _store(tree, cache).from_cache
+    # a changed source file (new mtime) gets a new key: the stale cache is not used
+    path = tree / "logit_extraction" / "M07" / "M07" / "M07_decoder_logits.pt"
+    logits = torch.load(path, weights_only=True)
+    logits[0] = logits[0] + 1.0
+    torch.save(logits, path)
+    changed = _store(tree, cache)
+    assert not changed.from_cache
+    j = changed.stream("M07", changed.utt_ids[changed.stream_model.index("M07")])
+    assert torch.allclose(changed.logits(j), expected[changed.rows([j], int(changed.lengths[j]))[0]].float() + 1.0,
+                          atol=1e-2)
+    assert len(list(cache.glob("store-*"))) == 2
+    assert not list(cache.glob(".*tmp*"))  # no half-made cache left behind
+
+
+def test_targets_cache(copy_tree, tmp_path):
+    tree = copy_tree(speakers=["F02", "M07"])
+    store = _store(tree, None)
+    sets = [[store.stream("F02", "F02_B3_D3_M4"), store.stream("M07", "M07_B3_D3_M4")]]
+    cold = EnsembleTargets(store, sets, 3.0, "prob_mean", cache_dir=tmp_path)
+    warm = EnsembleTargets(store, sets, 3.0, "prob_mean", cache_dir=tmp_path)
+    assert not cold.from_cache and warm.from_cache and torch.equal(cold.data, warm.data)
+    other_t = EnsembleTargets(store, sets, 2.0, "prob_mean", cache_dir=tmp_path)
+    assert not other_t.from_cache and not torch.equal(other_t.data, cold.data)
+
+
+def test_second_run_maps_the_cache_and_gives_the_same_results(demo_tree, tmp_path):
+    args = ["--number_of_epochs=1", *FAST]
+    first = run_recipe("M16", f"--output_folder={tmp_path / 'a'}", f"--cache_folder={tmp_path / 'cache'}", *args,
+                       demo_tree=demo_tree)
+    assert (first.stdout + first.stderr).count("built from the source files") == 3
+    second = run_recipe("M16", f"--output_folder={tmp_path / 'b'}", f"--cache_folder={tmp_path / 'cache'}", *args,
+                        demo_tree=demo_tree)
+    assert "built from the source files" not in second.stdout + second.stderr
+    assert (second.stdout + second.stderr).count("mapped from the cache") == 3
+    a = json.loads((tmp_path / "a" / "test_results.json").read_text())
+    b = json.loads((tmp_path / "b" / "test_results.json").read_text())
+    assert a["student"] == b["student"] and a["baselines"] == b["baselines"]
+
+
+def test_bf16_on_cpu(demo_tree, tmp_path):
+    run_recipe("M05", f"--output_folder={tmp_path}", "--number_of_epochs=2", "--precision=bf16",
+               "--eval_precision=bf16", *FAST, demo_tree=demo_tree)
+    rows = read_train_log(tmp_path / "train_log.txt")
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["loss"] < 1e3 for r in rows)
+    results = json.loads((tmp_path / "test_results.json").read_text())
+    assert 0.0 <= results["student"]["WRA"] <= 100.0
+    assert "Using training precision: `--precision=bf16`" in (tmp_path / "log.txt").read_text()
+
+
+def torchrun(fold, *args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(RECIPE / "train.py"), str(RECIPE / "hparams" / f"fold_{fold}.yaml"),
+           "--distributed_backend=gloo", "--device=cpu", *args]
+    proc = subprocess.run(cmd, cwd=RECIPE, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc
+
+
+def test_ddp_scores_every_test_utterance_once(demo_tree, tmp_path):
+    """Two gloo processes on the same checkpoint give the single-process test_results.json."""
+    single = tmp_path / "single"
+    run_recipe("M16", f"--output_folder={single}", "--number_of_epochs=1", *FAST, demo_tree=demo_tree)
+    ddp = tmp_path / "ddp"
+    shutil.copytree(single, ddp)
+    (ddp / "test_results.json").unlink()
+    torchrun("M16", f"--output_folder={ddp}", "--number_of_epochs=1", "--test_only", *FAST,
+             f"--demo_folder={demo_tree}")
+    a = json.loads((single / "test_results.json").read_text())
+    b = json.loads((ddp / "test_results.json").read_text())
+    assert b["n_utterances"] == a["n_utterances"] == b["student"]["n"]
+    assert a == b
+    assert (ddp / "wer_test.txt").read_text() == (single / "wer_test.txt").read_text()
+
+
+def test_ddp_training_writes_once(demo_tree, tmp_path):
+    proc = torchrun("M05", f"--output_folder={tmp_path}", "--number_of_epochs=2", *FAST,
+                    f"--demo_folder={demo_tree}")
+    rows = read_train_log(tmp_path / "train_log.txt")
+    assert [r["epoch"] for r in rows] == [1, 2]  # one line per epoch: only rank 0 writes
+    assert len(list((tmp_path / "save").glob("CKPT+*"))) >= 1
+    results = json.loads((tmp_path / "test_results.json").read_text())
+    assert results["n_utterances"] == results["baselines"]["sa_self"]["n"]
+    assert "Traceback" not in proc.stderr
+
+
+def test_ddp_data_order_follows_the_seed():
+    """The recipe passes its own seeded sampler; under DDP SpeechBrain wraps it, so each rank's
+    order depends on --seed (a bare DistributedSampler would ignore it)."""
+    from speechbrain.dataio.dataset import DynamicItemDataset
+    from speechbrain.dataio.sampler import DistributedSamplerWrapper, ReproducibleRandomSampler
+
+    data = DynamicItemDataset({str(i): {"x": i} for i in range(40)})
+
+    def order(seed, rank):
+        sampler = DistributedSamplerWrapper(ReproducibleRandomSampler(data, seed=seed), num_replicas=2, rank=rank,
+                                            shuffle=False)
+        sampler.set_epoch(1)
+        return list(sampler)
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(2, 0)
+    assert not set(order(1, 0)) & set(order(1, 1))
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_results(demo_tree, tmp_path):
+    args = ["--number_of_epochs=3", "--ckpt_interval_minutes=0", "--ckpt_interval_steps=5", *FAST]
+    reference = tmp_path / "reference"
+    run_recipe("M08", f"--output_folder={reference}", *args, demo_tree=demo_tree)
+    crashed = tmp_path / "crashed"
+    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "fold_M08.yaml"),
+           f"--output_folder={crashed}", f"--demo_folder={demo_tree}", *args]
+    proc = subprocess.Popen(cmd, cwd=RECIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    killed_in = None
+    while time.time() < deadline and proc.poll() is None:
+        for meta in (crashed / "save").glob("CKPT+*/CKPT.yaml"):
+            text = meta.read_text()
+            if "end-of-epoch: false" in text and (crashed / "train_log.txt").exists():
+                killed_in = meta.parent.name
+                proc.send_signal(signal.SIGKILL)  # mid-epoch, after at least one full epoch
+                break
+        if killed_in:
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_in is not None and proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (crashed / "test_results.json").exists()
+    run_recipe("M08", f"--output_folder={crashed}", *args, demo_tree=demo_tree)
+    a = json.loads((reference / "test_results.json").read_text())
+    b = json.loads((crashed / "test_results.json").read_text())
+    assert a == b
+    assert (reference / "train_log.txt").read_text() == (crashed / "train_log.txt").read_text()
