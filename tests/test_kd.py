@@ -108,3 +108,26 @@ def test_ensemble_targets_table(demo_tree):
     assert not got[0, U:].any() and not got[1].any()
     Uc = int(store.lengths[c])
     assert torch.allclose(got[2, :Uc], torch.softmax(store.logits(c) / 3.0, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["prob_mean", "logprob_mean", "logit_mean", "weighted", "best"])
+def test_batched_targets_equal_one_set_at_a_time(demo_tree, aggregation):
+    """EnsembleTargets computes sets of different sizes together (masked): each must equal the
+    direct computation on its own streams."""
+    from local.store import LogitStore, TokenTable, load_tokenizer
+
+    tokens = TokenTable(load_tokenizer(demo_tree / "tokenizer.model"))
+    store = LogitStore(demo_tree / "logit_extraction", tokens, [("F02", "F02"), ("M07", "M07"), ("M16", "M16")])
+    quality = {"F02": 0.9, "M07": 0.5, "M16": 0.2}
+    sets = []
+    for key in ("D3_M4", "LB_M5", "CW7_M3", "UW2_M6"):
+        streams = [store.stream(s, f"{s}_B3_{key}") for s in ("F02", "M07", "M16")]
+        sets += [streams, streams[:2], streams[1:2]]
+    table = EnsembleTargets(store, sets, 2.0, aggregation, teacher_weights=quality)
+    for streams in sets:
+        U = int(store.lengths[streams[0]])
+        w = torch.tensor([quality[store.stream_model[j]] for j in streams])
+        direct = ensemble_target(torch.stack([store.logits(j) for j in streams]), 2.0, aggregation,
+                                 weights=w / w.sum(), tokens=tokens.tokens_eos(store.words[streams[0]]))
+        got = table.gather([table.index(streams)], U)[0]
+        assert torch.allclose(got, direct, atol=1e-6), (aggregation, streams)

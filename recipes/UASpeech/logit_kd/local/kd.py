@@ -17,34 +17,42 @@ from local.packed import PackedRows, build_packed, cache_key
 AGGREGATIONS = ("prob_mean", "logprob_mean", "logit_mean", "weighted", "best")
 
 
-def ensemble_target(logits, temperature, aggregation="prob_mean", weights=None, tokens=None):
-    """Teacher-ensemble distribution ``[U, V]`` at temperature T from ``[S, U, V]`` teacher logits.
+def ensemble_target(logits, temperature, aggregation="prob_mean", weights=None, tokens=None, stream_mask=None):
+    """Teacher-ensemble distribution ``[..., U, V]`` at temperature T from ``[..., S, U, V]`` logits.
 
     - ``prob_mean``: mean of the teachers' softmax(z / T);
     - ``logprob_mean``: normalised geometric mean, softmax(mean log_softmax(z / T));
     - ``logit_mean``: softmax(mean z / T);
-    - ``weighted``: sum_s w_s softmax(z_s / T), ``weights`` [S] (teacher quality, summing to 1);
-    - ``best``: the teacher that gives the reference ``tokens`` [U] the highest likelihood.
+    - ``weighted``: sum_s w_s softmax(z_s / T), ``weights`` [..., S] (teacher quality);
+    - ``best``: the teacher that gives the reference ``tokens`` [..., U] the highest likelihood.
+
+    ``stream_mask`` [..., S] marks the streams present (a batch of target sets of different sizes).
     """
     logits = logits.float()
-    if aggregation == "prob_mean":
-        return F.softmax(logits / temperature, -1).mean(0)
-    if aggregation == "logprob_mean":
-        return F.softmax(F.log_softmax(logits / temperature, -1).mean(0), -1)
-    if aggregation == "logit_mean":
-        return F.softmax(logits.mean(0) / temperature, -1)
+    S = logits.shape[-3]
+    present = torch.ones(logits.shape[:-2], dtype=torch.bool) if stream_mask is None else stream_mask
     if aggregation == "weighted":
         if weights is None:
             raise ValueError("the weighted aggregation needs teacher weights")
-        weights = torch.as_tensor(weights, dtype=torch.float32)
-        return (weights[:, None, None] * F.softmax(logits / temperature, -1)).sum(0)
+        w = torch.as_tensor(weights, dtype=torch.float32) * present
+    else:
+        w = present.float()
+    w = (w / w.sum(-1, keepdim=True))[..., None, None]                 # [..., S, 1, 1], sums to 1
+    if aggregation in ("prob_mean", "weighted"):
+        return (w * F.softmax(logits / temperature, -1)).sum(-3)
+    if aggregation == "logprob_mean":
+        return F.softmax((w * F.log_softmax(logits / temperature, -1)).sum(-3), -1)
+    if aggregation == "logit_mean":
+        return F.softmax((w * logits).sum(-3) / temperature, -1)
     if aggregation == "best":
         if tokens is None:
             raise ValueError("the best aggregation needs the reference tokens")
         tokens = torch.as_tensor(tokens, dtype=torch.long)
-        logp = F.log_softmax(logits, -1).gather(-1, tokens.expand(logits.shape[0], -1).unsqueeze(-1))
-        best = int(logp.squeeze(-1).sum(-1).argmax())
-        return F.softmax(logits[best] / temperature, -1)
+        index = tokens.unsqueeze(-2).expand(*logits.shape[:-1]).unsqueeze(-1)
+        likelihood = F.log_softmax(logits, -1).gather(-1, index).squeeze(-1).sum(-1)   # [..., S]
+        best = likelihood.masked_fill(~present, float("-inf")).argmax(-1)
+        chosen = logits.gather(-3, best[..., None, None, None].expand(*logits.shape[:-3], 1, *logits.shape[-2:]))
+        return F.softmax(chosen.squeeze(-3) / temperature, -1)
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
 
 
@@ -91,17 +99,29 @@ class EnsembleTargets(PackedRows):
                           hashlib.sha256(json.dumps(sets).encode()).hexdigest())
         offsets = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0) - torch.tensor(lengths, dtype=torch.long)
 
-        def fill(data):
-            for k, key in enumerate(sets):
-                weights = None
+        def fill(data, chunk=16):
+            # Sets of similar size together, a chunk at a time: a few large tensor operations
+            # instead of one small one per target set.
+            order = sorted(range(len(sets)), key=lambda k: (len(sets[k]), lengths[k]))
+            for c in range(0, len(order), chunk):
+                ks = order[c:c + chunk]
+                streams = torch.full((len(ks), max(len(sets[k]) for k in ks)), -1, dtype=torch.long)
+                for row, k in enumerate(ks):
+                    streams[row, : len(sets[k])] = torch.tensor(sets[k])
+                U = max(lengths[k] for k in ks)
+                weights = tokens = None
                 if aggregation == "weighted":
-                    raw = torch.tensor([teacher_weights[store.stream_model[j]] for j in key]).clamp(min=1e-3)
-                    weights = raw / raw.sum()  # proportional to each teacher's accuracy
-                tokens = store.tokens.tokens_eos(store.words[key[0]])
-                target = ensemble_target(store.gather(list(key), len(tokens)), temperature, aggregation,
-                                         weights=weights, tokens=tokens)
-                start = int(offsets[k])
-                data[start:start + len(tokens)] = target
+                    weights = torch.tensor([[teacher_weights[store.stream_model[j]] if j >= 0 else 0.0
+                                             for j in row] for row in streams.tolist()]).clamp(min=1e-3)
+                if aggregation == "best":
+                    tokens = torch.zeros(len(ks), U, dtype=torch.long)
+                    for row, k in enumerate(ks):
+                        tokens[row, : lengths[k]] = torch.tensor(store.tokens.tokens_eos(store.words[sets[k][0]]))
+                target = ensemble_target(store.gather(streams, U), temperature, aggregation, weights=weights,
+                                         tokens=tokens, stream_mask=streams >= 0)
+                for row, k in enumerate(ks):
+                    start = int(offsets[k])
+                    data[start:start + lengths[k]] = target[row, : lengths[k]]
 
         data, self.from_cache = build_packed(cache_dir, "targets", cache, (sum(lengths) + 1, store.vocab_size),
                                              dtype, fill)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _CHECK_ROWS = 4096
 
 
@@ -70,10 +70,21 @@ class PackedRows:
         return self.data[self.rows(index, max_len)].float()
 
 
-def _checksum(data):
-    """Sum (float64) of up to 4096 evenly spaced rows: cheap, and catches a truncated or garbled file."""
-    step = max(1, data.shape[0] // _CHECK_ROWS)
-    return float(torch.sum(data[::step].float(), dtype=torch.float64))
+def _checksum(path, shape, dtype):
+    """Sum (float64) of up to 4096 evenly spaced rows of a packed file: cheap, and catches a
+    truncated or garbled file. Read with pread, not through the mapping, so that checking a cache
+    does not make its pages resident in this process."""
+    rows, width = shape
+    row_bytes = width * _element_size(dtype)
+    step = max(1, rows // _CHECK_ROWS)
+    total = 0.0
+    with open(path, "rb") as f:
+        for row in range(0, rows, step):
+            raw = os.pread(f.fileno(), row_bytes, row * row_bytes)
+            if len(raw) != row_bytes:
+                return None
+            total += float(torch.frombuffer(bytearray(raw), dtype=dtype).sum(dtype=torch.float64))
+    return total
 
 
 def _element_size(dtype):
@@ -98,10 +109,9 @@ class PackedCache:
                     or header.get("shape") != list(self.shape) or header.get("dtype") != str(self.dtype)
                     or data_file.stat().st_size != numel * _element_size(self.dtype)):
                 return None
-            data = torch.from_file(str(data_file), shared=False, size=numel, dtype=self.dtype).view(self.shape)
-            if _checksum(data) != header.get("checksum"):
+            if _checksum(data_file, self.shape, self.dtype) != header.get("checksum"):
                 return None
-            return data
+            return torch.from_file(str(data_file), shared=False, size=numel, dtype=self.dtype).view(self.shape)
         except (OSError, ValueError, RuntimeError):
             return None
 
@@ -116,7 +126,7 @@ class PackedCache:
     def commit(self, data):
         """Writes the header and moves the folder to its final name (atomically)."""
         header = {"format": CACHE_FORMAT, "key": self.key, "shape": list(self.shape), "dtype": str(self.dtype),
-                  "checksum": _checksum(data)}
+                  "checksum": _checksum(self.tmp / "data.bin", self.shape, self.dtype)}
         (self.tmp / "header.json").write_text(json.dumps(header))
         if self.folder.exists():  # stale or corrupt (load() refused it), or made meanwhile by another run
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -15,6 +15,7 @@ speaker and the utterance. CTC files are never opened here.
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,7 +161,8 @@ def _load_tensors(path, where):
 
 
 def read_decoder_logits(info, vocab_size):
-    """Yields ``(i, logits [U_i, V])`` of a pair's decoder file, every utterance checked."""
+    """The ``[U_i, V]`` tensors of a pair's decoder file (memory-mapped), their number, type and
+    shape checked; values are checked by ``copy_decoder_logits``."""
     path = info.decoder_file
     where = f"SA model {info.model} on speaker {info.speaker}"
     data = _load_tensors(path, where)
@@ -179,7 +181,7 @@ def read_decoder_logits(info, vocab_size):
             f"logit file {path} ({where}) holds {len(items)} utterances but its metadata lists "
             f"{len(info.utt_ids)} utterance_ids"
         )
-    for i, (logits, utt_id, word, U) in enumerate(zip(items, info.utt_ids, info.words, info.lengths)):
+    for logits, utt_id, word, U in zip(items, info.utt_ids, info.words, info.lengths):
         at = f"logit file {path} ({where}), utterance {utt_id}"
         if not isinstance(logits, torch.Tensor) or not logits.is_floating_point() or logits.dim() != 2:
             kind = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -194,11 +196,27 @@ def read_decoder_logits(info, vocab_size):
                 f"{at}: {logits.shape[0]} positions, but the tokenizer gives {U - 1} tokens + </s> for "
                 f"{word!r}: wrong tokenizer or a corrupt file"
             )
-        finite = torch.isfinite(logits)
-        if not bool(finite.all()):
-            pos = int(torch.nonzero(~finite)[0, 0])
-            raise LogitStoreError(f"{at}: NaN or Inf logits at position {pos}")
-        yield i, logits
+    return items
+
+
+def copy_decoder_logits(info, items, dest):
+    """Copies a pair's tensors into ``dest`` (its rows of the packed store, in order) and checks
+    that every value is finite, in one pass over the packed rows rather than per utterance."""
+    start = 0
+    for logits in items:
+        dest[start:start + logits.shape[0]] = logits
+        start += logits.shape[0]
+    finite = torch.isfinite(dest).all(-1)
+    if bool(finite.all()):
+        return
+    row = int(torch.nonzero(~finite)[0, 0])
+    ends = torch.cumsum(torch.tensor(info.lengths), 0)
+    i = int(torch.searchsorted(ends, torch.tensor(row), right=True))
+    pos = row - (int(ends[i]) - info.lengths[i])
+    source_finite = bool(torch.isfinite(items[i]).all())
+    what = "NaN or Inf logits" if not source_finite else f"logits too large for the store's {dest.dtype}"
+    raise LogitStoreError(f"logit file {info.decoder_file} (SA model {info.model} on speaker {info.speaker}), "
+                          f"utterance {info.utt_ids[i]}: {what} at position {pos}")
 
 
 class LogitStore(PackedRows):
@@ -232,15 +250,21 @@ class LogitStore(PackedRows):
             [[m, s, file_signature(i.decoder_file), file_signature(i.folder / f"{s}_metadata.json")]
              for (m, s), i in zip(self.pairs, infos)],
         )
-        offsets = torch.cumsum(torch.tensor(lengths), 0) - torch.tensor(lengths)
 
         def fill(data):
-            first = 0
-            for info in infos:
-                for i, logits in read_decoder_logits(info, self.vocab_size):
-                    start = int(offsets[first + i])
-                    data[start:start + logits.shape[0]] = logits
-                first += len(info.utt_ids)
+            # Each file is read once, straight into its rows of the packed tensor. The next file is
+            # opened (unpickled: Python-bound) in a thread while this one is copied and checked
+            # (tensor operations, which release the GIL).
+            with ThreadPoolExecutor(max_workers=1) as reader:
+                pending = reader.submit(read_decoder_logits, infos[0], self.vocab_size) if infos else None
+                row = 0
+                for k, info in enumerate(infos):
+                    items = pending.result()
+                    if k + 1 < len(infos):
+                        pending = reader.submit(read_decoder_logits, infos[k + 1], self.vocab_size)
+                    rows = sum(info.lengths)
+                    copy_decoder_logits(info, items, data[row:row + rows])
+                    row += rows
 
         data, self.from_cache = build_packed(cache_dir, "store", self.key, shape, store_dtype, fill)
         super().__init__(data, lengths)
