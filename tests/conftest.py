@@ -34,6 +34,18 @@ def demo_tree(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def demo_tree_cross(tmp_path_factory):
+    """A demo tree with the pairs of the M16 cross fold (F02 and M07 on each other's and on
+    M16's audio), as ``ensure_demo_tree`` adds them for ``input_streams: cross``."""
+    from local.synthetic import ensure_demo_tree
+
+    folder = tmp_path_factory.mktemp("demo_cross") / "demo_data"
+    pairs = [("F02", "M07"), ("M07", "F02"), ("F02", "M16"), ("M07", "M16")]
+    ensure_demo_tree(folder, pairs=pairs)
+    return folder
+
+
 @pytest.fixture
 def copy_tree(demo_tree, tmp_path):
     """A private copy of the demo tree for tests that damage it."""

@@ -135,3 +135,20 @@ def test_check_honesty_catches_leaks(demo_tree):
     bad_test = {**splits, "test": {k: {**v, "streams": [0]} for k, v in splits["test"].items()}}
     with pytest.raises(FoldError, match="not the held-out"):
         check_honesty(bad_test, train, train, "M08")
+
+
+def test_cross_streams_honesty(demo_tree_cross):
+    tree = demo_tree_cross
+    train, test, groups, splits, teachers = _fold(tree, "M16", "cross")
+    check_honesty(splits, train, test, "M16")
+    assert teachers == ["F02", "M07"]
+    for name in ("train", "valid"):
+        for utt_id, item in splits[name].items():
+            spk = utt_id[:3]
+            # the other teachers' models on this teacher's audio; never its own model
+            assert sorted(train.stream_model[j] for j in item["streams"]) == [t for t in teachers if t != spk]
+            assert {train.stream_speaker[j] for j in item["streams"]} == {spk}
+    for utt_id, item in splits["test"].items():
+        assert [test.stream_model[j] for j in item["streams"]] == teachers
+        assert {test.stream_speaker[j] for j in item["streams"]} == {"M16"}
+        assert test.stream_model[item["self_stream"]] == "M16" and item["self_stream"] not in item["streams"]

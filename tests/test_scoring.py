@@ -127,3 +127,22 @@ def test_write_stats_is_speechbrain_format_and_atomic(demo_tree, tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(path, lambda stream: (stream.write("partial"), (_ for _ in ()).throw(RuntimeError("boom"))))
     assert path.read_text() == text
+
+
+def test_majority_vote_of_systems(demo_tree):
+    from local.scoring import majority_vote
+
+    sp = load_tokenizer(demo_tree / "tokenizer.model")
+    plans = {  # utterance -> hypotheses of three systems, and the expected winner
+        "F02_B3_D1_M2": (["SEVEN", "ALPHA", "SEVEN"], "SEVEN"),
+        "F02_B3_D2_M2": (["THE", "UP", "DELETE"], "THE"),        # three-way tie: the first system
+        "F02_B3_D3_M2": (["UP", "DELETE", "DELETE"], "DELETE"),
+        "F02_B3_D4_M2": (["", "", "UP"], ""),                    # empty hypotheses vote too
+    }
+    systems = [SystemScores(sp) for _ in range(3)]
+    for utt_id, (hyps, _) in plans.items():
+        for system, hyp in zip(systems, hyps):
+            system.append_texts([utt_id], [hyp], ["SEVEN"], ["D"], ["M2"])
+    voted = majority_vote(systems, sp)
+    assert {u: voted.hypotheses[u] for u in plans} == {u: w for u, (_, w) in plans.items()}
+    assert voted.summary()["WRA"] == pytest.approx(25.0)

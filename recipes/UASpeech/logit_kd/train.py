@@ -29,11 +29,13 @@ from speechbrain.utils.distributed import get_rank, if_main_process, run_once_pe
 
 from local.batch import OUTPUT_KEYS, FoldBatch
 from local.corpus import SPEAKERS, group_of
+from local.ctc import ctc_systems, score_ctc
 from local.fold_hparams import HparamsError, load_fold_hparams
-from local.folds import FoldError, build_items, check_honesty, store_pairs, teacher_speakers, validation_groups
+from local.folds import (FoldError, build_items, check_honesty, optional_pairs, store_pairs, teacher_speakers,
+                         validation_groups)
 from local.fusion import MeanFusion, drop_streams
 from local.kd import EnsembleTargets, kd_loss, teacher_quality
-from local.scoring import SystemScores, format_table, write_json
+from local.scoring import SystemScores, format_table, majority_vote, write_json
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
 from local.synthetic import ensure_demo_tree
 
@@ -63,8 +65,12 @@ class FusionKD(sb.Brain):
             self.loss_parts["positions"] += n_pos
             self.score(batch, "student", predictions)
             self.score(batch, "mean", self.mean_fusion(batch.logits, batch.stream_mask))
-            if stage == sb.Stage.TEST and batch.self_logits is not None:
-                self.score(batch, "sa_self", batch.self_logits)
+            if stage == sb.Stage.TEST:
+                if batch.self_logits is not None:
+                    self.score(batch, "sa_self", batch.self_logits)
+                if self.hparams.input_streams == "cross":  # each teacher alone, same decode
+                    for k, model in enumerate(self.hparams.fold_info["teachers"]):
+                        self.score(batch, f"teacher_{model}", batch.logits[:, k])
         return loss
 
     def score(self, batch, system, logits):
@@ -99,6 +105,9 @@ class FusionKD(sb.Brain):
             self.train_stats = {"loss": stage_loss}
             return
         positions = max(self.loss_parts["positions"], 1.0)
+        if stage == sb.Stage.TEST and self.hparams.input_streams == "cross":
+            teachers = [self.scores[f"teacher_{m}"] for m in self.hparams.fold_info["teachers"]]
+            self.scores["majority_vote"] = majority_vote(teachers, self.hparams.tokenizer)
         results = {name: s.summary() for name, s in self.scores.items()}
         stats = {"loss": stage_loss, "CE": self.loss_parts["ce"] / positions}
         if stage == sb.Stage.VALID:
@@ -128,6 +137,11 @@ class FusionKD(sb.Brain):
         for name in results:
             if name != "student":
                 self.scores[name].write_stats(out / f"wer_test_{name}.txt")
+        ctc = {}
+        for system, decoders in self.hparams.ctc_scores.items():
+            ctc[system] = {decoder: scores.summary() for decoder, scores in decoders.items()}
+            for decoder, scores in decoders.items():
+                scores.write_stats(out / f"wer_test_ctc_{decoder}_{system}.txt")
         write_json(self.hparams.test_results_file, {
             **self.hparams.fold_info,
             "n_utterances": results["student"]["n"],
@@ -135,7 +149,18 @@ class FusionKD(sb.Brain):
             "decoding": "teacher-forced greedy (argmax, cut at the first </s>), decode_ids(...).split(' ')",
             "student": results["student"],
             "baselines": {name: r for name, r in results.items() if name != "student"},
+            # Free-running CTC decodes of the held-out audio: they do not see the reference.
+            "free_running_ctc": ctc,
         })
+        if ctc:
+            logger.info("Free-running CTC decoding (not teacher-forced):\n%s", format_table(
+                {f"{system} ({decoder})": r for system, d in ctc.items() for decoder, r in d.items()}))
+
+    def on_evaluate_start(self, max_key=None, min_key=None):
+        # Load the best checkpoint for the test, but keep train_log.txt as it is (a checkpoint
+        # restores it only when training resumes from it).
+        with self.hparams.train_log_state.kept():
+            super().on_evaluate_start(max_key=max_key, min_key=min_key)
 
     def init_optimizers(self):
         # The `mean` fusion has no parameters: nothing to optimise (Adam refuses an empty list).
@@ -167,16 +192,29 @@ def uses_demo_tree(hparams):
 
 def prepare_fold(hparams):
     """Reads the fold's logits in place and checks everything before anything is trained or
-    written: teachers, stores, validation split, honesty rules, KD targets."""
+    written: teachers, stores, validation split, honesty rules, KD targets, CTC decodes."""
     if uses_demo_tree(hparams):
-        run_once_per_node(ensure_demo_tree, kwargs={"folder": hparams["demo_folder"]})
+        held_out = hparams["held_out"]
+        teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
+        train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
+        run_once_per_node(ensure_demo_tree, kwargs={"folder": hparams["demo_folder"], "pairs": train_pairs + test_pairs})
+    fold = None
     if hparams["cache_folder"] is not None:
         # One process per node reads the source files and builds the packed caches; the other
         # ranks then map them (sharing the pages) instead of reading everything again.
         fold = run_once_per_node(load_fold, args=[hparams])
-        if fold is not None:
-            return fold
-    return load_fold(hparams)
+    fold = fold or load_fold(hparams)
+    fold.ctc_scores = {}
+    if if_main_process() and hparams["ctc_decode"] is not False:
+        cross = hparams["input_streams"] == "cross"
+        systems = ctc_systems(hparams["logit_root"], fold.info["held_out"], fold.info["teachers"], cross)
+        if hparams["ctc_decode"] is True and (not systems or (cross and "mean" not in systems)):
+            raise LogitStoreError(f"ctc_decode: true, but the CTC files of the test are missing under "
+                                  f"{hparams['logit_root']} (<MODEL>/{fold.info['held_out']}/"
+                                  f"{fold.info['held_out']}_ctc_logits.pt)")
+        fold.ctc_scores = score_ctc(hparams["logit_root"], fold.info["held_out"], systems, fold.splits["test"],
+                                    fold.tokenizer)
+    return fold
 
 
 def load_fold(hparams):
@@ -188,7 +226,8 @@ def load_fold(hparams):
     dtype = getattr(torch, hparams["store_dtype"])
     cache = hparams["cache_folder"]
     train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache)
-    test_store = LogitStore(hparams["logit_root"], tokens, test_pairs, dtype, cache)
+    test_store = LogitStore(hparams["logit_root"], tokens, test_pairs, dtype, cache,
+                            optional=optional_pairs(held_out, hparams["input_streams"]))
     valid_groups = validation_groups(train_store, teachers, hparams["valid_fraction"], hparams["seed"])
     splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
     check_honesty(splits, train_store, test_store, held_out)
@@ -210,8 +249,8 @@ def load_fold(hparams):
         "temperature": hparams["temperature"],
         "alpha": hparams["alpha"],
         "seed": hparams["seed"],
-        "logit_root": str(hparams["logit_root"]),
-        "tokenizer_file": str(hparams["tokenizer_file"]),
+        "logit_root": str(Path(hparams["logit_root"]).resolve()),
+        "tokenizer_file": str(Path(hparams["tokenizer_file"]).resolve()),
         "synthetic_data": synthetic,
     }
     return SimpleNamespace(tokenizer=tokenizer, train_store=train_store, test_store=test_store,
@@ -267,7 +306,12 @@ if __name__ == "__main__":
                     table.data.dtype, "mapped from the cache" if table.from_cache else "built from the source files")
     datasets, collate = dataio_prepare(fold)
     hparams["tokenizer"] = fold.tokenizer
+    # What this run changed on top of the base hparams (fold file + command line), so that a
+    # results file says how it was made (hyperparams.yaml beside it has everything).
+    fold.info["overrides"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+                              for k, v in fold_overrides.items()}
     hparams["fold_info"] = fold.info
+    hparams["ctc_scores"] = fold.ctc_scores
     student = hparams["student"](vocab_size=fold.train_store.vocab_size, n_identities=len(SPEAKERS))
     hparams["checkpointer"].add_recoverable("student", student)
     brain = FusionKD(modules={"student": student}, opt_class=hparams["opt_class"], hparams=hparams,

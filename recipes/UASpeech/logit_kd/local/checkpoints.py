@@ -8,10 +8,13 @@ have no ``CKPT.yaml``, are ignored by SpeechBrain, and are removed at the next s
 """
 
 import logging
+from contextlib import contextmanager
 import os
 import shutil
+from pathlib import Path
 
-from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
+from speechbrain.utils.checkpoints import (CKPT_PREFIX, METAFNAME, Checkpointer, mark_as_loader, mark_as_saver,
+                                           register_checkpoint_hooks)
 from speechbrain.utils.distributed import if_main_process
 
 PARTIAL = METAFNAME + ".partial"
@@ -37,3 +40,40 @@ class CompleteCheckpointer(Checkpointer):
         for path in self.checkpoints_dir.iterdir():
             if path.is_dir() and path.name.startswith(CKPT_PREFIX) and not (path / METAFNAME).exists():
                 shutil.rmtree(path, ignore_errors=True)
+
+
+@register_checkpoint_hooks
+class LogFileState:
+    """Makes a log file (``train_log.txt``) part of every checkpoint.
+
+    The epoch's line is written before its checkpoint; a run killed in between resumes from an
+    earlier checkpoint and would write that line a second time. Restoring the file as it was when
+    the checkpoint was saved keeps it identical to the log of an uninterrupted run.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.restore = True
+
+    @contextmanager
+    def kept(self):
+        """Loading a checkpoint inside this block leaves the file alone (loading the best
+        checkpoint for the test must not rewind the log to that epoch)."""
+        self.restore = False
+        try:
+            yield
+        finally:
+            self.restore = True
+
+    @mark_as_saver
+    def save(self, path):
+        text = self.path.read_text(encoding="utf-8") if self.path.is_file() else ""
+        Path(path).write_text(text, encoding="utf-8")
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=True, device=None):
+        del end_of_epoch, device
+        if self.restore and if_main_process():
+            tmp = self.path.with_name(self.path.name + ".restore")
+            tmp.write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
+            os.replace(tmp, self.path)

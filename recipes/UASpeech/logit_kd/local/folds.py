@@ -67,11 +67,31 @@ def store_pairs(held_out, teachers, input_streams):
         raise FoldError(f"input_streams must be one of {INPUT_STREAMS}, not {input_streams!r}")
     if input_streams == "cross":
         train = [(m, s) for s in teachers for m in teachers if m != s]
-        test = [(m, held_out) for m in teachers] + [(held_out, held_out)]
+        test = [(m, held_out) for m in teachers] + [(held_out, held_out)]  # the last: sa_self, optional
     else:
         train = [(t, t) for t in teachers]
         test = [(held_out, held_out)]
     return train, test
+
+
+def optional_pairs(held_out, input_streams):
+    """Pairs a fold reads when present: with cross streams, the held-out speaker's own SA model is
+    only a baseline (a new speaker has none)."""
+    return [(held_out, held_out)] if input_streams == "cross" else []
+
+
+def _same_audio(store, pairs):
+    """The utterance ids shared by several models on one speaker's audio: they must be the same."""
+    ids = None
+    for pair in pairs:
+        these = [store.utt_ids[j] for j in store.pair_streams[pair]]
+        if ids is None:
+            ids, first = these, pair
+        elif set(these) != set(ids):
+            missing = sorted(set(ids) ^ set(these))[0]
+            raise FoldError(f"SA models {first[0]} and {pair[0]} on speaker {pair[1]}'s audio do not list the same "
+                            f"utterances (e.g. {missing}): cross streams join them by utterance id")
+    return ids
 
 
 def validation_groups(store, teachers, valid_fraction, seed):
@@ -145,24 +165,20 @@ def build_items(train_store, test_store, held_out, teachers, input_streams, vali
                 item["speaker"] = "+".join(train_store.stream_speaker[j] for j in train)
                 splits["train"][core] = item
     else:
-        by_utt = defaultdict(list)  # teacher utterance -> the other teacher models on that audio
-        for j, (model, spk, utt_id) in enumerate(zip(train_store.stream_model, train_store.stream_speaker,
-                                                     train_store.utt_ids)):
-            if model != spk and model in teachers and spk in teachers:
-                by_utt[utt_id].append(j)
-        for utt_id, streams in sorted(by_utt.items()):
-            split = "valid" if in_valid(streams[0]) else "train"
-            splits[split][utt_id] = _item(streams, streams, utt_id, train_store.words[streams[0]])
+        # One item per teacher utterance: the other teacher models on that audio (the speaker's
+        # own model is left out: the held-out speaker has none at test time).
+        for spk in teachers:
+            models = [m for m in teachers if m != spk]
+            for utt_id in _same_audio(train_store, [(m, spk) for m in models]):
+                streams = [train_store.stream(m, utt_id) for m in models]
+                split = "valid" if in_valid(streams[0]) else "train"
+                splits[split][utt_id] = _item(streams, streams, utt_id, train_store.words[streams[0]])
     # The test: streams computed from the held-out speaker's audio only.
-    for j, (model, spk, utt_id) in enumerate(zip(test_store.stream_model, test_store.stream_speaker,
-                                                 test_store.utt_ids)):
-        if model != held_out or spk != held_out:
-            continue
-        if input_streams == "cross":
-            streams = [test_store.stream(m, utt_id) for m in teachers]
-        else:
-            streams = [j]
-        splits["test"][utt_id] = _item(streams, (), utt_id, test_store.words[j], self_stream=j)
+    models = teachers if input_streams == "cross" else [held_out]
+    for utt_id in _same_audio(test_store, [(m, held_out) for m in models]):
+        streams = [test_store.stream(m, utt_id) for m in models]
+        self_stream = test_store.index.get((held_out, utt_id), -1)
+        splits["test"][utt_id] = _item(streams, (), utt_id, test_store.words[streams[0]], self_stream=self_stream)
     return splits
 
 

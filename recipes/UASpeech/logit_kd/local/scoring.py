@@ -55,18 +55,27 @@ class SystemScores:
         self.wer_normalized = ErrorRateStats()
         self.groups = {}  # utterance id -> (category, mic)
         self.hypotheses = {}
+        self.references = {}
 
     def append(self, ids, logits, lengths, words, categories, mics):
         """Decodes ``logits`` [B, U, V] (``lengths`` [B] real positions) and scores them."""
-        hyp_texts = [self.tokenizer.decode_ids(h) for h in greedy_ids(logits, lengths)]
+        self.append_ids(ids, greedy_ids(logits, lengths), words, categories, mics)
+
+    def append_ids(self, ids, token_ids, words, categories, mics):
+        """Scores hypotheses given as token id lists."""
+        self.append_texts(ids, [self.tokenizer.decode_ids(h) for h in token_ids], words, categories, mics)
+
+    def append_texts(self, ids, hyp_texts, words, categories, mics):
+        """Scores hypotheses given as decoded text (``.split(" ")`` into words, like the SA pipeline)."""
         hyps = [h.split(" ") for h in hyp_texts]
         refs = [w.split(" ") for w in words]
         self.wer.append(ids, hyps, refs)
         self.cer.append(ids, hyps, refs)
         self.wer_normalized.append(ids, [h.split() for h in hyp_texts], [w.split() for w in words])
-        for utt_id, text, category, mic in zip(ids, hyp_texts, categories, mics):
+        for utt_id, text, word, category, mic in zip(ids, hyp_texts, words, categories, mics):
             self.groups[utt_id] = (category, mic)
             self.hypotheses[utt_id] = text
+            self.references[utt_id] = word
 
     def __len__(self):
         return len(self.wer.scores)
@@ -91,6 +100,21 @@ class SystemScores:
         atomic_write(path, self.wer.write_stats)
 
 
+def majority_vote(systems, tokenizer):
+    """Word-level majority vote of several systems on the same utterances: per utterance the most
+    frequent whole hypothesis wins; a tie goes to the system listed first (``compare.majority_vote``)."""
+    from local.compare import majority_vote as vote
+
+    voted = SystemScores(tokenizer)
+    first = systems[0]
+    for utt_id in first.hypotheses:
+        texts = [s.hypotheses[utt_id] for s in systems]
+        winner = texts[vote([t.split(" ") for t in texts])]
+        category, mic = first.groups[utt_id]
+        voted.append_texts([utt_id], [winner], [first.references[utt_id]], [category], [mic])
+    return voted
+
+
 def atomic_write(path, write):
     """Writes a file through ``write(stream)`` into a temporary file that is then renamed, so a
     crash never leaves a half-written result file."""
@@ -99,6 +123,9 @@ def atomic_write(path, write):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
             write(stream)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -229,15 +229,21 @@ class LogitStore(PackedRows):
     keyed by the source files' size and mtime: the next run of the fold maps it instead.
     """
 
-    def __init__(self, logit_root, tokens, pairs, store_dtype=torch.float32, cache_dir=None):
+    def __init__(self, logit_root, tokens, pairs, store_dtype=torch.float32, cache_dir=None, optional=()):
         self.logit_root = Path(logit_root)
         self.tokens = tokens
         self.vocab_size = tokens.vocab_size
-        self.pairs = [tuple(p) for p in pairs]
+        # ``optional`` pairs are read when their folder exists (e.g. the held-out speaker's own SA
+        # model, a baseline only, which a truly new speaker does not have).
+        optional = {tuple(p) for p in optional}
+        self.pairs = [tuple(p) for p in pairs
+                      if tuple(p) not in optional or (self.logit_root / p[0] / p[1]).is_dir()]
         infos = [read_metadata(logit_root, m, s, tokens) for m, s in self.pairs]
         self.stream_model, self.stream_speaker, self.utt_ids, self.words = [], [], [], []
+        self.pair_streams = {}  # (model, speaker) -> range of stream indices, in file order
         lengths = []
         for info in infos:
+            self.pair_streams[(info.model, info.speaker)] = range(len(self.utt_ids), len(self.utt_ids) + len(info.utt_ids))
             self.stream_model += [info.model] * len(info.utt_ids)
             self.stream_speaker += [info.speaker] * len(info.utt_ids)
             self.utt_ids += info.utt_ids

@@ -40,9 +40,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from local.corpus import INTELLIGIBILITY, MICS, SPEAKERS  # noqa: E402
+from local.corpus import HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS  # noqa: E402
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 6
 DEMO_SEED = 2026
 
 # Word lists of the synthetic corpus (block B3). Keys follow UASpeech: D0-D9, LA-LZ, C1-C19,
@@ -161,7 +161,7 @@ def _utterances(speaker, words, scale, seed, metadata_dir):
         for mic in MICS[speaker]:
             chars = len(words[key])
             if scale == "demo":  # short CTC sequences keep the optional demo CTC files small
-                frames = 4 + 2 * chars + int(torch.randint(0, 4, (1,), generator=gen))
+                frames = 3 + chars + int(torch.randint(0, 3, (1,), generator=gen))
             else:
                 frames = int(30 + 9 * chars * slowness + 20 * float(torch.rand(1, generator=gen)))
             utts.append((f"{speaker}_B3_{key}_{mic}", words[key], frames))
@@ -175,6 +175,7 @@ class _Confusions:
 
     def __init__(self, sp, words, seed):
         self.vocab = sp.vocab_size()
+        self.word_tokens = [sp.encode_as_ids(w) for w in words]
         used = sorted({t for w in words for t in sp.encode_as_ids(w)} | {2})
         self.in_list = torch.tensor(used)
         mask = torch.ones(self.vocab, dtype=torch.bool)
@@ -191,40 +192,45 @@ class _Confusions:
         self.partner[self.in_list] = partner
 
 
-def _decoder_logits(tokens_eos, accuracy, conf, gen):
-    """Teacher-forced logits [U, V] of one utterance (see the module docstring)."""
-    U, V = len(tokens_eos), conf.vocab
-    target = torch.tensor(tokens_eos)
-    logits = 1.5 * torch.randn(U, V, generator=gen)
-    acc = torch.full((U,), accuracy)
-    acc[1:] = 1.0 - 0.5 * (1.0 - accuracy)  # teacher forcing: the reference prefix helps
-    correct = torch.rand(U, generator=gen) < acc
+def _decoder_logits(target, first, accuracy, conf, gen):
+    """Teacher-forced logits [P, V] of all positions of a pair at once (see the module docstring).
+
+    target: [P] the token each position predicts; first: [P] whether it is an utterance's first
+    position; accuracy: [P] the SA model's top-token accuracy on that utterance's first position.
+    """
+    P, V = len(target), conf.vocab
+    logits = 1.5 * torch.randn(P, V, generator=gen)
+    acc = torch.where(first, accuracy, 1.0 - 0.5 * (1.0 - accuracy))  # teacher forcing helps later
+    correct = torch.rand(P, generator=gen) < acc
     # A wrong top token is the shared partner (35 %), <unk> (5 %, decodes to " ⁇ "), an early </s>
     # (5 %: at the first position, an empty hypothesis), a distractor piece (35 %) or another
     # piece of the closed list (20 %).
     candidates = torch.stack([
         conf.partner[target],
-        torch.zeros(U, dtype=torch.long),
-        torch.full((U,), 2, dtype=torch.long),
-        conf.distractors[torch.randint(0, len(conf.distractors), (U,), generator=gen)],
-        conf.in_list[torch.randint(0, len(conf.in_list), (U,), generator=gen)],
+        torch.zeros(P, dtype=torch.long),
+        torch.full((P,), 2, dtype=torch.long),
+        conf.distractors[torch.randint(0, len(conf.distractors), (P,), generator=gen)],
+        conf.in_list[torch.randint(0, len(conf.in_list), (P,), generator=gen)],
     ])
-    kind = torch.bucketize(torch.rand(U, generator=gen), torch.tensor([0.35, 0.4, 0.45, 0.8]))
-    rows = torch.arange(U)
-    wrong = candidates[kind, rows]
-    top = torch.where(correct, target, wrong)
-    logits[rows, conf.partner[target]] += 3.0 * torch.rand(U, generator=gen)  # shared "dark knowledge"
+    kind = torch.bucketize(torch.rand(P, generator=gen), torch.tensor([0.35, 0.4, 0.45, 0.8]))
+    rows = torch.arange(P)
+    top = torch.where(correct, target, candidates[kind, rows])
+    logits[rows, conf.partner[target]] += 3.0 * torch.rand(P, generator=gen)  # shared "dark knowledge"
     # When the model is wrong, the evidence left for the true token varies: often second, not always.
-    logits[rows, target] += torch.where(correct, torch.zeros(U), 7.5 * torch.rand(U, generator=gen))
-    logits[rows, top] += 9.0 + torch.randn(U, generator=gen)
+    logits[rows, target] += torch.where(correct, torch.zeros(P), 7.5 * torch.rand(P, generator=gen))
+    logits[rows, top] += 9.0 + torch.randn(P, generator=gen)
     return logits, top
 
 
-def _ctc_logits(top, frames, vocab, gen):
-    """Frame-level CTC logits [T, V]: blank everywhere, the model's pieces spread over the frames."""
-    logits = torch.randn(frames, vocab, generator=gen)
+def _ctc_logits(tokens, accuracy, frames, conf, gen):
+    """Frame-level CTC logits [T, V]: blank everywhere, the pieces the model heard spread over the
+    frames. It hears the right word with probability ``accuracy``, else another word of the list
+    (a free-running decode has no reference prefix to lean on)."""
+    logits = torch.randn(frames, conf.vocab, generator=gen)
     logits[:, 0] += 6.0
-    pieces = [int(t) for t in top if int(t) != 2]
+    if float(torch.rand(1, generator=gen)) >= accuracy:
+        tokens = conf.word_tokens[int(torch.randint(0, len(conf.word_tokens), (1,), generator=gen))]
+    pieces = [int(t) for t in tokens if int(t) != 2]
     for i, piece in enumerate(pieces):
         frame = min(frames - 1, int((i + 0.5) * frames / max(1, len(pieces))))
         logits[frame, piece] += 9.0
@@ -232,25 +238,29 @@ def _ctc_logits(top, frames, vocab, gen):
 
 
 def _write_pair(pair_dir, model, speaker, utts, sp, conf, seed, form, ctc):
+    """Writes one (SA model, audio speaker) pair into ``pair_dir``; its content depends only on
+    (seed, model, speaker), so pairs can be added to a tree later with the same result."""
     gen = _rng(seed, "logits", model, speaker)
-    accuracy = _pair_accuracy(model, speaker)
-    decoder, ctc_list = [], []
-    for utt_id, word, frames in utts:
-        mic = utt_id.rsplit("_", 1)[1]
-        mic_quality = 1.0 - 0.02 * abs(int(mic[1]) - 5)  # the array's centre mics are a bit better
-        tokens_eos = sp.encode_as_ids(word) + [2]
-        logits, top = _decoder_logits(tokens_eos, accuracy * mic_quality, conf, gen)
-        decoder.append(logits)
-        if ctc:
-            ctc_list.append(_ctc_logits(top, frames, conf.vocab, gen))
+    tokens = [sp.encode_as_ids(word) + [2] for _, word, _ in utts]
+    lengths = [len(t) for t in tokens]
+    # the array's centre microphones are a bit better
+    quality = torch.tensor([1.0 - 0.02 * abs(int(utt_id.rsplit("_", 1)[1][1]) - 5) for utt_id, _, _ in utts])
+    per_position = torch.tensor(lengths)
+    target = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
+    first = torch.tensor([u == 0 for n in lengths for u in range(n)])
+    accuracy = (_pair_accuracy(model, speaker) * quality).repeat_interleave(per_position)
+    logits, _ = _decoder_logits(target, first, accuracy, conf, gen)
+    decoder = [t.clone() for t in logits.split(lengths)]
     pair_dir.mkdir(parents=True)
     if form == "stacked":
-        if len({t.shape[0] for t in decoder}) != 1:
+        if len(set(lengths)) != 1:
             raise ValueError(f"{model}/{speaker}: the stacked form needs equal lengths")
         torch.save(torch.stack(decoder), pair_dir / f"{speaker}_decoder_logits.pt")
     else:
         torch.save(decoder, pair_dir / f"{speaker}_decoder_logits.pt")
     if ctc:
+        acc = _pair_accuracy(model, speaker) * quality
+        ctc_list = [_ctc_logits(t, float(a), frames, conf, gen) for t, a, (_, _, frames) in zip(tokens, acc, utts)]
         torch.save(ctc_list, pair_dir / f"{speaker}_ctc_logits.pt")
     meta = {
         "model_name": model,
@@ -267,18 +277,56 @@ def _write_pair(pair_dir, model, speaker, utts, sp, conf, seed, form, ctc):
     return sum(t.numel() * 4 for t in decoder)
 
 
+def _wants_ctc(ctc, speaker):
+    """ctc: False, True, or the audio speakers whose pairs get CTC files."""
+    return ctc is True or (not isinstance(ctc, bool) and speaker in set(ctc or ()))
+
+
+class _Corpus:
+    """Everything a pair's content depends on besides (model, speaker): words, tokenizer,
+    utterances of each speaker, shared confusions. Rebuilt identically from the same inputs."""
+
+    def __init__(self, tokenizer_file, scale, seed, speakers, metadata_dir=None, words=None):
+        import sentencepiece as spm
+
+        self.table = dict(words) if words is not None else word_list(scale, seed)
+        self.sp = spm.SentencePieceProcessor(model_file=str(tokenizer_file))
+        self.per_speaker = {s: _utterances(s, self.table, scale, seed, metadata_dir) for s in speakers}
+        all_words = {w for utts in self.per_speaker.values() for _, w, _ in utts}
+        self.conf = _Confusions(self.sp, sorted(all_words), seed)
+        self.seed = seed
+
+    def write_pair(self, pair_dir, model, speaker, form="list", ctc=False):
+        return _write_pair(pair_dir, model, speaker, self.per_speaker[speaker], self.sp, self.conf, self.seed,
+                           form, _wants_ctc(ctc, speaker))
+
+
+def _expand_pairs(pairs, speakers):
+    if pairs == "diagonal":
+        return [(s, s) for s in speakers]
+    if pairs == "all":
+        return [(m, s) for m in speakers for s in speakers]
+    return [tuple(p) for p in pairs]
+
+
+def _write_summary(tree, summary):
+    for path in (tree / "logit_extraction" / "extraction_summary.json", tree / "SYNTHETIC.json"):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, path)
+
+
 def generate_tree(out, scale="demo", seed=DEMO_SEED, speakers=SPEAKERS, pairs="diagonal",
                   tokenizer_file=None, metadata_dir=None, ctc=False, stacked=(), words=None):
     """Writes a synthetic logit extraction under ``out`` (atomically: a half-made tree never
     appears under that name). Returns the summary written to SYNTHETIC.json.
 
     pairs: ``diagonal`` (each SA model on its own speaker, what exists today), ``all`` (every model
-    on every speaker's audio) or a list of (model, speaker). stacked: (model, speaker) pairs to
-    write as one [N, U, V] tensor (all their lengths must be equal). words: a word-key -> word
-    table to use instead of the built-in one.
+    on every speaker's audio) or a list of (model, speaker). ctc: write CTC files for every pair
+    (True) or for the pairs on these audio speakers. stacked: (model, speaker) pairs to write as
+    one [N, U, V] tensor (all their lengths must be equal). words: a word-key -> word table to use
+    instead of the built-in one.
     """
-    import sentencepiece as spm
-
     out = Path(out)
     if scale not in ("demo", "full"):
         raise ValueError(f"scale must be demo or full, not {scale!r}")
@@ -286,39 +334,31 @@ def generate_tree(out, scale="demo", seed=DEMO_SEED, speakers=SPEAKERS, pairs="d
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "logit_extraction").mkdir(parents=True)
     try:
-        table = dict(words) if words is not None else word_list(scale, seed)
         if tokenizer_file is None:
-            tokenizer_file = tmp / "tokenizer.model"
-            train_tokenizer(tokenizer_file, table.values(), 240 if scale == "demo" else 5000, seed)
+            table = dict(words) if words is not None else word_list(scale, seed)
+            train_tokenizer(tmp / "tokenizer.model", table.values(), 240 if scale == "demo" else 5000, seed)
         else:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
-        sp = spm.SentencePieceProcessor(model_file=str(tmp / "tokenizer.model"))
-        per_speaker = {s: _utterances(s, table, scale, seed, metadata_dir) for s in speakers}
-        all_words = {w for utts in per_speaker.values() for _, w, _ in utts}
-        conf = _Confusions(sp, sorted(all_words), seed)
-        if pairs == "diagonal":
-            pairs = [(s, s) for s in speakers]
-        elif pairs == "all":
-            pairs = [(m, s) for m in speakers for s in speakers]
+        corpus = _Corpus(tmp / "tokenizer.model", scale, seed, speakers, metadata_dir, words)
+        pairs = _expand_pairs(pairs, speakers)
         stacked = {tuple(p) for p in stacked}
         nbytes = 0
         for model, speaker in pairs:
             form = "stacked" if (model, speaker) in stacked else "list"
-            nbytes += _write_pair(tmp / "logit_extraction" / model / speaker, model, speaker,
-                                  per_speaker[speaker], sp, conf, seed, form, ctc)
+            nbytes += corpus.write_pair(tmp / "logit_extraction" / model / speaker, model, speaker, form, ctc)
         summary = {
             "synthetic": True,
             "generator_version": GENERATOR_VERSION,
             "scale": scale,
             "seed": seed,
-            "vocab_size": sp.vocab_size(),
+            "vocab_size": corpus.sp.vocab_size(),
             "pairs": [list(p) for p in pairs],
-            "n_utterances": {s: len(u) for s, u in per_speaker.items()},
+            "n_utterances": {s: len(u) for s, u in corpus.per_speaker.items()},
             "decoder_float32_bytes": nbytes,
-            "ctc": bool(ctc),
+            "ctc_speakers": sorted({s for _, s in pairs if _wants_ctc(ctc, s)}),
+            "built_in_words": words is None and metadata_dir is None,
         }
-        (tmp / "logit_extraction" / "extraction_summary.json").write_text(json.dumps(summary, indent=1))
-        (tmp / "SYNTHETIC.json").write_text(json.dumps(summary, indent=1))
+        _write_summary(tmp, summary)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -327,19 +367,48 @@ def generate_tree(out, scale="demo", seed=DEMO_SEED, speakers=SPEAKERS, pairs="d
     return summary
 
 
-def ensure_demo_tree(folder, seed=DEMO_SEED):
-    """The embedded demo tree: generated on first use, reused afterwards, remade if it was made by
-    another generator version. Returns (logit_root, tokenizer_file, generated_now)."""
+def add_pairs(tree, pairs, ctc=False):
+    """Adds (model, speaker) pairs to a tree made by ``generate_tree`` with the built-in words;
+    each pair appears atomically and equals what generating it with the tree would have given."""
+    tree = Path(tree)
+    summary = json.loads((tree / "SYNTHETIC.json").read_text())
+    if not summary.get("built_in_words"):
+        raise ValueError(f"{tree}: pairs can only be added to a tree of the built-in word list")
+    corpus = _Corpus(tree / "tokenizer.model", summary["scale"], summary["seed"], tuple(summary["n_utterances"]))
+    for model, speaker in pairs:
+        final = tree / "logit_extraction" / model / speaker
+        if final.exists():
+            continue
+        tmp = final.parent / f".{speaker}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        summary["decoder_float32_bytes"] += corpus.write_pair(tmp, model, speaker, "list", ctc)
+        os.replace(tmp, final)
+        summary["pairs"].append([model, speaker])
+        if _wants_ctc(ctc, speaker):
+            summary["ctc_speakers"] = sorted(set(summary["ctc_speakers"]) | {speaker})
+    _write_summary(tree, summary)
+
+
+def ensure_demo_tree(folder, seed=DEMO_SEED, pairs=()):
+    """The embedded demo tree: generated on first use (each SA model on its own speaker), reused
+    afterwards, remade if it was made by another generator version; ``pairs`` it lacks (teachers
+    on other speakers' audio, for ``input_streams: cross``) are added. CTC files are written for
+    the pairs on the four held-out speakers' audio (what the free-running CTC decode reads).
+    Returns (logit_root, tokenizer_file, generated_now)."""
     folder = Path(folder)
-    marker = folder / "SYNTHETIC.json"
     generated = False
     try:
-        info = json.loads(marker.read_text())
+        info = json.loads((folder / "SYNTHETIC.json").read_text())
         current = info.get("generator_version") == GENERATOR_VERSION and info.get("seed") == seed
     except (OSError, ValueError):
         current = False
+    ctc = tuple(HELD_OUT.values())
     if not current:
-        generate_tree(folder, scale="demo", seed=seed)
+        generate_tree(folder, scale="demo", seed=seed, ctc=ctc)
+        generated = True
+    missing = [(m, s) for m, s in pairs if not (folder / "logit_extraction" / m / s).is_dir()]
+    if missing:
+        add_pairs(folder, missing, ctc=ctc)
         generated = True
     return folder / "logit_extraction", folder / "tokenizer.model", generated
 
@@ -352,7 +421,7 @@ def main(argv=None):
     parser.add_argument("--pairs", choices=("diagonal", "all"), default="diagonal")
     parser.add_argument("--tokenizer_file", help="use this SentencePiece model (e.g. the SA one)")
     parser.add_argument("--metadata_dir", help="take utterance ids, words and frame counts from real <SPK>_metadata.json files")
-    parser.add_argument("--ctc", action="store_true", help="also write CTC logit files")
+    parser.add_argument("--ctc", action="store_true", help="also write CTC logit files (every pair)")
     args = parser.parse_args(argv)
     summary = generate_tree(args.out, scale=args.scale, seed=args.seed, pairs=args.pairs,
                             tokenizer_file=args.tokenizer_file, metadata_dir=args.metadata_dir, ctc=args.ctc)

@@ -1,0 +1,102 @@
+"""Cross streams (teachers on the held-out speaker's audio) and the free-running CTC decodes."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from local.compare import read_wer_file
+from local.ctc import ClosedList
+from local.store import load_tokenizer
+from test_recipe import FAST, run_recipe
+from test_scoring import edit_distance
+
+
+def test_closed_list_equals_full_vocabulary_ctc(demo_tree):
+    sp = load_tokenizer(demo_tree / "tokenizer.model")
+    words = ["SEVEN", "ALPHA", "COMMAND", "THE", "DELETE", "A"]
+    decoder = ClosedList(words, sp)
+    torch.manual_seed(0)
+    for trial in range(20):
+        logp = F.log_softmax(torch.randn(14, sp.vocab_size()) * 3, -1)
+        nll = [float(F.ctc_loss(logp[:, None], torch.tensor([sp.encode_as_ids(w)]), torch.tensor([14]),
+                                torch.tensor([len(sp.encode_as_ids(w))]), blank=0)) * len(sp.encode_as_ids(w))
+               for w in sorted(words)]  # mean reduction divides by the target length: undo it
+        assert decoder(logp) == sorted(words)[min(range(len(nll)), key=nll.__getitem__)]
+
+
+def _independent(tree, model, speaker):
+    """Greedy teacher-forced hypotheses of one pair, straight from its .pt file."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tree / "tokenizer.model"))
+    folder = tree / "logit_extraction" / model / speaker
+    meta = json.loads((folder / f"{speaker}_metadata.json").read_text())
+    logits = torch.load(folder / f"{speaker}_decoder_logits.pt", weights_only=True)
+    hyps = {}
+    for utt_id, z in zip(meta["utterance_ids"], logits):
+        ids = z.argmax(-1).tolist()
+        hyps[utt_id] = sp.decode_ids(ids[: ids.index(2)] if 2 in ids else ids)
+    return hyps, dict(zip(meta["utterance_ids"], meta["target_words"]))
+
+
+@pytest.fixture(scope="module")
+def cross_run(demo_tree_cross, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cross") / "out"
+    run_recipe("M16", f"--output_folder={out}", "--input_streams=cross", "--fusion=weights", "--number_of_epochs=2",
+               *FAST, demo_tree=demo_tree_cross)
+    return out, json.loads((out / "test_results.json").read_text())
+
+
+def test_cross_baselines_and_outputs(cross_run):
+    out, results = cross_run
+    assert results["input_streams"] == "cross" and results["teachers"] == ["F02", "M07"]
+    assert set(results["baselines"]) == {"sa_self", "mean", "teacher_F02", "teacher_M07", "majority_vote"}
+    for name in results["baselines"]:
+        assert (out / f"wer_test_{name}.txt").is_file()
+    assert set(results["free_running_ctc"]) == {"sa_self", "mean"}
+    for system in ("sa_self", "mean"):
+        for decoder in ("greedy", "closed_list"):
+            assert (out / f"wer_test_ctc_{decoder}_{system}.txt").is_file()
+            assert results["free_running_ctc"][system][decoder]["n"] == results["n_utterances"]
+
+
+def test_each_teacher_alone_matches_its_file(cross_run, demo_tree_cross):
+    out, results = cross_run
+    for model in ("F02", "M07"):
+        hyps, refs = _independent(demo_tree_cross, model, "M16")
+        edits = sum(edit_distance(refs[u].split(" "), h.split(" ")) for u, h in hyps.items())
+        exact = sum(edit_distance(refs[u].split(" "), h.split(" ")) == 0 for u, h in hyps.items())
+        assert results["baselines"][f"teacher_{model}"]["WER"] == pytest.approx(100 * edits / len(hyps))
+        assert results["baselines"][f"teacher_{model}"]["WRA"] == pytest.approx(100 * exact / len(hyps))
+
+
+def test_majority_vote_of_the_teachers(cross_run):
+    out, results = cross_run
+    teachers = [read_wer_file(out / f"wer_test_teacher_{m}.txt").by_id() for m in ("F02", "M07")]
+    vote = read_wer_file(out / "wer_test_majority_vote.txt").by_id()
+    for utt_id, utt in vote.items():
+        hyps = [t[utt_id].hyp for t in teachers]
+        # two teachers: they agree, or the tie goes to the first listed (F02)
+        assert utt.hyp == hyps[0]
+    assert results["baselines"]["majority_vote"]["WER"] == pytest.approx(results["baselines"]["teacher_F02"]["WER"])
+
+
+def test_ctc_greedy_matches_an_independent_decode(cross_run, demo_tree_cross):
+    import sentencepiece as spm
+
+    out, results = cross_run
+    sp = spm.SentencePieceProcessor(model_file=str(demo_tree_cross / "tokenizer.model"))
+    folder = demo_tree_cross / "logit_extraction" / "M16" / "M16"
+    meta = json.loads((folder / "M16_metadata.json").read_text())
+    ctc = torch.load(folder / "M16_ctc_logits.pt", weights_only=True)
+    edits = exact = 0
+    for word, z in zip(meta["target_words"], ctc):
+        best = z.argmax(-1).tolist()
+        ids = [t for k, t in enumerate(best) if t != 0 and (k == 0 or t != best[k - 1])]
+        e = edit_distance(word.split(" "), sp.decode_ids(ids).split(" "))
+        edits, exact = edits + e, exact + (e == 0)
+    got = results["free_running_ctc"]["sa_self"]["greedy"]
+    assert got["WER"] == pytest.approx(100 * edits / len(ctc))
+    assert got["WRA"] == pytest.approx(100 * exact / len(ctc))

@@ -1,0 +1,280 @@
+"""The study driver (local/run_study.py) and its report (local/study_report.py) on the demo tree:
+a tiny study of 2 folds x 1 teacher set x 2 fusions, its files, skipping and resuming, failures."""
+
+import csv
+import json
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+from conftest import RECIPE
+
+DRIVER = RECIPE / "local" / "run_study.py"
+REPORT = RECIPE / "local" / "study_report.py"
+FAST = ["--number_of_epochs=1", "--d_model=16", "--d_ffn=32", "--n_layers=1"]
+FOLDS = ["M05", "M16"]
+FUSIONS = ["mean", "transformer"]
+RUNS = [f"{fold}_same_level_matched_{fusion}" for fold in FOLDS for fusion in FUSIONS]
+STATS = ["--n_boot=300", "--n_perm=500"]  # enough to test; keeps the report fast
+
+
+def run_driver(study, *args, cwd, extra=FAST):
+    cmd = [sys.executable, str(DRIVER), f"--study_folder={study}", *args, *STATS, "--", *extra]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+def tiny_study_args(demo_tree):
+    return [f"--demo_folder={demo_tree}", "--folds", *FOLDS, "--teacher_sets", "same_level",
+            "--fusions", *FUSIONS]
+
+
+@pytest.fixture(scope="module")
+def study(demo_tree, tmp_path_factory):
+    """The tiny study, run once from an unrelated directory (the driver must not need the recipe cwd)."""
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    folder = tmp_path_factory.mktemp("study") / "study"
+    proc = run_driver(folder, *tiny_study_args(demo_tree), cwd=elsewhere)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return folder, proc
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def results_of(folder, run):
+    return json.loads((folder / run / "test_results.json").read_text())
+
+
+def test_every_run_and_the_report_exist(study):
+    folder, proc = study
+    for run in RUNS:
+        for name in ("test_results.json", "wer_test.txt", "wer_test_sa_self.txt", "wer_test_mean.txt"):
+            assert (folder / run / name).is_file(), f"{run}/{name}"
+        assert f"{run}: finished" in proc.stdout
+    for name in ("study.md", "study.csv", "study.png", "study_runs.json"):
+        assert (folder / name).is_file(), name
+    assert not list(folder.glob(".*.tmp")), "a temporary file of an atomic write was left behind"
+    manifest = json.loads((folder / "study_runs.json").read_text())
+    assert [r["name"] for r in manifest["runs"]] == RUNS
+    assert {r["status"] for r in manifest["runs"]} == {"finished"}
+    text = (folder / "study.md").read_text()
+    assert "SYNTHETIC" in text  # demo-tree numbers are labelled as such
+    assert "## teacher_set=same_level, input_streams=matched, fusion=transformer" in text
+    assert "| mid | M05 | **student** |" in text and "| low | M16 | sa_self |" in text
+    # the driver prints the report it wrote
+    assert "| group | fold | system | D | L | C | CW | UW | all |" in proc.stdout
+
+
+def test_csv_numbers_are_those_of_the_runs(study):
+    folder, _ = study
+    rows = read_csv(folder / "study.csv")
+    per_run = [r for r in rows if r["scope"] == "run"]
+    assert sorted({r["run"] for r in per_run}) == sorted(RUNS)
+    expected = sum(1 + len(results_of(folder, run)["baselines"]) for run in RUNS)
+    checked = 0
+    for row in per_run:
+        results = results_of(folder, row["run"])
+        system = results["student"] if row["system"] == "student" else results["baselines"][row["system"]]
+        assert row["fold"] == results["held_out"] and row["group"] == results["group"]
+        assert row["fusion"] == results["fusion"] and row["teacher_set"] == results["teacher_set"]
+        assert row["synthetic_data"] == "true"
+        assert int(row["n"]) == system["n"] == results["n_utterances"]
+        for key in ("WER", "WRA", "CER"):
+            assert float(row[key]) == pytest.approx(system[key], abs=1e-9), (row["run"], row["system"], key)
+        for category, numbers in system["by_category"].items():
+            assert float(row[f"WRA_{category}"]) == pytest.approx(numbers["WRA"], abs=1e-9)
+            assert int(row[f"n_{category}"]) == numbers["n"]
+        for key in ("WER", "WRA"):
+            low, point, high = (float(row[f"{key}_ci_low"]), float(row[key]), float(row[f"{key}_ci_high"]))
+            assert low <= point <= high, (row["run"], row["system"], key, low, point, high)
+        # clusters: the microphones of one (speaker, word) are one group
+        assert int(row["n_groups"]) < int(row["n"])
+        checked += 1
+    assert checked == expected >= len(RUNS) * 3  # the student and every baseline (sa_self, mean, ...) of every run
+    # the pooled rows pool the two folds of each configuration
+    pooled = [r for r in rows if r["scope"] == "pooled" and r["system"] == "student"]
+    assert len(pooled) == len(FUSIONS)
+    for row in pooled:
+        runs = [results_of(folder, f"{fold}_same_level_matched_{row['fusion']}") for fold in FOLDS]
+        n = sum(r["n_utterances"] for r in runs)
+        assert int(row["n"]) == n
+        wra = sum(r["student"]["WRA"] * r["n_utterances"] for r in runs) / n
+        assert float(row["WRA"]) == pytest.approx(wra, abs=1e-9)
+
+
+def test_paired_test_of_a_system_against_itself_gives_p_1(study):
+    from local.study_report import load_run, paired_stats
+
+    folder, _ = study
+    run = load_run(folder / "M05_same_level_matched_transformer", folder)
+    same = paired_stats(run.systems["student"], run.systems["student"], n_boot=200, n_perm=500)
+    assert same["p_WER"] == 1.0 and same["p_WRA"] == 1.0
+    assert same["dWER"] == same["dWRA"] == 0.0
+    # In the report: the `mean` fusion student *is* the untrained mean baseline.
+    rows = read_csv(folder / "study.csv")
+    for row in rows:
+        if row["fusion"] == "mean" and row["system"] == "mean":
+            assert float(row["p_WER"]) == 1.0 and float(row["p_WRA"]) == 1.0 and float(row["dWRA"]) == 0.0
+    # ... while a trained student that differs from sa_self on some utterances is tested for real.
+    student, sa_self = run.systems["student"], run.systems["sa_self"]
+    if (student.edits != sa_self.edits).any():
+        assert paired_stats(student, sa_self, n_boot=200, n_perm=500)["p_WER"] < 1.0
+
+
+def test_the_figure_is_a_png(study):
+    folder, _ = study
+    data = (folder / "study.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 300 and height > 200
+    assert struct.unpack(">I", data[29:33])[0] == zlib.crc32(data[12:29])  # IHDR checksum
+    assert data[-12:] == b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def test_the_report_runs_alone_and_is_deterministic(study, tmp_path):
+    folder, _ = study
+    before = (folder / "study.csv").read_bytes()
+    proc = subprocess.run([sys.executable, str(REPORT), str(folder), *STATS, "--quiet"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (folder / "study.csv").read_bytes() == before
+
+
+def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, demo_tree, tmp_path):
+    folder, _ = study
+    results = {run: folder / run / "test_results.json" for run in RUNS}
+    logs = {run: folder / "logs" / f"{run}.err" for run in RUNS}
+    mtimes = {run: path.stat().st_mtime_ns for run, path in results.items()}
+    log_sizes = {run: path.stat().st_size for run, path in logs.items()}
+
+    proc = run_driver(folder, *tiny_study_args(demo_tree), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for run in RUNS:
+        assert f"{run}: skipped" in proc.stdout
+        assert results[run].stat().st_mtime_ns == mtimes[run]
+        assert logs[run].stat().st_size == log_sizes[run]  # train.py was not even started
+    assert "4 skipped" in proc.stdout
+
+    redo = "M16_same_level_matched_transformer"
+    results[redo].unlink()
+    proc = run_driver(folder, *tiny_study_args(demo_tree), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{redo}: resumed and finished" in proc.stdout  # train.py resumed from its checkpoint
+    assert results[redo].is_file()
+    for run in RUNS:
+        if run != redo:
+            assert f"{run}: skipped" in proc.stdout
+            assert results[run].stat().st_mtime_ns == mtimes[run]
+            assert logs[run].stat().st_size == log_sizes[run]
+    assert logs[redo].stat().st_size > log_sizes[redo]
+    assert "1 run, 3 skipped" in proc.stdout
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(copy_tree, tmp_path):
+    from local.corpus import SPEAKERS
+
+    tree = copy_tree(speakers=[s for s in SPEAKERS if s != "M16"])  # M16's logits are missing
+    folder = tmp_path / "study"
+    proc = run_driver(folder, f"--logit_root={tree / 'logit_extraction'}",
+                      f"--tokenizer_file={tree / 'tokenizer.model'}", "--folds", "M16", "M05",
+                      "--teacher_sets", "same_level", "--fusions", "mean", "--no_progress", cwd=tmp_path)
+    assert proc.returncode == 1
+    failed = "M16_same_level_matched_mean"
+    assert f"{failed}: FAILED" in proc.stdout
+    assert "command: " in proc.stdout and f"--output_folder={folder / failed}" in proc.stdout
+    assert "ERROR:" in proc.stdout and "M16" in proc.stdout  # train.py's own message, from its stderr
+    assert "M05_same_level_matched_mean: finished" in proc.stdout  # the next run still ran
+    assert (folder / "M05_same_level_matched_mean" / "test_results.json").is_file()
+    assert "FAILED runs (1)" in proc.stderr
+    text = (folder / "study.md").read_text()  # the report covers what finished and names what did not
+    assert "not finished: M16_same_level_matched_mean (failed)" in text
+    manifest = json.loads((folder / "study_runs.json").read_text())
+    assert [(r["name"], r["status"]) for r in manifest["runs"]] == [
+        (failed, "failed"), ("M05_same_level_matched_mean", "finished")]
+
+
+def _fake_cross_run(study, tmp_path):
+    """A copy of a finished run with the baselines a `cross` run adds: two single teachers (copies of
+    sa_self's and of the student's wer files) and a majority vote (a copy of the mean's)."""
+    import shutil
+
+    folder, _ = study
+    run = tmp_path / "cross" / "M05_run"
+    shutil.copytree(folder / "M05_same_level_matched_transformer", run, ignore=shutil.ignore_patterns("save"))
+    results = json.loads((run / "test_results.json").read_text())
+    for name, source, summary in (("teacher_F04", "wer_test_sa_self.txt", results["baselines"]["sa_self"]),
+                                  ("teacher_M11", "wer_test.txt", results["student"]),
+                                  ("majority_vote", "wer_test_mean.txt", results["baselines"]["mean"])):
+        shutil.copy(run / source, run / f"wer_test_{name}.txt")
+        results["baselines"][name] = summary
+    (run / "test_results.json").write_text(json.dumps(results))
+    return run.parent, results
+
+
+def test_best_single_teacher_and_any_other_baseline(study, tmp_path):
+    from local.study_report import write_report
+
+    folder, results = _fake_cross_run(study, tmp_path)
+    write_report(folder, n_boot=200, n_perm=200)
+    rows = {r["system"]: r for r in read_csv(folder / "study.csv")}
+    assert set(rows) == {"student", "sa_self", "mean", "teacher_F04", "teacher_M11", "majority_vote",
+                         "best_single_teacher"}
+    teachers = {n: results["baselines"][n] for n in ("teacher_F04", "teacher_M11")}
+    best = max(teachers, key=lambda n: (teachers[n]["WRA"], -teachers[n]["WER"], n == "teacher_F04"))
+    row = rows["best_single_teacher"]
+    assert row["chosen"] == best
+    assert float(row["WRA"]) == pytest.approx(teachers[best]["WRA"], abs=1e-9)
+    assert float(row["WER"]) == pytest.approx(teachers[best]["WER"], abs=1e-9)
+    # teacher_M11 is a copy of the student: tested against the student it gives p = 1
+    assert float(rows["teacher_M11"]["p_WER"]) == 1.0 and float(rows["teacher_M11"]["p_WRA"]) == 1.0
+    assert float(rows["majority_vote"]["WRA"]) == pytest.approx(results["baselines"]["mean"]["WRA"], abs=1e-9)
+    text = (folder / "study.md").read_text()
+    assert f"best single teacher† ({best})" in text and "chosen on the test set" in text
+    assert "| majority_vote |" in text and "| teacher_F04 |" not in text  # single teachers: CSV only
+
+
+def test_a_wer_file_that_disagrees_with_test_results_is_an_error(study, tmp_path):
+    from local.study_report import write_report
+
+    folder, results = _fake_cross_run(study, tmp_path)
+    run = folder / "M05_run"
+    results["baselines"]["sa_self"]["WRA"] += 1.0
+    (run / "test_results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="wer_test_sa_self.txt: WRA"):
+        write_report(folder, n_boot=50, n_perm=50)
+    assert not (folder / "study.csv").exists()  # nothing half-written
+
+
+def test_command_line_is_checked_before_anything_runs(tmp_path):
+    from local.run_study import parse_args, plan
+
+    with pytest.raises(SystemExit):
+        parse_args(["--folds", "M99"])
+    with pytest.raises(SystemExit):
+        parse_args(["--", "--output_folder=x"])  # set by the driver per run
+    with pytest.raises(SystemExit):
+        parse_args(["--logit_root=somewhere"])  # a real tree needs its tokenizer
+    args = parse_args([f"--study_folder={tmp_path / 's'}", "--folds", "M08", "M01", "--fusions", "mean",
+                       "attention", "--", "--seed=3"])
+    study, runs = plan(args)
+    assert [r["name"] for r in runs] == [
+        f"{f}_{t}_matched_{u}" for f in ("M08", "M01") for t in ("same_level", "all_others")
+        for u in ("mean", "attention")]
+    command = runs[0]["command"]
+    assert command[0] == sys.executable and command[1] == str(RECIPE / "train.py")
+    assert "--seed=3" in command and "--noprogressbar" in command
+    assert f"--output_folder={study / runs[0]['name']}" in command
+    assert not (tmp_path / "s").exists()  # planning writes nothing
+    from local.run_study import child_environment
+
+    assert child_environment(3)["OMP_NUM_THREADS"] == "3" == child_environment(3)["MKL_NUM_THREADS"]
+    _, runs = plan(parse_args(["--folds", "M08", "--nproc_per_node=2"]))
+    assert runs[0]["command"][:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                      "--nproc_per_node=2"]
