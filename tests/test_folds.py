@@ -2,7 +2,7 @@
 
 import pytest
 
-from local.corpus import GROUPS, HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS, core_id, group_of, word_category
+from local.corpus import GROUPS, HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS, core_id, word_category
 from local.folds import (FoldError, build_items, check_honesty, store_pairs, stream_group, teacher_speakers,
                          validation_groups)
 from local.store import LogitStore, TokenTable, load_tokenizer

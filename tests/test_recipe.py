@@ -2,7 +2,6 @@
 independent recomputation from the files on disk."""
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from conftest import RECIPE
@@ -188,8 +187,6 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_results(demo_tree, tmp_pat
 
 
 def test_train_log_follows_the_checkpoint_it_resumes_from(tmp_path):
-    from speechbrain.utils.checkpoints import Checkpointer  # noqa: F401  (hooks registered)
-
     from local.checkpoints import CompleteCheckpointer, LogFileState
 
     log = tmp_path / "train_log.txt"

@@ -4,7 +4,8 @@ ErrorRateStats, checked against an independent word-level edit distance."""
 import pytest
 import torch
 
-from local.scoring import SystemScores, atomic_write, greedy_ids
+from local.files import atomic_write
+from local.scoring import SystemScores, greedy_ids
 from local.store import load_tokenizer
 
 

@@ -35,7 +35,8 @@ from local.folds import (FoldError, build_items, check_honesty, optional_pairs, 
                          validation_groups)
 from local.fusion import MeanFusion, drop_streams
 from local.kd import EnsembleTargets, kd_loss, teacher_quality
-from local.scoring import SystemScores, format_table, majority_vote, write_json
+from local.files import write_json
+from local.scoring import SystemScores, format_table, majority_vote
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
 from local.synthetic import ensure_demo_tree
 

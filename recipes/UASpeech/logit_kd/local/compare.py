@@ -45,18 +45,17 @@ CLI::
 
 import argparse
 import collections
-import json
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 try:
+    from local.files import write_json
     from local.significance import bootstrap_ci, group_of, paired_test
 except ImportError:  # run as a script: put the recipe folder (parent of local/) on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from local.files import write_json
     from local.significance import bootstrap_ci, group_of, paired_test
 
 EMPTY_SYMBOL = "<eps>"
@@ -555,25 +554,6 @@ def format_table(result):
     return "\n".join(lines)
 
 
-def write_json_atomic(obj, path):
-    """Write JSON to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(obj, handle, indent=1, ensure_ascii=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="SpeechBrain wer_*.txt files")
@@ -595,7 +575,7 @@ def main(argv=None):
         parser.exit(2, f"error: {err}\n")
     print(format_table(result))
     if args.json_out:
-        write_json_atomic(result, args.json_out)
+        write_json(args.json_out, result, indent=1)
         print(f"wrote {args.json_out}")
     return 0
 

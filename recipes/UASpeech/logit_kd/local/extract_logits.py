@@ -93,7 +93,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -104,6 +103,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from local.corpus import parse_utterance_id  # noqa: E402
+from local.files import atomic_file  # noqa: E402
 from local.store import LogitStoreError, load_tokenizer  # noqa: E402
 
 logger = logging.getLogger("extract_logits")
@@ -139,31 +139,13 @@ def pair_files(logit_root, model, speaker):
     }
 
 
-@contextlib.contextmanager
-def _atomic_file(path, mode="wb"):
-    """Yields a file object on a temporary name beside ``path``; renames it into place only if
-    the block succeeds (after fsync), removes it otherwise."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_tensors(obj, path):
-    with _atomic_file(path, "wb") as handle:
+    with atomic_file(path, "wb") as handle:
         torch.save(obj, handle)
 
 
 def save_json(obj, path, indent=None):
-    with _atomic_file(path, "w") as handle:
+    with atomic_file(path, "w") as handle:
         json.dump(obj, handle, indent=indent)
 
 

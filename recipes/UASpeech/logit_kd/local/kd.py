@@ -29,7 +29,6 @@ def ensemble_target(logits, temperature, aggregation="prob_mean", weights=None, 
     ``stream_mask`` [..., S] marks the streams present (a batch of target sets of different sizes).
     """
     logits = logits.float()
-    S = logits.shape[-3]
     present = torch.ones(logits.shape[:-2], dtype=torch.bool) if stream_mask is None else stream_mask
     if aggregation == "weighted":
         if weights is None:

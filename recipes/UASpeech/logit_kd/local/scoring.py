@@ -10,15 +10,13 @@ The decoder logits are teacher-forced, so every position after the first has see
 prefix: this is the "teacher-forced greedy WER" that the SA pipeline's validation reported.
 """
 
-import json
-import os
-import tempfile
 from collections import defaultdict
 
 from speechbrain.utils.edit_distance import wer_summary
 from speechbrain.utils.metric_stats import ErrorRateStats
 
 from local.corpus import WORD_CATEGORIES
+from local.files import atomic_write
 from local.store import EOS
 
 
@@ -113,28 +111,6 @@ def majority_vote(systems, tokenizer):
         category, mic = first.groups[utt_id]
         voted.append_texts([utt_id], [winner], [first.references[utt_id]], [category], [mic])
     return voted
-
-
-def atomic_write(path, write):
-    """Writes a file through ``write(stream)`` into a temporary file that is then renamed, so a
-    crash never leaves a half-written result file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            write(stream)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_json(path, data):
-    atomic_write(path, lambda stream: json.dump(data, stream, indent=2, sort_keys=False))
 
 
 def format_table(results):

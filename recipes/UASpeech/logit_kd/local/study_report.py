@@ -24,9 +24,7 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,11 +33,13 @@ import numpy as np
 try:
     from local.compare import read_wer_file
     from local.corpus import INTELLIGIBILITY, WORD_CATEGORIES, word_category, word_key
+    from local.files import atomic_write
     from local.significance import bootstrap_ci, group_of, paired_test
 except ImportError:  # run as a script: put the recipe folder (parent of local/) on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from local.compare import read_wer_file
     from local.corpus import INTELLIGIBILITY, WORD_CATEGORIES, word_category, word_key
+    from local.files import atomic_write
     from local.significance import bootstrap_ci, group_of, paired_test
 
 RESULTS_FILE = "test_results.json"
@@ -270,23 +270,6 @@ def _configs(runs):
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def atomic_write(path, write, binary=False):
-    """Writes ``path`` through ``write(handle)`` into a temporary file in the same folder, then
-    renames it over ``path``: a reader never sees a half-written report."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _csv_value(value):

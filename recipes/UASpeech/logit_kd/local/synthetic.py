@@ -31,7 +31,6 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import sys
