@@ -18,7 +18,7 @@ a fresh process so that times and peak RSS do not mix:
   ``[S, U, V]`` item built in ``__getitem__`` by dict look-ups with its KD target, padded in the
   collate function;
 - training throughput of the ``transformer`` student fed by each loader (utterance streams/s and
-  items/s, after warm-up steps).
+  items/s, after warm-up steps), and the data path alone (the same batches, not trained on).
 
 Peak RSS is the process's ``ru_maxrss``; "loaded" is its increase over the RSS after imports.
 """
@@ -194,7 +194,14 @@ def throughput(args, first, batches, vocab_size):
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"streams_per_s": streams / seconds, "items_per_s": items / seconds}
+    # The data path alone: the same number of batches, gathered and not trained on.
+    loaded = 0
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loaded += int(next(batches).stream_mask.sum())
+    loader_seconds = time.perf_counter() - start
+    return {"streams_per_s": streams / seconds, "items_per_s": items / seconds,
+            "loader_streams_per_s": loaded / loader_seconds}
 
 
 def worker(args):
@@ -290,6 +297,7 @@ def main():
     rows.append(("peak RSS over imports (GiB)", *(f"{r['loaded_rss_mib'] / 1024:.2f}" for r in (cold, warm, naive))))
     rows.append(("training streams/s", *(f"{r['streams_per_s']:.0f}" for r in (cold, warm, naive))))
     rows.append(("training items/s", *(f"{r['items_per_s']:.1f}" for r in (cold, warm, naive))))
+    rows.append(("data path alone, streams/s", *(f"{r['loader_streams_per_s']:.0f}" for r in (cold, warm, naive))))
     width = max(len(r[0]) for r in rows)
     for r in rows:
         print(f"{r[0]:<{width}}  " + "  ".join(f"{c:>12}" for c in r[1:]))
@@ -300,11 +308,12 @@ def main():
         ("warm start < 3 s", warm["first_batch_s"], 3.0),
         (f"peak RSS <= {limit_rss}x fold bytes (whole process)", cold["peak_rss_mib"] * 2**20 / nbytes, limit_rss),
         (f"peak RSS <= {limit_rss}x fold bytes (over imports)", cold["loaded_rss_mib"] * 2**20 / nbytes, limit_rss),
-        ("throughput >= 5x naive", warm["streams_per_s"] / naive["streams_per_s"], 5.0),
+        ("training throughput >= 5x naive", warm["streams_per_s"] / naive["streams_per_s"], 5.0),
+        ("data path alone >= 5x naive", warm["loader_streams_per_s"] / naive["loader_streams_per_s"], 5.0),
     ]
     print()
     for name, value, target in checks:
-        ok = value >= target if "throughput" in name else value <= target
+        ok = value >= target if "naive" in name else value <= target
         print(f"{name:<50} {value:8.2f}  {'met' if ok else 'NOT met'} (target {target})")
     print("\nJSON " + json.dumps({"fold_bytes": nbytes, "results": results}))
 

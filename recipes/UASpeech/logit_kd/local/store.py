@@ -270,6 +270,7 @@ class LogitStore(PackedRows):
                         pending = reader.submit(read_decoder_logits, infos[k + 1], self.vocab_size)
                     rows = sum(info.lengths)
                     copy_decoder_logits(info, items, data[row:row + rows])
+                    del items  # unmap this file before the next one is copied
                     row += rows
 
         data, self.from_cache = build_packed(cache_dir, "store", self.key, shape, store_dtype, fill)
