@@ -331,3 +331,18 @@ def test_cli_on_three_real_m08_files(tmp_path, shared_uaspeech):
     assert data["oracle"]["WRA"] >= max(s["WRA"] for s in data["systems"].values())
     assert "majority vote" in proc.stdout and "oracle" in proc.stdout
     assert not [p for p in out.parent.iterdir() if p.name != "cmp.json"]  # no temp file left
+
+
+def test_mean_and_best_single_of_the_14_real_m08_files(shared_uaspeech):
+    """The summary rows of the README's M08 comparison, against the files' own headers."""
+    files = sorted((shared_uaspeech / "cross_testing").glob("*/wer_M08.txt"))
+    assert len(files) == 14
+    result = compare(files, n_perm=200, n_boot=100)
+    heads = [header_numbers(p) for p in files]
+    wras = [100.0 - float(h["SER"]) for h in heads]
+    assert result["mean_of_systems"]["WRA"] == pytest.approx(sum(wras) / 14, abs=0.01)
+    assert result["mean_of_systems"]["WER"] == pytest.approx(sum(float(h["WER"]) for h in heads) / 14, abs=0.01)
+    best = max(range(14), key=lambda k: wras[k])
+    assert result["best_single"]["name"] == result["names"][best]
+    assert result["best_single"]["WRA"] == pytest.approx(wras[best], abs=0.01)
+    assert result["oracle"]["WRA"] >= result["best_single"]["WRA"] >= result["mean_of_systems"]["WRA"]

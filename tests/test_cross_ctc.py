@@ -45,6 +45,7 @@ def _independent(tree, model, speaker):
 def cross_run(demo_tree_cross, tmp_path_factory):
     out = tmp_path_factory.mktemp("cross") / "out"
     run_recipe("M16", f"--output_folder={out}", "--input_streams=cross", "--fusion=weights", "--number_of_epochs=2",
+               "--ctc_decode=true",
                *FAST, demo_tree=demo_tree_cross)
     return out, json.loads((out / "test_results.json").read_text())
 
@@ -100,3 +101,17 @@ def test_ctc_greedy_matches_an_independent_decode(cross_run, demo_tree_cross):
     got = results["free_running_ctc"]["sa_self"]["greedy"]
     assert got["WER"] == pytest.approx(100 * edits / len(ctc))
     assert got["WRA"] == pytest.approx(100 * exact / len(ctc))
+
+
+def test_ctc_files_are_not_opened_unless_asked_for(copy_tree, tmp_path):
+    tree = copy_tree()
+    (tree / "logit_extraction" / "M16" / "M16" / "M16_ctc_logits.pt").write_bytes(b"not a torch file")
+    args = (f"--logit_root={tree / 'logit_extraction'}", f"--tokenizer_file={tree / 'tokenizer.model'}",
+            "--number_of_epochs=1", *FAST)
+    run_recipe("M16", f"--output_folder={tmp_path / 'a'}", *args)  # the default: CTC files untouched
+    results = json.loads((tmp_path / "a" / "test_results.json").read_text())
+    assert results["free_running_ctc"] == {}
+    proc = run_recipe("M16", f"--output_folder={tmp_path / 'b'}", "--ctc_decode=true", *args, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "ERROR:" in proc.stderr and "M16_ctc_logits.pt" in proc.stderr
+    assert not (tmp_path / "b").exists()  # stopped before training, nothing written

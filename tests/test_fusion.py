@@ -104,3 +104,22 @@ def test_drop_streams_keeps_a_random_nonempty_subset():
     assert torch.equal(drop_streams(mask, 0.0), mask)
     single = torch.ones(5, 1, dtype=torch.bool)
     assert torch.equal(drop_streams(single, 1.0), single)
+
+
+@pytest.mark.parametrize("fusion", ["weights", "attention", "transformer"])
+def test_mixing_at_the_kd_temperature(fusion):
+    """softmax(student / T) is the weighted mixture of the streams' softmax at T, so the student's
+    tempered output is the same kind of distribution as the prob_mean KD target; one stream stays
+    the identity for decoding."""
+    T = 3.0
+    torch.manual_seed(0)
+    model = FusionStudent(fusion, V, n_identities=15, top_k=4, d_model=16, n_heads=2, n_layers=1, d_ffn=32,
+                          correction_rank=4, dropout=0.0, mix_temperature=T).eval()
+    logits, mask, ids = _batch()
+    out = model(logits, torch.ones_like(mask), ids)
+    if fusion == "weights":  # untrained: equal weights, so the tempered output is the KD target
+        target = torch.softmax(logits / T, -1).mean(1)
+        assert torch.allclose(torch.softmax(out / T, -1), target, atol=1e-5)
+    single = model(logits[:, :1], mask[:, :1], ids[:, :1])
+    assert torch.equal(single.argmax(-1), logits[:, 0].argmax(-1))
+    assert torch.allclose(torch.log_softmax(single, -1), torch.log_softmax(logits[:, 0], -1), atol=1e-4)

@@ -17,6 +17,7 @@ See README.md for what the figures mean (teacher-forced greedy WER) and DESIGN o
 
 import functools
 import logging
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -176,13 +177,13 @@ class FusionKD(sb.Brain):
         return loader_kwargs
 
 
-def remove_empty_folders(*folders):
-    """Removes the given folders, innermost first, where they are empty."""
-    for folder in folders:
-        try:
-            Path(folder).rmdir()
-        except OSError:
-            pass  # not empty or absent: leave it as it is
+def is_fresh(hparams):
+    """The output folder if this run made it (it holds nothing but the empty save folder that
+    loading the hparams created), else None."""
+    out, save = Path(hparams["output_folder"]), Path(hparams["save_folder"])
+    if out.is_dir() and [p for p in out.iterdir()] == [save] and not any(save.iterdir()):
+        return out
+    return None
 
 
 def uses_demo_tree(hparams):
@@ -281,15 +282,17 @@ def dataio_prepare(fold):
 if __name__ == "__main__":
     hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
     sb.utils.distributed.ddp_init_group(run_opts)
+    fresh_output = None
     try:
         base_file, fold_overrides, hparams = load_fold_hparams(hparams_file, overrides)
+        fresh_output = is_fresh(hparams)
         fold = prepare_fold(hparams)
     except (HparamsError, LogitStoreError, FoldError) as err:
-        # Bad input stops here, before training and before anything in output_folder is written
-        # (loading the hparams made an empty save folder, and a cache folder may have been made:
-        # fresh, empty ones are removed again; a cache is only ever complete, never partial).
-        if "hparams" in locals():
-            remove_empty_folders(hparams["save_folder"], hparams["cache_folder"] or "", hparams["output_folder"])
+        # Bad input stops here, before training and before anything in output_folder is written.
+        # An output folder this run made (loading the hparams makes an empty save folder; caches
+        # of the inputs checked so far may follow) is removed again.
+        if fresh_output and if_main_process():
+            shutil.rmtree(fresh_output, ignore_errors=True)
         sys.exit(f"ERROR: {err}")
 
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],

@@ -499,10 +499,20 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
                 "hyps": {name: " ".join(h) for name, h in zip(names, hyps)},
             })
 
+    # Two summaries of the systems themselves: their mean, and the best one (chosen on these very
+    # utterances, so an optimistic figure for "the best single model").
+    shared_rates = [systems[n]["shared"] for n in names]
+    mean_of_systems = {k: sum(s[k] for s in shared_rates) / len(shared_rates) for k in ("WER", "SER", "WRA")}
+    best = max(names, key=lambda n: (systems[n]["shared"]["WRA"], -systems[n]["shared"]["WER"]))
+    best_single = {"name": best, **{k: systems[best]["shared"][k] for k in ("WER", "SER", "WRA")},
+                   "rule": "highest WRA on the shared utterances (ties: lower WER): chosen on the test data"}
+
     return {
         "reference": names[ref_idx],
         "names": names,
         "n_shared": len(shared),
+        "mean_of_systems": {"n_systems": len(names), **mean_of_systems},
+        "best_single": best_single,
         "n_groups": len(set(groups)),
         "systems": systems,
         "majority_vote": {**vote, "winner_counts": dict(vote_winner), "paired_test": vote_tests},
@@ -518,7 +528,7 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
 def format_table(result):
     """A readable text table of :func:`compare`'s result."""
     ref = result["reference"]
-    width = max([len(n) for n in result["names"]] + [len("majority vote"), len("system")])
+    width = max([len(n) for n in result["names"]] + [len("mean of systems"), len("system")])
     head = (f"{'system':<{width}}  {'n':>5}  {'WER':>6}  {'WER 95% CI':>15}  {'SER':>6}  {'WRA':>6}  "
             f"{'WRA 95% CI':>15}  {'p(WER)':>7}  {'p(WRA)':>7}")
     lines = [f"utterances shared by all {len(result['names'])} files: {result['n_shared']} "
@@ -537,6 +547,10 @@ def format_table(result):
             f"{_p(test.get('WER')) if test else _p(None)}  {_p(test.get('SER')) if test else _p(None)}")
     lines.append("-" * len(head))
     v, o = result["majority_vote"], result["oracle"]
+    m, b = result["mean_of_systems"], result["best_single"]
+    lines.append(f"{'mean of systems':<{width}}  {'':>5}  {m['WER']:6.2f}  {'':>15}  {m['SER']:6.2f}  {m['WRA']:6.2f}")
+    lines.append(f"{'best single':<{width}}  {'':>5}  {b['WER']:6.2f}  {'':>15}  {b['SER']:6.2f}  {b['WRA']:6.2f}"
+                 f"  ({b['name']}, chosen on these utterances)")
     lines.append(f"{'majority vote':<{width}}  {v['n']:>5}  {v['WER']:6.2f}  {'':>15}  {v['SER']:6.2f}  "
                  f"{v['WRA']:6.2f}  {'':>15}  {_p(v['paired_test']['WER'])}  {_p(v['paired_test']['SER'])}")
     lines.append(f"{'oracle':<{width}}  {o['n']:>5}  {o['WER']:6.2f}  {'':>15}  {o['SER']:6.2f}  "

@@ -29,6 +29,18 @@ def mix_probabilities(logp, log_weights):
     return torch.logsumexp(logp + log_weights.unsqueeze(-1), dim=1)
 
 
+def mix_at_temperature(logits, log_weights, temperature):
+    """Logits whose softmax at ``temperature`` is the weighted mixture of the streams' softmax at
+    that temperature: T * log sum_s w_s softmax(z_s / T).
+
+    The KD term compares distributions at T. A student that mixed the streams at T = 1 and was
+    then tempered would be compared with a mixture of tempered teachers, a different family: on
+    the demo tree that mismatch drove a trained attention mix onto a single stream. Mixing at T
+    makes the student's tempered output the same kind of object as the target. With one stream
+    the result is that stream's logits minus a constant (the identity for decoding)."""
+    return temperature * mix_probabilities(F.log_softmax(logits.float() / temperature, -1), log_weights)
+
+
 class MeanFusion(nn.Module):
     """No parameters: the mean of the streams' logits, probabilities or log-probabilities."""
 
@@ -53,15 +65,16 @@ class MeanFusion(nn.Module):
 class WeightsFusion(nn.Module):
     """One learned weight per teacher identity (an unknown identity shares one extra weight)."""
 
-    def __init__(self, n_identities):
+    def __init__(self, n_identities, mix_temperature=1.0):
         super().__init__()
         self.n_identities = n_identities
+        self.mix_temperature = mix_temperature
         self.weight = nn.Parameter(torch.zeros(n_identities + 1))
 
     def forward(self, logits, stream_mask, stream_ids):
         ids = stream_ids.clamp(min=0, max=self.n_identities)
         scores = self.weight[ids].unsqueeze(-1).expand(-1, -1, logits.shape[2])
-        return mix_probabilities(F.log_softmax(logits.float(), -1), stream_log_weights(scores, stream_mask))
+        return mix_at_temperature(logits, stream_log_weights(scores, stream_mask), self.mix_temperature)
 
 
 def evidence_features(logp, k):
@@ -75,16 +88,17 @@ class AttentionFusion(nn.Module):
     """Per-position weights over streams, scored from each stream's own evidence (its confidence
     profile), then a probability mix."""
 
-    def __init__(self, evidence_k=5, hidden=32):
+    def __init__(self, evidence_k=5, hidden=32, mix_temperature=1.0):
         super().__init__()
         self.evidence_k = evidence_k
+        self.mix_temperature = mix_temperature
         self.score = nn.Sequential(nn.Linear(evidence_k + 1, hidden), nn.Tanh(), nn.Linear(hidden, 1))
 
     def forward(self, logits, stream_mask, stream_ids=None):
         logp = F.log_softmax(logits.float(), -1)
         feats = evidence_features(logp, min(self.evidence_k, logp.shape[-1]))
         scores = self.score(feats.to(self.score[0].weight.dtype)).squeeze(-1)
-        return mix_probabilities(logp, stream_log_weights(scores, stream_mask))
+        return mix_at_temperature(logits, stream_log_weights(scores, stream_mask), self.mix_temperature)
 
 
 class TransformerFusion(nn.Module):
@@ -99,9 +113,10 @@ class TransformerFusion(nn.Module):
     """
 
     def __init__(self, vocab_size, top_k=8, d_model=64, n_heads=4, n_layers=2, d_ffn=128,
-                 correction_rank=16, dropout=0.1, max_positions=64):
+                 correction_rank=16, dropout=0.1, max_positions=64, mix_temperature=1.0):
         super().__init__()
         self.top_k = top_k
+        self.mix_temperature = mix_temperature
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.evidence = nn.Linear(top_k + 1, d_model)
         self.position = nn.Embedding(max_positions, d_model)
@@ -133,7 +148,8 @@ class TransformerFusion(nn.Module):
         blocked = blocked & ~torch.eye(S * U, dtype=torch.bool, device=logits.device)[None]
         attn_mask = blocked.repeat_interleave(self.n_heads, dim=0)
         h = self.norm(self.encoder(h.reshape(B, S * U, -1), mask=attn_mask)).reshape(B, S, U, -1)
-        mixed = mix_probabilities(logp, stream_log_weights(self.stream_score(h).squeeze(-1), stream_mask))
+        mixed = mix_at_temperature(logits, stream_log_weights(self.stream_score(h).squeeze(-1), stream_mask),
+                                   self.mix_temperature)
         present = stream_mask[:, :, None, None].to(h.dtype)
         pooled = (h * present).sum(1) / present.sum(1).clamp(min=1.0)
         return mixed + self.correction(pooled).float()
@@ -144,18 +160,18 @@ class FusionStudent(nn.Module):
 
     def __init__(self, fusion, vocab_size, n_identities, mean_mode="prob", evidence_k=5,
                  attention_hidden=32, top_k=8, d_model=64, n_heads=4, n_layers=2, d_ffn=128,
-                 correction_rank=16, dropout=0.1):
+                 correction_rank=16, dropout=0.1, mix_temperature=1.0):
         super().__init__()
         self.fusion_name = fusion
         if fusion == "mean":
             self.fusion = MeanFusion(mean_mode)
         elif fusion == "weights":
-            self.fusion = WeightsFusion(n_identities)
+            self.fusion = WeightsFusion(n_identities, mix_temperature)
         elif fusion == "attention":
-            self.fusion = AttentionFusion(evidence_k, attention_hidden)
+            self.fusion = AttentionFusion(evidence_k, attention_hidden, mix_temperature)
         elif fusion == "transformer":
             self.fusion = TransformerFusion(vocab_size, min(top_k, vocab_size), d_model, n_heads, n_layers,
-                                            d_ffn, correction_rank, dropout)
+                                            d_ffn, correction_rank, dropout, mix_temperature=mix_temperature)
         else:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
 
