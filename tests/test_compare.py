@@ -56,7 +56,8 @@ def real_files(shared_uaspeech):
 
 
 def test_all_real_files_reproduce_their_headers(real_files):
-    assert len(real_files) == 56
+    # every SA model on every other speaker (15 x 14), F02 on M11 missing
+    assert len(real_files) == 209
     for path in real_files:
         head = header_numbers(path)
         parsed = read_wer_file(path)

@@ -17,6 +17,7 @@ See README.md for what the figures mean (teacher-forced greedy WER) and DESIGN o
 
 import functools
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -293,6 +294,10 @@ if __name__ == "__main__":
         # of the inputs checked so far may follow) is removed again.
         if fresh_output and if_main_process():
             shutil.rmtree(fresh_output, ignore_errors=True)
+            try:  # and the parents it made, as long as they are empty
+                os.removedirs(fresh_output.parent)
+            except OSError:
+                pass
         sys.exit(f"ERROR: {err}")
 
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"],

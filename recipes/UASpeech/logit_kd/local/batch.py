@@ -15,8 +15,6 @@ indexing operations on the packed store:
 
 import torch
 
-from local.corpus import SPEAKERS
-
 OUTPUT_KEYS = ["id", "streams", "target_index", "self_stream", "word", "category", "mic"]
 
 
@@ -44,10 +42,7 @@ class FoldBatch:
         U = int(self.lengths.max())
         self.pos_mask = torch.arange(U)[None, :] < self.lengths[:, None]
         self.logits = store.gather(streams, U)
-        identity = {m: i for i, m in enumerate(SPEAKERS)}
-        models = [[identity.get(store.stream_model[j], len(SPEAKERS)) if j >= 0 else -1 for j in row]
-                  for row in streams.tolist()]
-        self.stream_ids = torch.tensor(models, dtype=torch.long)
+        self.stream_ids = torch.where(self.stream_mask, store.model_ids[streams.clamp(min=0)], -1)
         self.tokens = _padded([store.tokens.tokens_eos(w) for w in self.word], 0)
         target_index = [e["target_index"] for e in examples]
         self.targets = targets.gather(target_index, U) if targets is not None and min(target_index) >= 0 else None

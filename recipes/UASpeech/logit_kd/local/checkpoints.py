@@ -17,6 +17,8 @@ from speechbrain.utils.checkpoints import (CKPT_PREFIX, METAFNAME, Checkpointer,
                                            register_checkpoint_hooks)
 from speechbrain.utils.distributed import if_main_process
 
+from local.files import atomic_write
+
 PARTIAL = METAFNAME + ".partial"
 
 
@@ -74,6 +76,5 @@ class LogFileState:
     def load(self, path, end_of_epoch=True, device=None):
         del end_of_epoch, device
         if self.restore and if_main_process():
-            tmp = self.path.with_name(self.path.name + ".restore")
-            tmp.write_text(Path(path).read_text(encoding="utf-8"), encoding="utf-8")
-            os.replace(tmp, self.path)
+            saved = Path(path).read_text(encoding="utf-8")
+            atomic_write(self.path, lambda handle: handle.write(saved))

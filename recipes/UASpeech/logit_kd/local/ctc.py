@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
 from local.scoring import SystemScores
-from local.store import LogitStoreError, _load_tensors
+from local.store import LogitStoreError, load_tensors
 
 BLANK = 0  # <unk> = CTC blank = pad = 0 in the SA models
 
@@ -38,7 +38,7 @@ def read_ctc(logit_root, model, speaker, vocab_size):
     path = ctc_file(logit_root, model, speaker)
     where = f"SA model {model} on speaker {speaker}"
     meta = json.loads((path.parent / f"{speaker}_metadata.json").read_text())
-    data = _load_tensors(path, where)
+    data = load_tensors(path, where)
     if not isinstance(data, (list, tuple)):
         raise LogitStoreError(f"CTC file {path} ({where}) holds a {type(data).__name__}, not a list of [T, V] tensors")
     ids, frames = meta["utterance_ids"], meta.get("ctc_frame_lens")

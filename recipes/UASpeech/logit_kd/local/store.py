@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from local.corpus import parse_utterance_id
+from local.corpus import SPEAKERS, parse_utterance_id
 from local.packed import PackedRows, build_packed, cache_key, file_signature
 
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2}
@@ -143,7 +143,7 @@ def read_metadata(logit_root, model, speaker, tokens):
     return PairInfo(model, speaker, folder, list(utt_ids), list(words), lengths)
 
 
-def _load_tensors(path, where):
+def load_tensors(path, where):
     """``torch.load`` with weights_only (never unpickle arbitrary objects) and mmap when possible."""
     if not path.is_file():
         raise LogitStoreError(f"missing logit file {path} ({where})")
@@ -165,7 +165,7 @@ def read_decoder_logits(info, vocab_size):
     shape checked; values are checked by ``copy_decoder_logits``."""
     path = info.decoder_file
     where = f"SA model {info.model} on speaker {info.speaker}"
-    data = _load_tensors(path, where)
+    data = load_tensors(path, where)
     if isinstance(data, torch.Tensor):
         if data.dim() != 3:
             raise LogitStoreError(f"logit file {path} ({where}): a tensor of shape {tuple(data.shape)}, "
@@ -250,6 +250,10 @@ class LogitStore(PackedRows):
             self.words += info.words
             lengths += info.lengths
         self.index = {(m, u): i for i, (m, u) in enumerate(zip(self.stream_model, self.utt_ids))}
+        # Teacher identity of each stream (its model's index in SPEAKERS; unknown models share one),
+        # for the per-teacher `weights` fusion.
+        identity = {m: i for i, m in enumerate(SPEAKERS)}
+        self.model_ids = torch.tensor([identity.get(m, len(SPEAKERS)) for m in self.stream_model], dtype=torch.long)
         shape = (sum(lengths) + 1, self.vocab_size)
         self.key = cache_key(
             "store", str(store_dtype), tokens.signature,

@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from local.corpus import HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS  # noqa: E402
+from local.files import write_json  # noqa: E402
 
 GENERATOR_VERSION = 6
 DEMO_SEED = 2026
@@ -247,8 +248,8 @@ def _write_pair(pair_dir, model, speaker, utts, sp, conf, seed, form, ctc):
     per_position = torch.tensor(lengths)
     target = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
     first = torch.tensor([u == 0 for n in lengths for u in range(n)])
-    accuracy = (_pair_accuracy(model, speaker) * quality).repeat_interleave(per_position)
-    logits, _ = _decoder_logits(target, first, accuracy, conf, gen)
+    utt_accuracy = _pair_accuracy(model, speaker) * quality
+    logits, _ = _decoder_logits(target, first, utt_accuracy.repeat_interleave(per_position), conf, gen)
     decoder = [t.clone() for t in logits.split(lengths)]
     pair_dir.mkdir(parents=True)
     if form == "stacked":
@@ -258,8 +259,8 @@ def _write_pair(pair_dir, model, speaker, utts, sp, conf, seed, form, ctc):
     else:
         torch.save(decoder, pair_dir / f"{speaker}_decoder_logits.pt")
     if ctc:
-        acc = _pair_accuracy(model, speaker) * quality
-        ctc_list = [_ctc_logits(t, float(a), frames, conf, gen) for t, a, (_, _, frames) in zip(tokens, acc, utts)]
+        ctc_list = [_ctc_logits(t, float(a), frames, conf, gen)
+                    for t, a, (_, _, frames) in zip(tokens, utt_accuracy, utts)]
         torch.save(ctc_list, pair_dir / f"{speaker}_ctc_logits.pt")
     meta = {
         "model_name": model,
@@ -310,9 +311,7 @@ def _expand_pairs(pairs, speakers):
 
 def _write_summary(tree, summary):
     for path in (tree / "logit_extraction" / "extraction_summary.json", tree / "SYNTHETIC.json"):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, path)
+        write_json(path, summary, indent=1)
 
 
 def generate_tree(out, scale="demo", seed=DEMO_SEED, speakers=SPEAKERS, pairs="diagonal",
