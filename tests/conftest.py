@@ -53,9 +53,17 @@ def copy_tree(demo_tree, tmp_path):
 
     def _copy(speakers=None):
         dest = tmp_path / "tree"
-        shutil.copytree(demo_tree, dest, ignore=None if speakers is None else
-                        (lambda d, names: [n for n in names if d.endswith("logit_extraction") and
-                                           len(n) == 3 and n not in speakers]))
+        shutil.copytree(
+            demo_tree,
+            dest,
+            ignore=None
+            if speakers is None
+            else (
+                lambda d, names: [
+                    n for n in names if d.endswith("logit_extraction") and len(n) == 3 and n not in speakers
+                ]
+            ),
+        )
         return dest
 
     return _copy

@@ -1,16 +1,19 @@
-"""Tests of local/compare.py: parsing SpeechBrain wer_*.txt files and lining systems up."""
+"""Tests of compare.py and local/wer_files.py: parsing SpeechBrain wer_*.txt files and lining systems up."""
 
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from local.compare import WerFileMismatch, compare, majority_vote, read_wer_file
+from local.combine import majority_vote
+from local.wer_files import WerFileMismatch, read_wer_file
 
-SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "UASpeech" / "logit_kd" / "local" / "compare.py"
+from compare import compare
+from conftest import RECIPE
+
+SCRIPT = RECIPE / "compare.py"
 
 
 def edit_distance(ref, hyp):
@@ -30,8 +33,7 @@ def header_numbers(path):
         wer_line, ser_line = handle.readline(), handle.readline()
     w = re.match(r"%WER (\S+) \[ (\d+) / (\d+),", wer_line)
     s = re.match(r"%SER (\S+) \[ (\d+) / (\d+) \]", ser_line)
-    return {"WER": w[1], "edits": int(w[2]), "ref": int(w[3]),
-            "SER": s[1], "wrong": int(s[2]), "n": int(s[3])}
+    return {"WER": w[1], "edits": int(w[2]), "ref": int(w[3]), "SER": s[1], "wrong": int(s[2]), "n": int(s[3])}
 
 
 def write_sb_file(path, rows):
@@ -90,15 +92,15 @@ def test_real_file_first_utterance_by_hand(real_files):
 
 
 SB_ROWS = [
-    ("utt_empty_hyp", ["COME"], [""]),                      # empty-string token: blank cell
-    ("utt_multi", ["AND"], ["AND", "⁇", "OF"]),            # two insertions, unk-like token
+    ("utt_empty_hyp", ["COME"], [""]),  # empty-string token: blank cell
+    ("utt_multi", ["AND"], ["AND", "⁇", "OF"]),  # two insertions, unk-like token
     ("utt_ins_del", ["THE", "QUICK", "BROWN", "FOX"], ["THE", "BROWN", "FOX", "JUMPS"]),
-    ("utt_all_deleted", ["A", "B"], []),                    # deletions: <eps> in the hyp row
+    ("utt_all_deleted", ["A", "B"], []),  # deletions: <eps> in the hyp row
     ("utt_unk", ["HELLO"], ["<unk>"]),
-    ("utt_spaced_token", ["X"], ["AND ⁇ OF"]),             # one token holding spaces
+    ("utt_spaced_token", ["X"], ["AND ⁇ OF"]),  # one token holding spaces
     ("utt_right", ["YES"], ["YES"]),
-    ("utt_empty_ref", [], ["EXTRA"]),                       # insertion into nothing
-    ("utt_nothing", [], []),                                # three empty rows
+    ("utt_empty_ref", [], ["EXTRA"]),  # insertion into nothing
+    ("utt_nothing", [], []),  # three empty rows
     ("utt_wide", ["SUPERCALIFRAGILISTIC", "I"], ["S", "EYE", "EXTRA", "WORDS"]),
 ]
 
@@ -122,7 +124,10 @@ def test_speechbrain_written_file_round_trips(tmp_path):
     assert parsed.edits == summary["num_edits"]
     assert parsed.ref_tokens == summary["num_scored_tokens"]
     assert (parsed.insertions, parsed.deletions, parsed.substitutions) == (
-        summary["insertions"], summary["deletions"], summary["substitutions"])
+        summary["insertions"],
+        summary["deletions"],
+        summary["substitutions"],
+    )
     assert parsed.n_sentences == summary["num_scored_sents"] == len(SB_ROWS)
     metrics = parsed.metrics()
     assert metrics["WER"] == pytest.approx(summary["WER"])
@@ -133,8 +138,9 @@ def test_trailing_blanks_stripped_by_an_editor_still_parse(tmp_path):
     path = tmp_path / "wer_crafted.txt"
     write_sb_file(path, SB_ROWS)
     stripped = tmp_path / "wer_stripped.txt"
-    stripped.write_text("\n".join(line.rstrip() for line in path.read_text(encoding="utf-8").split("\n")),
-                        encoding="utf-8")
+    stripped.write_text(
+        "\n".join(line.rstrip() for line in path.read_text(encoding="utf-8").split("\n")), encoding="utf-8"
+    )
     a, b = read_wer_file(path), read_wer_file(stripped)
     assert [(u.ref, u.hyp) for u in a.utterances] == [(u.ref, u.hyp) for u in b.utterances]
 
@@ -170,8 +176,7 @@ def test_tampered_alignment_is_detected_with_file_and_line(tmp_path, real_files)
         read_wer_file(bad)
 
     truncated = tmp_path / "wer_truncated.txt"
-    truncated.write_text("\n".join(real_files[0].read_text(encoding="utf-8").split("\n")[:14]),
-                         encoding="utf-8")
+    truncated.write_text("\n".join(real_files[0].read_text(encoding="utf-8").split("\n")[:14]), encoding="utf-8")
     with pytest.raises(ValueError, match=r"wer_truncated\.txt:\d+: file ends"):
         read_wer_file(truncated)
 
@@ -192,15 +197,39 @@ REFS = {
     "M08_B3_D1_M2": ["ONE"],
 }
 HYPS = {  # system -> utterance -> hypothesis
-    "A": {"M08_B3_CW1_M2": ["COME"], "M08_B3_CW1_M3": ["GUM"], "M08_B3_CW2_M2": ["NO", "ONE"],
-          "M08_B3_CW2_M3": [""], "M08_B3_LA_M2": ["ALPHA"], "M08_B3_LZ_M2": ["ROMEO"],
-          "M08_B3_D1_M2": ["ONE"]},
-    "B": {"M08_B3_CW1_M2": ["COME"], "M08_B3_CW1_M3": ["CALM"], "M08_B3_CW2_M2": ["NO", "ONE"],
-          "M08_B3_CW2_M3": ["WE", "WE"], "M08_B3_LA_M2": ["ALFA"], "M08_B3_LZ_M2": ["ZULU"]},
-    "C": {"M08_B3_CW1_M2": ["CALM"], "M08_B3_CW1_M3": ["COME"], "M08_B3_CW2_M2": ["WE"],
-          "M08_B3_CW2_M3": [""], "M08_B3_LA_M2": ["ALFA"], "M08_B3_LZ_M2": ["ZULU"]},
-    "D": {"M08_B3_CW1_M2": ["COME"], "M08_B3_CW1_M3": ["GUM"], "M08_B3_CW2_M2": ["WEE"],
-          "M08_B3_CW2_M3": ["WHY"], "M08_B3_LA_M2": ["ALFA"], "M08_B3_LZ_M2": ["ROMEO"]},
+    "A": {
+        "M08_B3_CW1_M2": ["COME"],
+        "M08_B3_CW1_M3": ["GUM"],
+        "M08_B3_CW2_M2": ["NO", "ONE"],
+        "M08_B3_CW2_M3": [""],
+        "M08_B3_LA_M2": ["ALPHA"],
+        "M08_B3_LZ_M2": ["ROMEO"],
+        "M08_B3_D1_M2": ["ONE"],
+    },
+    "B": {
+        "M08_B3_CW1_M2": ["COME"],
+        "M08_B3_CW1_M3": ["CALM"],
+        "M08_B3_CW2_M2": ["NO", "ONE"],
+        "M08_B3_CW2_M3": ["WE", "WE"],
+        "M08_B3_LA_M2": ["ALFA"],
+        "M08_B3_LZ_M2": ["ZULU"],
+    },
+    "C": {
+        "M08_B3_CW1_M2": ["CALM"],
+        "M08_B3_CW1_M3": ["COME"],
+        "M08_B3_CW2_M2": ["WE"],
+        "M08_B3_CW2_M3": [""],
+        "M08_B3_LA_M2": ["ALFA"],
+        "M08_B3_LZ_M2": ["ZULU"],
+    },
+    "D": {
+        "M08_B3_CW1_M2": ["COME"],
+        "M08_B3_CW1_M3": ["GUM"],
+        "M08_B3_CW2_M2": ["WEE"],
+        "M08_B3_CW2_M3": ["WHY"],
+        "M08_B3_LA_M2": ["ALFA"],
+        "M08_B3_LZ_M2": ["ROMEO"],
+    },
 }
 SHARED = list(REFS)[:6]
 # Majority vote, worked by hand:
@@ -310,9 +339,11 @@ def test_cli_on_three_real_m08_files(tmp_path, shared_uaspeech):
     files = [shared_uaspeech / "cross_testing" / sa / "wer_M08.txt" for sa in ("F02", "M11", "M04")]
     out = tmp_path / "out" / "cmp.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, files), "--json", str(out), "--n-perm", "2000",
-         "--n-boot", "200"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [sys.executable, str(SCRIPT), *map(str, files), "--json", str(out), "--n-perm", "2000", "--n-boot", "200"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text(encoding="utf-8"))

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from local.compare import read_wer_file
 from local.ctc import ClosedList
 from local.store import load_tokenizer
+from local.wer_files import read_wer_file
+
 from test_recipe import FAST, run_recipe
 from test_scoring import edit_distance
 
@@ -18,11 +19,21 @@ def test_closed_list_equals_full_vocabulary_ctc(demo_tree):
     words = ["SEVEN", "ALPHA", "COMMAND", "THE", "DELETE", "A"]
     decoder = ClosedList(words, sp)
     torch.manual_seed(0)
-    for trial in range(20):
+    for _trial in range(20):
         logp = F.log_softmax(torch.randn(14, sp.vocab_size()) * 3, -1)
-        nll = [float(F.ctc_loss(logp[:, None], torch.tensor([sp.encode_as_ids(w)]), torch.tensor([14]),
-                                torch.tensor([len(sp.encode_as_ids(w))]), blank=0)) * len(sp.encode_as_ids(w))
-               for w in sorted(words)]  # mean reduction divides by the target length: undo it
+        nll = [
+            float(
+                F.ctc_loss(
+                    logp[:, None],
+                    torch.tensor([sp.encode_as_ids(w)]),
+                    torch.tensor([14]),
+                    torch.tensor([len(sp.encode_as_ids(w))]),
+                    blank=0,
+                )
+            )
+            * len(sp.encode_as_ids(w))
+            for w in sorted(words)
+        ]  # mean reduction divides by the target length: undo it
         assert decoder(logp) == sorted(words)[min(range(len(nll)), key=nll.__getitem__)]
 
 
@@ -44,9 +55,16 @@ def _independent(tree, model, speaker):
 @pytest.fixture(scope="module")
 def cross_run(demo_tree_cross, tmp_path_factory):
     out = tmp_path_factory.mktemp("cross") / "out"
-    run_recipe("M16", f"--output_folder={out}", "--input_streams=cross", "--fusion=weights", "--number_of_epochs=2",
-               "--ctc_decode=true",
-               *FAST, demo_tree=demo_tree_cross)
+    run_recipe(
+        "M16",
+        f"--output_folder={out}",
+        "--input_streams=cross",
+        "--fusion=weights",
+        "--number_of_epochs=2",
+        "--ctc_decode=true",
+        *FAST,
+        demo_tree=demo_tree_cross,
+    )
     return out, json.loads((out / "test_results.json").read_text())
 
 
@@ -106,8 +124,12 @@ def test_ctc_greedy_matches_an_independent_decode(cross_run, demo_tree_cross):
 def test_ctc_files_are_not_opened_unless_asked_for(copy_tree, tmp_path):
     tree = copy_tree()
     (tree / "logit_extraction" / "M16" / "M16" / "M16_ctc_logits.pt").write_bytes(b"not a torch file")
-    args = (f"--logit_root={tree / 'logit_extraction'}", f"--tokenizer_file={tree / 'tokenizer.model'}",
-            "--number_of_epochs=1", *FAST)
+    args = (
+        f"--logit_root={tree / 'logit_extraction'}",
+        f"--tokenizer_file={tree / 'tokenizer.model'}",
+        "--number_of_epochs=1",
+        *FAST,
+    )
     run_recipe("M16", f"--output_folder={tmp_path / 'a'}", *args)  # the default: CTC files untouched
     results = json.loads((tmp_path / "a" / "test_results.json").read_text())
     assert results["free_running_ctc"] == {}

@@ -1,4 +1,4 @@
-"""End to end: local/extract_logits.py on tiny SA models (hparams/sa_model_tiny.yaml), on CPU.
+"""End to end: extract_logits.py on tiny SA models (hparams/sa_model_tiny.yaml), on CPU.
 
 Two randomly initialised models of the SA architecture family, saved with SpeechBrain's
 Checkpointer in the real layout (save/CKPT+*/model.ckpt, normalizer.ckpt, ...), run on generated
@@ -16,17 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "recipes" / "UASpeech" / "logit_kd"
-TINY = RECIPE / "hparams" / "sa_model_tiny.yaml"
-SCRIPT = RECIPE / "local" / "extract_logits.py"
+from local.layout import METADATA_KEYS
 
-# The keys of the real <SPK>_metadata.json files (../shared/uaspeech/metadata), in their order.
-REAL_KEYS = ["model_name", "num_utterances", "vocab_size", "utterance_ids", "token_lens",
-             "target_words", "vocab_size_decoder", "vocab_size_ctc", "ctc_frame_lens"]
+from conftest import RECIPE
+
+TINY = RECIPE / "hparams" / "sa_model_tiny.yaml"
+SCRIPT = RECIPE / "extract_logits.py"
+
 # (word key, word, mics): the mics of one word share a duration, as in UASpeech.
-WORDS = [("D3", "THREE", ("M5", "M6")), ("LA", "ALPHA", ("M5",)), ("C1", "COMMAND", ("M6",)),
-         ("CW7", "YOU", ("M5",))]
+WORDS = [("D3", "THREE", ("M5", "M6")), ("LA", "ALPHA", ("M5",)), ("C1", "COMMAND", ("M6",)), ("CW7", "YOU", ("M5",))]
 SPEAKERS = ("F02", "M05")
 MODELS = ("F02", "M05")
 SYNTHETIC_VOCAB = 120
@@ -77,8 +75,9 @@ def _build_model(save_folder, vocab, seed, was):
     norm.eval()
     folders = []
     for i, wra in enumerate(was):
-        ckpt = hp["checkpointer"].save_checkpoint(meta={"ACC": 0.5, "WER": 100.0 * (1 - wra), "WRA": wra,
-                                                        "epoch": i + 1})
+        ckpt = hp["checkpointer"].save_checkpoint(
+            meta={"ACC": 0.5, "WER": 100.0 * (1 - wra), "WRA": wra, "epoch": i + 1}
+        )
         folders.append(Path(ckpt.path))
         with torch.no_grad():
             for p in hp["model"].parameters():
@@ -132,6 +131,7 @@ def world(request, tmp_path_factory):
     The tokenizer is the real SA one when ../shared/uaspeech is there (then the metadata keys are
     compared with a real metadata file's), else a small SentencePiece model with the SA ids."""
     from hyperpyyaml import resolve_references
+
     from local.store import load_tokenizer
 
     root = tmp_path_factory.mktemp("extract")
@@ -144,7 +144,7 @@ def world(request, tmp_path_factory):
 
         tokenizer = root / "tokenizer.model"
         train_tokenizer(tokenizer, [w for _, w, _ in WORDS], SYNTHETIC_VOCAB, seed=3)
-        real_keys = REAL_KEYS
+        real_keys = list(METADATA_KEYS)  # checked against the real files by the last test
     sp = load_tokenizer(tokenizer)
     vocab = sp.vocab_size()
     data = root / "data"
@@ -155,45 +155,73 @@ def world(request, tmp_path_factory):
     # writes into an experiment folder (references resolved into YAML anchors and aliases).
     m05 = _build_model(root / "exp" / "M05" / "save", vocab, seed=12, was=[0.5])
     with open(TINY, encoding="utf-8") as handle:
-        resolved = resolve_references(handle, {"output_neurons": vocab, "seed": 12,
-                                               "save_folder": str(root / "exp" / "M05" / "save")})
+        resolved = resolve_references(
+            handle, {"output_neurons": vocab, "seed": 12, "save_folder": str(root / "exp" / "M05" / "save")}
+        )
     (root / "exp" / "M05" / "hyperparams.yaml").write_text(resolved.getvalue())
     checkpoints = {"F02": f02[0], "M05": m05[0]}
-    args = ["--tokenizer_file", str(tokenizer), "--data_root", str(data), "--device", "cpu",
-            "--overrides", f"{{output_neurons: {vocab}}}",
-            "--models", f"F02={TINY}:{root / 'exp' / 'F02' / 'save'}",
-            f"M05={root / 'exp' / 'M05' / 'hyperparams.yaml'}:{m05[0]}",
-            "--speakers", *(f"{s}={speakers[s][0]}" for s in SPEAKERS)]
+    args = [
+        "--tokenizer_file",
+        str(tokenizer),
+        "--data_root",
+        str(data),
+        "--device",
+        "cpu",
+        "--overrides",
+        f"{{output_neurons: {vocab}}}",
+        "--models",
+        f"F02={TINY}:{root / 'exp' / 'F02' / 'save'}",
+        f"M05={root / 'exp' / 'M05' / 'hyperparams.yaml'}:{m05[0]}",
+        "--speakers",
+        *(f"{s}={speakers[s][0]}" for s in SPEAKERS),
+    ]
     # The same jobs as a job file (paths relative to its folder).
     (root / "jobs.yaml").write_text(
         f"logit_root: logit_extraction\ntokenizer_file: {tokenizer}\ndata_root: data\n"
         f"overrides: {{output_neurons: {vocab}}}\n"
         f"models:\n  F02: {{hparams: {TINY}, checkpoint: exp/F02/save}}\n"
         f"  M05: {{hparams: exp/M05/hyperparams.yaml, checkpoint: exp/M05/save/{m05[0].name}}}\n"
-        f"speakers: {{F02: data/F02.csv, M05: data/M05.csv}}\npairs: all\n")
+        f"speakers: {{F02: data/F02.csv, M05: data/M05.csv}}\npairs: all\n"
+    )
     refs = {}
     for model in MODELS:
         hp = _load_checkpoint(checkpoints[model], vocab)
         for spk in SPEAKERS:
             for utt_id, wav, word in speakers[spk][1]:
                 refs[(model, utt_id)] = _reference(hp, wav, word, sp)
-    return dict(root=root, tokenizer=tokenizer, sp=sp, vocab=vocab, speakers=speakers, args=args,
-                checkpoints=checkpoints, refs=refs, real_keys=real_keys)
+    return dict(
+        root=root,
+        tokenizer=tokenizer,
+        sp=sp,
+        vocab=vocab,
+        speakers=speakers,
+        args=args,
+        checkpoints=checkpoints,
+        refs=refs,
+        real_keys=real_keys,
+    )
 
 
 def _mtimes(logit_root):
     return {p: p.stat().st_mtime_ns for p in Path(logit_root).rglob("*.pt")} | {
-        p: p.stat().st_mtime_ns for p in Path(logit_root).rglob("*_metadata.json")}
+        p: p.stat().st_mtime_ns for p in Path(logit_root).rglob("*_metadata.json")
+    }
 
 
 def test_extract_end_to_end(world):
-    from local import extract_logits
     from local.store import LogitStore, TokenTable, load_tokenizer
 
+    import extract_logits
+
     logit_root = world["root"] / "logit_extraction"
-    run = subprocess.run([sys.executable, str(SCRIPT), "--logit_root", str(logit_root), *world["args"]],
-                         capture_output=True, text=True, cwd=RECIPE, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), "--logit_root", str(logit_root), *world["args"]],
+        capture_output=True,
+        text=True,
+        cwd=RECIPE,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     pairs = [(m, s) for m in MODELS for s in SPEAKERS]
 
@@ -242,13 +270,14 @@ def test_extract_end_to_end(world):
     assert extract_logits.main(["--logit_root", str(logit_root), *world["args"]]) == 0
     after = _mtimes(logit_root)
     redone = {p for p in after if before.get(p) != after[p]}
-    assert redone == {logit_root / "M05" / "F02" / f"F02_{n}" for n in
-                      ("decoder_logits.pt", "ctc_logits.pt", "metadata.json")}
+    assert redone == {
+        logit_root / "M05" / "F02" / f"F02_{n}" for n in ("decoder_logits.pt", "ctc_logits.pt", "metadata.json")
+    }
     assert not list(logit_root.rglob(".*tmp*"))
 
 
 def test_bf16_close_to_fp32(world):
-    from local import extract_logits
+    import extract_logits
 
     logit_root = world["root"] / "logit_extraction_bf16"
     args = [*world["args"], "--pairs", "M05:F02", "--precision", "bf16"]
@@ -265,7 +294,7 @@ def test_bf16_close_to_fp32(world):
 def test_bad_input_is_named(world, tmp_path):
     """A missing audio file fails its pair with a message that names the file; nothing half-made
     looks finished."""
-    from local import extract_logits
+    import extract_logits
 
     csv, utts = world["speakers"]["F02"]
     broken = tmp_path / "F02.csv"
@@ -279,7 +308,5 @@ def test_bad_input_is_named(world, tmp_path):
 
 
 def test_metadata_keys_are_the_real_ones(shared_uaspeech):
-    from local.extract_logits import METADATA_KEYS
-
     for path in sorted((shared_uaspeech / "metadata").glob("*_metadata.json")):
         assert list(json.loads(path.read_text())) == list(METADATA_KEYS), path.name

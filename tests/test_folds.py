@@ -1,10 +1,9 @@
-"""Intelligibility groups, teacher sets, the validation split and the honesty rules (DESIGN §3)."""
+"""Intelligibility groups, teacher sets, the validation split and the honesty rules."""
 
 import pytest
 
-from local.corpus import GROUPS, HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS, core_id, word_category
-from local.folds import (FoldError, build_items, check_honesty, store_pairs, stream_group, teacher_speakers,
-                         validation_groups)
+from local.corpus import GROUPS, HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS, core_id, production_of, word_category
+from local.folds import FoldError, build_items, check_honesty, store_pairs, teacher_speakers, validation_groups
 from local.store import LogitStore, TokenTable, load_tokenizer
 
 
@@ -14,7 +13,7 @@ def test_corrected_intelligibility_groups():
     assert set(GROUPS["very_low"]) == {"M04", "F03", "M12", "M01"}
     assert set(GROUPS["high"]) == {"M09", "M14", "M10", "M08", "F05"}
     assert HELD_OUT == {"high": "M08", "mid": "M05", "low": "M16", "very_low": "M01"}
-    for group, members in GROUPS.items():
+    for _group, members in GROUPS.items():
         lo, hi = min(INTELLIGIBILITY[s] for s in members), max(INTELLIGIBILITY[s] for s in members)
         for other in GROUPS.values():
             if other is not members:
@@ -23,8 +22,16 @@ def test_corrected_intelligibility_groups():
 
 def test_utterance_ids_and_word_categories():
     assert core_id("M05_B3_CW42_M6") == "B3_CW42_M6"
-    assert [word_category(k) for k in ("D0", "LA", "LZ", "C1", "C19", "CW1", "CW100", "UW7")] == \
-        ["D", "L", "L", "C", "C", "CW", "CW", "UW"]
+    assert [word_category(k) for k in ("D0", "LA", "LZ", "C1", "C19", "CW1", "CW100", "UW7")] == [
+        "D",
+        "L",
+        "L",
+        "C",
+        "C",
+        "CW",
+        "CW",
+        "UW",
+    ]
     with pytest.raises(ValueError):
         core_id("M05_CW42_M6")
     with pytest.raises(ValueError):
@@ -32,19 +39,24 @@ def test_utterance_ids_and_word_categories():
     assert MICS["M01"] == ("M5", "M6", "M7") and len(MICS["M11"]) == 6 and len(MICS["F02"]) == 7
 
 
-@pytest.mark.parametrize("held_out,expected", [
-    ("M08", ["F05", "M09", "M10", "M14"]),
-    ("M05", ["F04", "M11"]),
-    ("M16", ["F02", "M07"]),
-    ("M01", ["F03", "M04", "M12"]),
-])
+@pytest.mark.parametrize(
+    "held_out,expected",
+    [
+        ("M08", ["F05", "M09", "M10", "M14"]),
+        ("M05", ["F04", "M11"]),
+        ("M16", ["F02", "M07"]),
+        ("M01", ["F03", "M04", "M12"]),
+    ],
+)
 def test_same_level_teachers(held_out, expected):
     assert teacher_speakers(held_out, "same_level") == expected
 
 
 def test_all_others_and_explicit_teachers():
     assert teacher_speakers("M01", "all_others") == sorted(s for s in SPEAKERS if s != "M01")
-    assert teacher_speakers("M01", "all_others", exclude=["M04"]) == sorted(s for s in SPEAKERS if s not in ("M01", "M04"))
+    assert teacher_speakers("M01", "all_others", exclude=["M04"]) == sorted(
+        s for s in SPEAKERS if s not in ("M01", "M04")
+    )
     assert teacher_speakers("M08", teachers=["F02", "M05"]) == ["F02", "M05"]
     with pytest.raises(FoldError, match="held-out speaker M08 is among the teachers"):
         teacher_speakers("M08", teachers=["F02", "M08"])
@@ -80,13 +92,15 @@ def test_honesty_rules_hold(demo_tree, held_out, input_streams):
             assert held_out not in item_id
             assert all(train.stream_speaker[j] in teachers for j in item["streams"] + item["target"])
     # 2. validation from teacher speakers only, whole (speaker, word) groups
-    valid_groups = {stream_group(train, j) for it in splits["valid"].values() for j in it["streams"]}
-    assert valid_groups == groups and all(spk in teachers for spk, _ in valid_groups)
-    train_groups = {stream_group(train, j) for it in splits["train"].values() for j in it["streams"] + it["target"]}
+    valid_groups = {production_of(train.utt_ids[j]) for it in splits["valid"].values() for j in it["streams"]}
+    assert valid_groups == groups and all(g.split("_")[0] in teachers for g in valid_groups)
+    train_groups = {
+        production_of(train.utt_ids[j]) for it in splits["train"].values() for j in it["streams"] + it["target"]
+    }
     assert not valid_groups & train_groups
-    for spk, word in valid_groups:  # every microphone of a validation group is in validation
-        mics = {it["mic"] for uid, it in splits["valid"].items() if uid.startswith(f"{spk}_B3_{word}_")}
-        assert mics == set(MICS[spk])
+    for group in valid_groups:  # every microphone of a validation group is in validation
+        mics = {it["mic"] for uid, it in splits["valid"].items() if uid.startswith(f"{group}_")}
+        assert mics == set(MICS[group.split("_")[0]])
     # 3. the test input comes from the held-out speaker's audio only, one stream per utterance
     assert len(splits["test"]) == sum(1 for s in test.stream_speaker if s == held_out)
     for item in splits["test"].values():
@@ -108,7 +122,7 @@ def test_self_items_target_the_ensemble_of_the_core_id(demo_tree):
         assert item["streams"] == [train.stream(utt_id[:3], utt_id)]
         assert item["streams"][0] in item["target"]
         assert {core_id(train.utt_ids[j]) for j in item["target"]} == {core_id(utt_id)}
-        assert all(stream_group(train, j) not in groups for j in item["target"])
+        assert all(production_of(train.utt_ids[j]) not in groups for j in item["target"])
 
 
 def test_validation_split_depends_on_seed_only(demo_tree):
@@ -124,8 +138,10 @@ def test_check_honesty_catches_leaks(demo_tree):
     valid_id, valid_item = next(iter(splits["valid"].items()))
     leaked = {**splits, "train": dict(splits["train"])}
     some_train = next(iter(leaked["train"]))
-    leaked["train"][some_train] = {**leaked["train"][some_train], "target": leaked["train"][some_train]["target"]
-                                   + valid_item["streams"]}
+    leaked["train"][some_train] = {
+        **leaked["train"][some_train],
+        "target": leaked["train"][some_train]["target"] + valid_item["streams"],
+    }
     with pytest.raises(FoldError, match="is in validation"):
         check_honesty(leaked, train, test, "M08")
     # a held-out stream in the training store
@@ -148,7 +164,7 @@ def test_cross_streams_honesty(demo_tree_cross):
             # the other teachers' models on this teacher's audio; never its own model
             assert sorted(train.stream_model[j] for j in item["streams"]) == [t for t in teachers if t != spk]
             assert {train.stream_speaker[j] for j in item["streams"]} == {spk}
-    for utt_id, item in splits["test"].items():
+    for item in splits["test"].values():
         assert [test.stream_model[j] for j in item["streams"]] == teachers
         assert {test.stream_speaker[j] for j in item["streams"]} == {"M16"}
         assert test.stream_model[item["self_stream"]] == "M16" and item["self_stream"] not in item["streams"]

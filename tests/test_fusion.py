@@ -10,8 +10,9 @@ V = 13
 
 def _student(fusion, seed=0):
     torch.manual_seed(seed)
-    model = FusionStudent(fusion, V, n_identities=15, top_k=4, d_model=16, n_heads=2, n_layers=1, d_ffn=32,
-                          correction_rank=4, dropout=0.0)
+    model = FusionStudent(
+        fusion, V, n_identities=15, top_k=4, d_model=16, n_heads=2, n_layers=1, d_ffn=32, correction_rank=4, dropout=0.0
+    )
     return model.eval()
 
 
@@ -61,7 +62,7 @@ def test_no_look_ahead(fusion):
     out = model(logits, mask, ids)
     for u in range(4):
         later = logits.clone()
-        later[:, :, u + 1:] = torch.randn_like(later[:, :, u + 1:]) * 5
+        later[:, :, u + 1 :] = torch.randn_like(later[:, :, u + 1 :]) * 5
         assert torch.allclose(model(later, mask, ids)[:, : u + 1], out[:, : u + 1], atol=1e-5)
 
 
@@ -113,8 +114,19 @@ def test_mixing_at_the_kd_temperature(fusion):
     the identity for decoding."""
     T = 3.0
     torch.manual_seed(0)
-    model = FusionStudent(fusion, V, n_identities=15, top_k=4, d_model=16, n_heads=2, n_layers=1, d_ffn=32,
-                          correction_rank=4, dropout=0.0, mix_temperature=T).eval()
+    model = FusionStudent(
+        fusion,
+        V,
+        n_identities=15,
+        top_k=4,
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        d_ffn=32,
+        correction_rank=4,
+        dropout=0.0,
+        mix_temperature=T,
+    ).eval()
     logits, mask, ids = _batch()
     out = model(logits, torch.ones_like(mask), ids)
     if fusion == "weights":  # untrained: equal weights, so the tempered output is the KD target

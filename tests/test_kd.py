@@ -9,7 +9,7 @@ from local.kd import EnsembleTargets, ensemble_target, kd_loss
 
 
 def _direct_loss(student, target, tokens, lengths, T, alpha):
-    """Position by position, in float64, with explicit loops: the formula of DESIGN §4."""
+    """Position by position, in float64, with explicit loops: the loss formula of the recipe (local/kd.py)."""
     kl_sum, ce_sum, n = 0.0, 0.0, 0
     for b, U in enumerate(lengths):
         for u in range(U):
@@ -127,7 +127,12 @@ def test_batched_targets_equal_one_set_at_a_time(demo_tree, aggregation):
     for streams in sets:
         U = int(store.lengths[streams[0]])
         w = torch.tensor([quality[store.stream_model[j]] for j in streams])
-        direct = ensemble_target(torch.stack([store.logits(j) for j in streams]), 2.0, aggregation,
-                                 weights=w / w.sum(), tokens=tokens.tokens_eos(store.words[streams[0]]))
+        direct = ensemble_target(
+            torch.stack([store.logits(j) for j in streams]),
+            2.0,
+            aggregation,
+            weights=w / w.sum(),
+            tokens=tokens.tokens_eos(store.words[streams[0]]),
+        )
         got = table.gather([table.index(streams)], U)[0]
         assert torch.allclose(got, direct, atol=1e-6), (aggregation, streams)

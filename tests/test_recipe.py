@@ -52,8 +52,17 @@ def m16_run(demo_tree, tmp_path_factory):
 
 def test_outputs_of_a_fold(m16_run):
     out, proc = m16_run
-    for name in ("hyperparams.yaml", "log.txt", "env.log", "train_log.txt", "train.py", "wer_test.txt",
-                 "wer_test_sa_self.txt", "wer_test_mean.txt", "test_results.json"):
+    for name in (
+        "hyperparams.yaml",
+        "log.txt",
+        "env.log",
+        "train_log.txt",
+        "train.py",
+        "wer_test.txt",
+        "wer_test_sa_self.txt",
+        "wer_test_mean.txt",
+        "test_results.json",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "save").glob("CKPT+*"))
     results = json.loads((out / "test_results.json").read_text())
@@ -107,8 +116,14 @@ def test_training_learns(demo_tree, tmp_path):
     """On generator data the validation KD loss falls and the student beats the untrained mean
     fusion on validation."""
     out = tmp_path / "out"
-    run_recipe("M01", f"--output_folder={out}", "--number_of_epochs=3", "--input_streams=self",
-               "--noprogressbar", demo_tree=demo_tree)
+    run_recipe(
+        "M01",
+        f"--output_folder={out}",
+        "--number_of_epochs=3",
+        "--input_streams=self",
+        "--noprogressbar",
+        demo_tree=demo_tree,
+    )
     rows = read_train_log(out / "train_log.txt")
     assert len(rows) == 3
     assert rows[-1]["KD"] < rows[0]["KD"]
@@ -133,8 +148,9 @@ def test_resume_and_test_only(demo_tree, tmp_path):
     assert "Going into epoch 1" not in proc.stderr + proc.stdout
     assert [r["epoch"] for r in read_train_log(out / "train_log.txt")] == [1, 2, 3]
     trained = json.loads((out / "test_results.json").read_text())
-    proc = run_recipe("M05", f"--output_folder={out}", "--number_of_epochs=3", "--test_only", *FAST,
-                      demo_tree=demo_tree)
+    proc = run_recipe(
+        "M05", f"--output_folder={out}", "--number_of_epochs=3", "--test_only", *FAST, demo_tree=demo_tree
+    )
     rescored = json.loads((out / "test_results.json").read_text())
     assert rescored == trained
     assert first["baselines"] == trained["baselines"]  # the baselines do not depend on training
@@ -142,13 +158,29 @@ def test_resume_and_test_only(demo_tree, tmp_path):
 
 def test_runs_from_any_directory_with_every_documented_override(demo_tree, tmp_path):
     out = tmp_path / "elsewhere" / "M08"
-    run_recipe("M08", f"--logit_root={demo_tree / 'logit_extraction'}",
-               f"--tokenizer_file={demo_tree / 'tokenizer.model'}", f"--output_folder={out}", "--seed=5",
-               "--number_of_epochs=1", "--teacher_set=all_others", "--input_streams=self", "--fusion=attention",
-               "--temperature=2.0", "--alpha=0.5", "--batch_size=32", "--noprogressbar", cwd=tmp_path)
+    run_recipe(
+        "M08",
+        f"--logit_root={demo_tree / 'logit_extraction'}",
+        f"--tokenizer_file={demo_tree / 'tokenizer.model'}",
+        f"--output_folder={out}",
+        "--seed=5",
+        "--number_of_epochs=1",
+        "--teacher_set=all_others",
+        "--input_streams=self",
+        "--fusion=attention",
+        "--temperature=2.0",
+        "--alpha=0.5",
+        "--batch_size=32",
+        "--noprogressbar",
+        cwd=tmp_path,
+    )
     results = json.loads((out / "test_results.json").read_text())
-    assert (results["seed"], results["teacher_set"], results["input_streams"], results["fusion"]) == \
-        (5, "all_others", "self", "attention")
+    assert (results["seed"], results["teacher_set"], results["input_streams"], results["fusion"]) == (
+        5,
+        "all_others",
+        "self",
+        "attention",
+    )
     assert (results["temperature"], results["alpha"]) == (2.0, 0.5) and len(results["teachers"]) == 14
     saved = (out / "hyperparams.yaml").read_text()
     assert "batch_size: 32" in saved and "number_of_epochs: 1" in saved
@@ -180,16 +212,21 @@ def test_bad_input_stops_before_anything_is_overwritten(copy_tree, tmp_path, dem
     logits[4][0, 0] = float("nan")
     torch.save(logits, path)
     meta = json.loads((path.parent / "M07_metadata.json").read_text())
-    args = (f"--logit_root={tree / 'logit_extraction'}", f"--tokenizer_file={tree / 'tokenizer.model'}",
-            f"--output_folder={out}", *FAST)
+    args = (
+        f"--logit_root={tree / 'logit_extraction'}",
+        f"--tokenizer_file={tree / 'tokenizer.model'}",
+        f"--output_folder={out}",
+        *FAST,
+    )
     proc = run_recipe("M16", *args, check=False)
     _assert_clean_failure(proc, "ERROR:", "NaN", "M07_decoder_logits.pt", meta["utterance_ids"][4])
     proc = run_recipe("M16", *args, "--teachers=[F02,M16]", check=False)
     _assert_clean_failure(proc, "ERROR:", "held-out speaker M16 is among the teachers")
     proc = run_recipe("M16", *args, "--temprature=2.0", check=False)
     _assert_clean_failure(proc, "ERROR:", "temprature")
-    proc = run_recipe("M16", f"--logit_root={tmp_path / 'nowhere'}", f"--output_folder={out}", *FAST,
-                      demo_tree=demo_tree, check=False)
+    proc = run_recipe(
+        "M16", f"--logit_root={tmp_path / 'nowhere'}", f"--output_folder={out}", *FAST, demo_tree=demo_tree, check=False
+    )
     _assert_clean_failure(proc, "ERROR:", "missing folder")
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before

@@ -10,9 +10,10 @@ import time
 
 import torch
 
-from conftest import RECIPE
 from local.kd import EnsembleTargets
 from local.store import LogitStore, TokenTable, load_tokenizer
+
+from conftest import RECIPE
 from test_recipe import FAST, read_train_log, run_recipe
 
 PAIRS = [("F02", "F02"), ("M07", "M07")]
@@ -59,8 +60,9 @@ def test_cache_is_reused_and_never_trusted_when_stale_or_corrupt(copy_tree, tmp_
     changed = _store(tree, cache)
     assert not changed.from_cache
     j = changed.stream("M07", changed.utt_ids[changed.stream_model.index("M07")])
-    assert torch.allclose(changed.logits(j), expected[changed.rows([j], int(changed.lengths[j]))[0]].float() + 1.0,
-                          atol=1e-2)
+    assert torch.allclose(
+        changed.logits(j), expected[changed.rows([j], int(changed.lengths[j]))[0]].float() + 1.0, atol=1e-2
+    )
     assert len(list(cache.glob("store-*"))) == 2
     assert not list(cache.glob(".*tmp*"))  # no half-made cache left behind
 
@@ -78,11 +80,13 @@ def test_targets_cache(copy_tree, tmp_path):
 
 def test_second_run_maps_the_cache_and_gives_the_same_results(demo_tree, tmp_path):
     args = ["--number_of_epochs=1", *FAST]
-    first = run_recipe("M16", f"--output_folder={tmp_path / 'a'}", f"--cache_folder={tmp_path / 'cache'}", *args,
-                       demo_tree=demo_tree)
+    first = run_recipe(
+        "M16", f"--output_folder={tmp_path / 'a'}", f"--cache_folder={tmp_path / 'cache'}", *args, demo_tree=demo_tree
+    )
     assert (first.stdout + first.stderr).count("built from the source files") == 3
-    second = run_recipe("M16", f"--output_folder={tmp_path / 'b'}", f"--cache_folder={tmp_path / 'cache'}", *args,
-                        demo_tree=demo_tree)
+    second = run_recipe(
+        "M16", f"--output_folder={tmp_path / 'b'}", f"--cache_folder={tmp_path / 'cache'}", *args, demo_tree=demo_tree
+    )
     assert "built from the source files" not in second.stdout + second.stderr
     assert (second.stdout + second.stderr).count("mapped from the cache") == 3
     a = json.loads((tmp_path / "a" / "test_results.json").read_text())
@@ -91,8 +95,15 @@ def test_second_run_maps_the_cache_and_gives_the_same_results(demo_tree, tmp_pat
 
 
 def test_bf16_on_cpu(demo_tree, tmp_path):
-    run_recipe("M05", f"--output_folder={tmp_path}", "--number_of_epochs=2", "--precision=bf16",
-               "--eval_precision=bf16", *FAST, demo_tree=demo_tree)
+    run_recipe(
+        "M05",
+        f"--output_folder={tmp_path}",
+        "--number_of_epochs=2",
+        "--precision=bf16",
+        "--eval_precision=bf16",
+        *FAST,
+        demo_tree=demo_tree,
+    )
     rows = read_train_log(tmp_path / "train_log.txt")
     assert len(rows) == 2 and all(r["loss"] == r["loss"] and r["loss"] < 1e3 for r in rows)
     results = json.loads((tmp_path / "test_results.json").read_text())
@@ -101,11 +112,21 @@ def test_bf16_on_cpu(demo_tree, tmp_path):
 
 
 def torchrun(fold, *args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(RECIPE / "train.py"), str(RECIPE / "hparams" / f"fold_{fold}.yaml"),
-           "--distributed_backend=gloo", "--device=cpu", *args]
-    proc = subprocess.run(cmd, cwd=RECIPE, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(RECIPE / "train.py"),
+        str(RECIPE / "hparams" / f"fold_{fold}.yaml"),
+        "--distributed_backend=gloo",
+        "--device=cpu",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=RECIPE, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return proc
 
@@ -117,8 +138,9 @@ def test_ddp_scores_every_test_utterance_once(demo_tree, tmp_path):
     ddp = tmp_path / "ddp"
     shutil.copytree(single, ddp)
     (ddp / "test_results.json").unlink()
-    torchrun("M16", f"--output_folder={ddp}", "--number_of_epochs=1", "--test_only", *FAST,
-             f"--demo_folder={demo_tree}")
+    torchrun(
+        "M16", f"--output_folder={ddp}", "--number_of_epochs=1", "--test_only", *FAST, f"--demo_folder={demo_tree}"
+    )
     a = json.loads((single / "test_results.json").read_text())
     b = json.loads((ddp / "test_results.json").read_text())
     assert b["n_utterances"] == a["n_utterances"] == b["student"]["n"]
@@ -127,8 +149,7 @@ def test_ddp_scores_every_test_utterance_once(demo_tree, tmp_path):
 
 
 def test_ddp_training_writes_once(demo_tree, tmp_path):
-    proc = torchrun("M05", f"--output_folder={tmp_path}", "--number_of_epochs=2", *FAST,
-                    f"--demo_folder={demo_tree}")
+    proc = torchrun("M05", f"--output_folder={tmp_path}", "--number_of_epochs=2", *FAST, f"--demo_folder={demo_tree}")
     rows = read_train_log(tmp_path / "train_log.txt")
     assert [r["epoch"] for r in rows] == [1, 2]  # one line per epoch: only rank 0 writes
     assert len(list((tmp_path / "save").glob("CKPT+*"))) >= 1
@@ -146,8 +167,9 @@ def test_ddp_data_order_follows_the_seed():
     data = DynamicItemDataset({str(i): {"x": i} for i in range(40)})
 
     def order(seed, rank):
-        sampler = DistributedSamplerWrapper(ReproducibleRandomSampler(data, seed=seed), num_replicas=2, rank=rank,
-                                            shuffle=False)
+        sampler = DistributedSamplerWrapper(
+            ReproducibleRandomSampler(data, seed=seed), num_replicas=2, rank=rank, shuffle=False
+        )
         sampler.set_epoch(1)
         return list(sampler)
 
@@ -161,8 +183,14 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_results(demo_tree, tmp_pat
     reference = tmp_path / "reference"
     run_recipe("M08", f"--output_folder={reference}", *args, demo_tree=demo_tree)
     crashed = tmp_path / "crashed"
-    cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / "fold_M08.yaml"),
-           f"--output_folder={crashed}", f"--demo_folder={demo_tree}", *args]
+    cmd = [
+        sys.executable,
+        str(RECIPE / "train.py"),
+        str(RECIPE / "hparams" / "fold_M08.yaml"),
+        f"--output_folder={crashed}",
+        f"--demo_folder={demo_tree}",
+        *args,
+    ]
     proc = subprocess.Popen(cmd, cwd=RECIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     killed_in = None

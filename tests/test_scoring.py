@@ -29,8 +29,10 @@ def independent_scores(pairs):
 
 def test_greedy_rule_cuts_at_first_eos():
     V = 6
+
     def one_hot(seq):
         return torch.nn.functional.one_hot(torch.tensor(seq), V).float()
+
     logits = torch.stack([one_hot([3, 4, 2, 5]), one_hot([2, 3, 4, 5]), one_hot([3, 4, 5, 5]), one_hot([0, 2, 2, 2])])
     lengths = torch.tensor([4, 4, 3, 4])
     assert greedy_ids(logits, lengths) == [[3, 4], [], [3, 4, 5], [0]]
@@ -70,7 +72,7 @@ def test_scores_match_an_independent_edit_distance(tokenizer):
     n_pos = [len(enc[w]) + 1 for w, _ in plans]  # U of each reference (teacher forcing)
     logits = torch.randn(len(plans), max(n_pos), V)
     expected = []
-    for b, ((word, seq), n) in enumerate(zip(plans, n_pos)):
+    for b, ((_word, seq), n) in enumerate(zip(plans, n_pos)):
         seq = (seq + [2] * n)[:n]
         for u, tok in enumerate(seq):
             logits[b, u, tok] += 100.0
@@ -81,8 +83,8 @@ def test_scores_match_an_independent_edit_distance(tokenizer):
     scores.append(ids, logits, torch.tensor(n_pos), [w for w, _ in plans], ["D"] * len(plans), ["M5"] * len(plans))
     texts = [scores.hypotheses[i] for i in ids]
     assert texts == expected
-    assert texts[2] == ""                                   # empty hypothesis
-    assert "⁇" in texts[3] and "⁇" in texts[4]              # <unk> decodes to " ⁇ "
+    assert texts[2] == ""  # empty hypothesis
+    assert "⁇" in texts[3] and "⁇" in texts[4]  # <unk> decodes to " ⁇ "
     summary = scores.summary()
     wer, wra = independent_scores([(w, t) for (w, _), t in zip(plans, expected)])
     assert summary["WER"] == pytest.approx(wer)
@@ -91,6 +93,11 @@ def test_scores_match_an_independent_edit_distance(tokenizer):
     # the normalised WER (.split()) differs exactly where .split(" ") makes extra tokens
     norm_edits = sum(edit_distance(w.split(), t.split()) for (w, _), t in zip(plans, texts))
     assert summary["WER_normalized"] == pytest.approx(100.0 * norm_edits / len(plans))
+    # ... and equals jiwer's WER, a third implementation (jiwer normalises whitespace the same way)
+    import jiwer
+
+    refs, hyps = [w for w, _ in plans], texts
+    assert summary["WER_normalized"] == pytest.approx(100.0 * jiwer.wer(refs, hyps))
 
 
 def test_breakdowns_add_up(demo_tree):
@@ -136,9 +143,9 @@ def test_majority_vote_of_systems(demo_tree):
     sp = load_tokenizer(demo_tree / "tokenizer.model")
     plans = {  # utterance -> hypotheses of three systems, and the expected winner
         "F02_B3_D1_M2": (["SEVEN", "ALPHA", "SEVEN"], "SEVEN"),
-        "F02_B3_D2_M2": (["THE", "UP", "DELETE"], "THE"),        # three-way tie: the first system
+        "F02_B3_D2_M2": (["THE", "UP", "DELETE"], "THE"),  # three-way tie: the first system
         "F02_B3_D3_M2": (["UP", "DELETE", "DELETE"], "DELETE"),
-        "F02_B3_D4_M2": (["", "", "UP"], ""),                    # empty hypotheses vote too
+        "F02_B3_D4_M2": (["", "", "UP"], ""),  # empty hypotheses vote too
     }
     systems = [SystemScores(sp) for _ in range(3)]
     for utt_id, (hyps, _) in plans.items():

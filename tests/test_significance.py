@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from local.significance import bootstrap_ci, group_of, paired_test
+from local.corpus import production_of
+from local.significance import bootstrap_ci, paired_test
 
 
 def _width(ci):
@@ -21,13 +22,13 @@ def _grouped_bernoulli(n_groups, p, mics=7, seed=1):
     return num, np.ones_like(num), groups
 
 
-def test_group_of_strips_the_microphone():
-    assert group_of("M08_B3_CW95_M2") == "M08_B3_CW95"
-    assert group_of("F02_B3_LZ_M8") == "F02_B3_LZ"
-    assert group_of("M01_B3_D7_M5") == group_of("M01_B3_D7_M7")
-    assert group_of("M01_B3_D7_M5") != group_of("M05_B3_D7_M5")  # another speaker
-    assert group_of("M08_B3_C12_M3") != group_of("M08_B3_C1_M3")
-    assert group_of("no_mic_here") == "no_mic_here"
+def test_production_of_strips_the_microphone():
+    assert production_of("M08_B3_CW95_M2") == "M08_B3_CW95"
+    assert production_of("F02_B3_LZ_M8") == "F02_B3_LZ"
+    assert production_of("M01_B3_D7_M5") == production_of("M01_B3_D7_M7")
+    assert production_of("M01_B3_D7_M5") != production_of("M05_B3_D7_M5")  # another speaker
+    assert production_of("M08_B3_C12_M3") != production_of("M08_B3_C1_M3")
+    assert production_of("no_mic_here") == "no_mic_here"
 
 
 def test_bootstrap_contains_point_and_narrows_with_more_data():
@@ -93,7 +94,7 @@ def test_paired_test_clearly_better_system_gives_small_p():
     worse = np.repeat((rng.random(g) < 0.6).astype(float), 7)
     better = np.repeat((rng.random(g) < 0.15).astype(float), 7)
     groups = [f"S_B3_W{k}_M{m}" for k in range(g) for m in range(2, 9)]
-    groups = [group_of(u) for u in groups]
+    groups = [production_of(u) for u in groups]
     result = paired_test(better, worse, groups, n_perm=5000)
     assert result["p_value"] < 0.001
     assert result["p_value"] >= 1.0 / 5001  # never zero
@@ -122,13 +123,13 @@ def test_clustering_matters_for_the_paired_test():
     labels = [f"g{k:03d}" for k in range(g)]
     once = paired_test(a, b, labels, n_perm=4000, seed=1)
     # 7 mics recording each production: the clustered test sees the same evidence ...
-    seven = paired_test(np.repeat(a, 7), np.repeat(b, 7), [lab for lab in labels for _ in range(7)],
-                        n_perm=4000, seed=1)
+    seven = paired_test(
+        np.repeat(a, 7), np.repeat(b, 7), [lab for lab in labels for _ in range(7)], n_perm=4000, seed=1
+    )
     assert seven["p_value"] == once["p_value"]
     assert seven["n_groups"] == g
     # ... while treating the copies as independent overstates it.
-    naive = paired_test(np.repeat(a, 7), np.repeat(b, 7), [f"u{k}" for k in range(7 * g)],
-                        n_perm=4000, seed=1)
+    naive = paired_test(np.repeat(a, 7), np.repeat(b, 7), [f"u{k}" for k in range(7 * g)], n_perm=4000, seed=1)
     assert naive["p_value"] < once["p_value"]
 
 

@@ -84,8 +84,9 @@ def test_stacked_form_is_read_like_the_list_form(tmp_path):
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     words = {k: w for k, w in words.items() if len(sp.encode_as_ids(w)) == 1}
     assert len(words) >= 2
-    generate_tree(tmp_path / "stacked", speakers=("F02", "M05"), words=words, tokenizer_file=tok,
-                  stacked=[("F02", "F02")])
+    generate_tree(
+        tmp_path / "stacked", speakers=("F02", "M05"), words=words, tokenizer_file=tok, stacked=[("F02", "F02")]
+    )
     generate_tree(tmp_path / "list", speakers=("F02", "M05"), words=words, tokenizer_file=tok)
     stacked_file = torch.load(_dec_path(tmp_path / "stacked", "F02"), weights_only=True)
     assert isinstance(stacked_file, torch.Tensor) and stacked_file.dim() == 3
@@ -111,8 +112,14 @@ def test_real_tokenizer_and_metadata_in_both_forms(shared_uaspeech, tmp_path):
         m04[key] = [m04[key][i] for i in keep]
     m04["num_utterances"] = len(keep)
     (meta_dir / "M04_metadata.json").write_text(json.dumps(m04))
-    generate_tree(tmp_path / "real", scale="full", speakers=("M01", "M04"), tokenizer_file=tok,
-                  metadata_dir=meta_dir, stacked=[("M04", "M04")])
+    generate_tree(
+        tmp_path / "real",
+        scale="full",
+        speakers=("M01", "M04"),
+        tokenizer_file=tok,
+        metadata_dir=meta_dir,
+        stacked=[("M04", "M04")],
+    )
     assert isinstance(torch.load(_dec_path(tmp_path / "real", "M04"), weights_only=True, mmap=True), torch.Tensor)
     store = LogitStore(tmp_path / "real" / "logit_extraction", TokenTable(sp), [("M01", "M01"), ("M04", "M04")])
     assert store.vocab_size == 5000
@@ -141,6 +148,7 @@ def test_real_metadata_files_pass_the_metadata_checks(shared_uaspeech, tmp_path)
 
 
 # ---- every validation error fires, with file, speaker and utterance ------------------------------
+
 
 def _expect(tree, *fragments, pairs=PAIRS):
     with pytest.raises(LogitStoreError) as err:
@@ -171,7 +179,7 @@ def test_missing_metadata(copy_tree):
 
 def test_count_mismatch(copy_tree):
     tree = copy_tree()
-    _edit_logits(tree, "M05", lambda l: l[:-1])
+    _edit_logits(tree, "M05", lambda items: items[:-1])
     _expect(tree, "M05_decoder_logits.pt", "utterance_ids", "holds")
 
 
@@ -191,7 +199,7 @@ def test_wrong_tokenizer_length_mismatch(copy_tree):
     tree = copy_tree()
     meta = json.loads(_meta_path(tree, "M05").read_text())
     # Drop the last position of one utterance: U_i no longer equals tokens + 1.
-    _edit_logits(tree, "M05", lambda l: [t[:-1] if i == 5 else t for i, t in enumerate(l)])
+    _edit_logits(tree, "M05", lambda items: [t[:-1] if i == 5 else t for i, t in enumerate(items)])
     _expect(tree, meta["utterance_ids"][5], "wrong tokenizer", "speaker M05")
 
 
@@ -207,7 +215,7 @@ def test_other_tokenizer_is_refused(copy_tree, tmp_path):
 def test_vocab_differs_between_teachers(copy_tree):
     tree = copy_tree()
     meta = json.loads(_meta_path(tree, "M05").read_text())
-    _edit_logits(tree, "M05", lambda l: [t[:, :-1] for t in l])
+    _edit_logits(tree, "M05", lambda items: [t[:, :-1] for t in items])
     _expect(tree, "vocab size", "M05", meta["utterance_ids"][0])
 
 
@@ -215,18 +223,18 @@ def test_nan_and_inf(copy_tree):
     tree = copy_tree()
     meta = json.loads(_meta_path(tree, "F02").read_text())
 
-    def poison(l):
-        l[7][1, 3] = float("nan")
-        return l
+    def poison(items):
+        items[7][1, 3] = float("nan")
+        return items
 
     _edit_logits(tree, "F02", poison)
     _expect(tree, "NaN or Inf", meta["utterance_ids"][7], "position 1")
-    _edit_logits(tree, "F02", lambda l: [t.nan_to_num(0.0) for t in l])
+    _edit_logits(tree, "F02", lambda items: [t.nan_to_num(0.0) for t in items])
     _open(tree)
 
-    def infinite(l):
-        l[2][0, 0] = float("inf")
-        return l
+    def infinite(items):
+        items[2][0, 0] = float("inf")
+        return items
 
     _edit_logits(tree, "F02", infinite)
     _expect(tree, "NaN or Inf", meta["utterance_ids"][2])

@@ -1,4 +1,4 @@
-"""The study driver (local/run_study.py) and its report (local/study_report.py) on the demo tree:
+"""The study driver (run_study.py) and its report (study_report.py, local/report.py) on the demo tree:
 a tiny study of 2 folds x 1 teacher set x 2 fusions, its files, skipping and resuming, failures."""
 
 import csv
@@ -12,8 +12,8 @@ import pytest
 
 from conftest import RECIPE
 
-DRIVER = RECIPE / "local" / "run_study.py"
-REPORT = RECIPE / "local" / "study_report.py"
+DRIVER = RECIPE / "run_study.py"
+REPORT = RECIPE / "study_report.py"
 FAST = ["--number_of_epochs=1", "--d_model=16", "--d_ffn=32", "--n_layers=1"]
 FOLDS = ["M05", "M16"]
 FUSIONS = ["mean", "transformer"]
@@ -27,8 +27,7 @@ def run_driver(study, *args, cwd, extra=FAST):
 
 
 def tiny_study_args(demo_tree):
-    return [f"--demo_folder={demo_tree}", "--folds", *FOLDS, "--teacher_sets", "same_level",
-            "--fusions", *FUSIONS]
+    return [f"--demo_folder={demo_tree}", "--folds", *FOLDS, "--teacher_sets", "same_level", "--fusions", *FUSIONS]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_csv_numbers_are_those_of_the_runs(study):
 
 
 def test_paired_test_of_a_system_against_itself_gives_p_1(study):
-    from local.study_report import load_run, paired_stats
+    from local.report import load_run, paired_stats
 
     folder, _ = study
     run = load_run(folder / "M05_same_level_matched_transformer", folder)
@@ -141,8 +140,13 @@ def test_the_figure_is_a_png(study):
 def test_the_report_runs_alone_and_is_deterministic(study, tmp_path):
     folder, _ = study
     before = (folder / "study.csv").read_bytes()
-    proc = subprocess.run([sys.executable, str(REPORT), str(folder), *STATS, "--quiet"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPORT), str(folder), *STATS, "--quiet"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (folder / "study.csv").read_bytes() == before
 
@@ -182,9 +186,20 @@ def test_a_failing_run_is_reported_and_the_others_go_on(copy_tree, tmp_path):
 
     tree = copy_tree(speakers=[s for s in SPEAKERS if s != "M16"])  # M16's logits are missing
     folder = tmp_path / "study"
-    proc = run_driver(folder, f"--logit_root={tree / 'logit_extraction'}",
-                      f"--tokenizer_file={tree / 'tokenizer.model'}", "--folds", "M16", "M05",
-                      "--teacher_sets", "same_level", "--fusions", "mean", "--no_progress", cwd=tmp_path)
+    proc = run_driver(
+        folder,
+        f"--logit_root={tree / 'logit_extraction'}",
+        f"--tokenizer_file={tree / 'tokenizer.model'}",
+        "--folds",
+        "M16",
+        "M05",
+        "--teacher_sets",
+        "same_level",
+        "--fusions",
+        "mean",
+        "--no_progress",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     failed = "M16_same_level_matched_mean"
     assert f"{failed}: FAILED" in proc.stdout
@@ -197,35 +212,48 @@ def test_a_failing_run_is_reported_and_the_others_go_on(copy_tree, tmp_path):
     assert "not finished: M16_same_level_matched_mean (failed)" in text
     manifest = json.loads((folder / "study_runs.json").read_text())
     assert [(r["name"], r["status"]) for r in manifest["runs"]] == [
-        (failed, "failed"), ("M05_same_level_matched_mean", "finished")]
+        (failed, "failed"),
+        ("M05_same_level_matched_mean", "finished"),
+    ]
 
 
 def _fake_cross_run(study, tmp_path):
     """A copy of a finished run with the baselines a `cross` run adds: two single teachers (copies of
-    sa_self's and of the student's wer files) and a majority vote (a copy of the mean's)."""
+    sa_self's and of the student's per-utterance results) and a majority vote (a copy of the mean's)."""
     import shutil
 
     folder, _ = study
     run = tmp_path / "cross" / "M05_run"
     shutil.copytree(folder / "M05_same_level_matched_transformer", run, ignore=shutil.ignore_patterns("save"))
     results = json.loads((run / "test_results.json").read_text())
-    for name, source, summary in (("teacher_F04", "wer_test_sa_self.txt", results["baselines"]["sa_self"]),
-                                  ("teacher_M11", "wer_test.txt", results["student"]),
-                                  ("majority_vote", "wer_test_mean.txt", results["baselines"]["mean"])):
-        shutil.copy(run / source, run / f"wer_test_{name}.txt")
+    utterances = json.loads((run / "test_utterances.json").read_text())
+    for name, source, summary in (
+        ("teacher_F04", "sa_self", results["baselines"]["sa_self"]),
+        ("teacher_M11", "student", results["student"]),
+        ("majority_vote", "mean", results["baselines"]["mean"]),
+    ):
+        utterances["systems"][name] = utterances["systems"][source]
         results["baselines"][name] = summary
     (run / "test_results.json").write_text(json.dumps(results))
+    (run / "test_utterances.json").write_text(json.dumps(utterances))
     return run.parent, results
 
 
 def test_best_single_teacher_and_any_other_baseline(study, tmp_path):
-    from local.study_report import write_report
+    from local.report import write_report
 
     folder, results = _fake_cross_run(study, tmp_path)
     write_report(folder, n_boot=200, n_perm=200)
     rows = {r["system"]: r for r in read_csv(folder / "study.csv")}
-    assert set(rows) == {"student", "sa_self", "mean", "teacher_F04", "teacher_M11", "majority_vote",
-                         "best_single_teacher"}
+    assert set(rows) == {
+        "student",
+        "sa_self",
+        "mean",
+        "teacher_F04",
+        "teacher_M11",
+        "majority_vote",
+        "best_single_teacher",
+    }
     teachers = {n: results["baselines"][n] for n in ("teacher_F04", "teacher_M11")}
     best = max(teachers, key=lambda n: (teachers[n]["WRA"], -teachers[n]["WER"], n == "teacher_F04"))
     row = rows["best_single_teacher"]
@@ -240,20 +268,20 @@ def test_best_single_teacher_and_any_other_baseline(study, tmp_path):
     assert "| majority_vote |" in text and "| teacher_F04 |" not in text  # single teachers: CSV only
 
 
-def test_a_wer_file_that_disagrees_with_test_results_is_an_error(study, tmp_path):
-    from local.study_report import write_report
+def test_per_utterance_results_that_disagree_with_test_results_are_an_error(study, tmp_path):
+    from local.report import write_report
 
     folder, results = _fake_cross_run(study, tmp_path)
     run = folder / "M05_run"
     results["baselines"]["sa_self"]["WRA"] += 1.0
     (run / "test_results.json").write_text(json.dumps(results))
-    with pytest.raises(ValueError, match="wer_test_sa_self.txt: WRA"):
+    with pytest.raises(ValueError, match="test_utterances.json: system sa_self: WRA"):
         write_report(folder, n_boot=50, n_perm=50)
     assert not (folder / "study.csv").exists()  # nothing half-written
 
 
 def test_command_line_is_checked_before_anything_runs(tmp_path):
-    from local.run_study import parse_args, plan
+    from run_study import parse_args, plan
 
     with pytest.raises(SystemExit):
         parse_args(["--folds", "M99"])
@@ -261,20 +289,39 @@ def test_command_line_is_checked_before_anything_runs(tmp_path):
         parse_args(["--", "--output_folder=x"])  # set by the driver per run
     with pytest.raises(SystemExit):
         parse_args(["--logit_root=somewhere"])  # a real tree needs its tokenizer
-    args = parse_args([f"--study_folder={tmp_path / 's'}", "--folds", "M08", "M01", "--fusions", "mean",
-                       "attention", "--", "--seed=3"])
+    args = parse_args(
+        [
+            f"--study_folder={tmp_path / 's'}",
+            "--folds",
+            "M08",
+            "M01",
+            "--fusions",
+            "mean",
+            "attention",
+            "--",
+            "--seed=3",
+        ]
+    )
     study, runs = plan(args)
     assert [r["name"] for r in runs] == [
-        f"{f}_{t}_matched_{u}" for f in ("M08", "M01") for t in ("same_level", "all_others")
-        for u in ("mean", "attention")]
+        f"{f}_{t}_matched_{u}"
+        for f in ("M08", "M01")
+        for t in ("same_level", "all_others")
+        for u in ("mean", "attention")
+    ]
     command = runs[0]["command"]
     assert command[0] == sys.executable and command[1] == str(RECIPE / "train.py")
     assert "--seed=3" in command and "--noprogressbar" in command
     assert f"--output_folder={study / runs[0]['name']}" in command
     assert not (tmp_path / "s").exists()  # planning writes nothing
-    from local.run_study import child_environment
+    from run_study import child_environment
 
     assert child_environment(3)["OMP_NUM_THREADS"] == "3" == child_environment(3)["MKL_NUM_THREADS"]
     _, runs = plan(parse_args(["--folds", "M08", "--nproc_per_node=2"]))
-    assert runs[0]["command"][:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                      "--nproc_per_node=2"]
+    assert runs[0]["command"][:5] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+    ]

@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from local.layout import METADATA_KEYS
 from local.store import LogitStore, TokenTable, load_tokenizer
 from local.synthetic import add_pairs, ensure_demo_tree, generate_tree
 
@@ -16,8 +17,9 @@ def test_same_seed_same_tree_and_added_pairs_equal_generated_ones(tmp_path):
     for pair in ("F02/F02", "M07/F02"):
         spk = pair[-3:]
         for name in (f"{spk}_metadata.json",):
-            assert (tmp_path / "a" / "logit_extraction" / pair / name).read_text() == \
-                (tmp_path / "b" / "logit_extraction" / pair / name).read_text()
+            assert (tmp_path / "a" / "logit_extraction" / pair / name).read_text() == (
+                tmp_path / "b" / "logit_extraction" / pair / name
+            ).read_text()
         a = torch.load(tmp_path / "a" / "logit_extraction" / pair / f"{spk}_decoder_logits.pt", weights_only=True)
         b = torch.load(tmp_path / "b" / "logit_extraction" / pair / f"{spk}_decoder_logits.pt", weights_only=True)
         assert all(torch.equal(x, y) for x, y in zip(a, b)) and len(a) == len(b)
@@ -28,9 +30,8 @@ def test_same_seed_same_tree_and_added_pairs_equal_generated_ones(tmp_path):
 
 def test_demo_tree_format_and_accuracy_order(demo_tree):
     meta = json.loads((demo_tree / "logit_extraction" / "M01" / "M01" / "M01_metadata.json").read_text())
-    assert set(meta) == {"model_name", "num_utterances", "vocab_size", "utterance_ids", "token_lens",
-                         "target_words", "vocab_size_decoder", "vocab_size_ctc", "ctc_frame_lens"}
-    assert all(l == [1.0] for l in meta["token_lens"])
+    assert list(meta) == list(METADATA_KEYS)  # the real files' keys, in their order
+    assert all(lens == [1.0] for lens in meta["token_lens"])
     assert meta["ctc_frame_lens"] == sorted(meta["ctc_frame_lens"])  # ascending duration, like the real files
     assert {u.rsplit("_", 1)[1] for u in meta["utterance_ids"]} == {"M5", "M6", "M7"}
     # CTC files exist for the held-out speakers' pairs, with the metadata's frame counts

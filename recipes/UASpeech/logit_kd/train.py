@@ -12,7 +12,7 @@ group with the SA pipeline's own decoding and SpeechBrain's ErrorRateStats.
         --tokenizer_file=/data/tokenizer.ckpt --output_folder=results/M08
     torchrun --standalone --nproc_per_node=4 train.py hparams/fold_M05.yaml --logit_root=...
 
-See README.md for what the figures mean (teacher-forced greedy WER) and DESIGN of the folds.
+See README.md for the folds and docs/scoring.md for what each figure means.
 """
 
 import functools
@@ -23,22 +23,29 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 import speechbrain as sb
+import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import ReproducibleRandomSampler
 from speechbrain.utils.distributed import get_rank, if_main_process, run_once_per_node
 
 from local.batch import OUTPUT_KEYS, FoldBatch
-from local.corpus import SPEAKERS, group_of
+from local.corpus import SPEAKERS, intelligibility_group
 from local.ctc import ctc_systems, score_ctc
-from local.fold_hparams import HparamsError, load_fold_hparams
-from local.folds import (FoldError, build_items, check_honesty, optional_pairs, store_pairs, teacher_speakers,
-                         validation_groups)
+from local.files import write_json
+from local.folds import (
+    FoldError,
+    build_items,
+    check_honesty,
+    optional_pairs,
+    store_pairs,
+    teacher_speakers,
+    validation_groups,
+)
 from local.fusion import MeanFusion, drop_streams
 from local.kd import EnsembleTargets, kd_loss, teacher_quality
-from local.files import write_json
-from local.scoring import SystemScores, format_table, majority_vote
+from local.options import HparamsError, load_fold_hparams
+from local.scoring import SystemScores, majority_vote, results_table, write_utterances
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
 from local.synthetic import ensure_demo_tree
 
@@ -59,8 +66,9 @@ class FusionKD(sb.Brain):
 
     def compute_objectives(self, predictions, batch, stage):
         """KD to the teacher ensemble + CE to the reference, in float32; decode and score."""
-        loss, kd, ce = kd_loss(predictions, batch.targets, batch.tokens, batch.pos_mask,
-                               self.hparams.temperature, self.hparams.alpha)
+        loss, kd, ce = kd_loss(
+            predictions, batch.targets, batch.tokens, batch.pos_mask, self.hparams.temperature, self.hparams.alpha
+        )
         if stage != sb.Stage.TRAIN:
             n_pos = float(batch.pos_mask.sum())
             self.loss_parts["ce"] += float(ce) * n_pos
@@ -115,26 +123,30 @@ class FusionKD(sb.Brain):
         stats = {"loss": stage_loss, "CE": self.loss_parts["ce"] / positions}
         if stage == sb.Stage.VALID:
             stats["KD"] = self.loss_parts["kd"] / positions
-            stats.update(WER=results["student"]["WER"], WRA=results["student"]["WRA"],
-                         WER_mean=results["mean"]["WER"], WRA_mean=results["mean"]["WRA"])
+            stats.update(
+                WER=results["student"]["WER"],
+                WRA=results["student"]["WRA"],
+                WER_mean=results["mean"]["WER"],
+                WRA_mean=results["mean"]["WRA"],
+            )
             self.hparams.epoch_counter.update_metric(stage_loss)  # early stopping on valid loss
             self.hparams.train_logger.log_stats(
                 {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]},
-                train_stats=self.train_stats, valid_stats=stats,
+                train_stats=self.train_stats,
+                valid_stats=stats,
             )
             # On every rank: the checkpointer synchronises the ranks itself.
-            self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "WER": stats["WER"]},
-                                                 min_keys=["loss"])
+            self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "WER": stats["WER"]}, min_keys=["loss"])
             return
         stats.update(WER=results["student"]["WER"], WRA=results["student"]["WRA"])
-        self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current},
-                                            test_stats=stats)
-        logger.info("Test (teacher-forced greedy decoding):\n%s", format_table(results))
+        self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats)
+        logger.info("Test (teacher-forced greedy decoding):\n%s", results_table(results))
         if if_main_process():
             self.write_test_outputs(results)
 
     def write_test_outputs(self, results):
-        """wer_test.txt (student), wer_test_<baseline>.txt, test_results.json; written atomically."""
+        """wer_test.txt (student), wer_test_<baseline>.txt, test_utterances.json (every system on
+        every utterance), test_results.json (last: it marks a finished run); written atomically."""
         out = Path(self.hparams.output_folder)
         self.scores["student"].write_stats(self.hparams.test_wer_file)
         for name in results:
@@ -145,19 +157,25 @@ class FusionKD(sb.Brain):
             ctc[system] = {decoder: scores.summary() for decoder, scores in decoders.items()}
             for decoder, scores in decoders.items():
                 scores.write_stats(out / f"wer_test_ctc_{decoder}_{system}.txt")
-        write_json(self.hparams.test_results_file, {
-            **self.hparams.fold_info,
-            "n_utterances": results["student"]["n"],
-            "epoch_loaded": self.hparams.epoch_counter.current,
-            "decoding": "teacher-forced greedy (argmax, cut at the first </s>), decode_ids(...).split(' ')",
-            "student": results["student"],
-            "baselines": {name: r for name, r in results.items() if name != "student"},
-            # Free-running CTC decodes of the held-out audio: they do not see the reference.
-            "free_running_ctc": ctc,
-        })
+        write_utterances(self.hparams.test_utterances_file, self.scores)
+        write_json(
+            self.hparams.test_results_file,
+            {
+                **self.hparams.fold_info,
+                "n_utterances": results["student"]["n"],
+                "epoch_loaded": self.hparams.epoch_counter.current,
+                "decoding": "teacher-forced greedy (argmax, cut at the first </s>), decode_ids(...).split(' ')",
+                "student": results["student"],
+                "baselines": {name: r for name, r in results.items() if name != "student"},
+                # Free-running CTC decodes of the held-out audio: they do not see the reference.
+                "free_running_ctc": ctc,
+            },
+        )
         if ctc:
-            logger.info("Free-running CTC decoding (not teacher-forced):\n%s", format_table(
-                {f"{system} ({decoder})": r for system, d in ctc.items() for decoder, r in d.items()}))
+            logger.info(
+                "Free-running CTC decoding (not teacher-forced):\n%s",
+                results_table({f"{system} ({decoder})": r for system, d in ctc.items() for decoder, r in d.items()}),
+            )
 
     def on_evaluate_start(self, max_key=None, min_key=None):
         # Load the best checkpoint for the test, but keep train_log.txt as it is (a checkpoint
@@ -200,7 +218,9 @@ def prepare_fold(hparams):
         held_out = hparams["held_out"]
         teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
         train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
-        run_once_per_node(ensure_demo_tree, kwargs={"folder": hparams["demo_folder"], "pairs": train_pairs + test_pairs})
+        run_once_per_node(
+            ensure_demo_tree, kwargs={"folder": hparams["demo_folder"], "pairs": train_pairs + test_pairs}
+        )
     fold = None
     if hparams["cache_folder"] is not None:
         # One process per node reads the source files and builds the packed caches; the other
@@ -212,11 +232,14 @@ def prepare_fold(hparams):
         cross = hparams["input_streams"] == "cross"
         systems = ctc_systems(hparams["logit_root"], fold.info["held_out"], fold.info["teachers"], cross)
         if hparams["ctc_decode"] is True and (not systems or (cross and "mean" not in systems)):
-            raise LogitStoreError(f"ctc_decode: true, but the CTC files of the test are missing under "
-                                  f"{hparams['logit_root']} (<MODEL>/{fold.info['held_out']}/"
-                                  f"{fold.info['held_out']}_ctc_logits.pt)")
-        fold.ctc_scores = score_ctc(hparams["logit_root"], fold.info["held_out"], systems, fold.splits["test"],
-                                    fold.tokenizer)
+            raise LogitStoreError(
+                f"ctc_decode: true, but the CTC files of the test are missing under "
+                f"{hparams['logit_root']} (<MODEL>/{fold.info['held_out']}/"
+                f"{fold.info['held_out']}_ctc_logits.pt)"
+            )
+        fold.ctc_scores = score_ctc(
+            hparams["logit_root"], fold.info["held_out"], systems, fold.splits["test"], fold.tokenizer
+        )
     return fold
 
 
@@ -229,8 +252,14 @@ def load_fold(hparams):
     dtype = getattr(torch, hparams["store_dtype"])
     cache = hparams["cache_folder"]
     train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache)
-    test_store = LogitStore(hparams["logit_root"], tokens, test_pairs, dtype, cache,
-                            optional=optional_pairs(held_out, hparams["input_streams"]))
+    test_store = LogitStore(
+        hparams["logit_root"],
+        tokens,
+        test_pairs,
+        dtype,
+        cache,
+        optional=optional_pairs(held_out, hparams["input_streams"]),
+    )
     valid_groups = validation_groups(train_store, teachers, hparams["valid_fraction"], hparams["seed"])
     splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
     check_honesty(splits, train_store, test_store, held_out)
@@ -238,12 +267,13 @@ def load_fold(hparams):
     if hparams["target_aggregation"] == "weighted":
         quality = teacher_quality(train_store, [j for item in splits["train"].values() for j in item["streams"]])
     target_sets = [item["target"] for name in ("train", "valid") for item in splits[name].values()]
-    targets = EnsembleTargets(train_store, target_sets, hparams["temperature"], hparams["target_aggregation"],
-                              quality, dtype, cache)
+    targets = EnsembleTargets(
+        train_store, target_sets, hparams["temperature"], hparams["target_aggregation"], quality, dtype, cache
+    )
     synthetic = uses_demo_tree(hparams) or (Path(hparams["logit_root"]).parent / "SYNTHETIC.json").is_file()
     info = {
         "held_out": held_out,
-        "group": group_of(held_out),
+        "group": intelligibility_group(held_out),
         "teachers": teachers,
         "teacher_set": hparams["teacher_set"] if hparams["teachers"] is None else "explicit",
         "input_streams": hparams["input_streams"],
@@ -256,8 +286,9 @@ def load_fold(hparams):
         "tokenizer_file": str(Path(hparams["tokenizer_file"]).resolve()),
         "synthetic_data": synthetic,
     }
-    return SimpleNamespace(tokenizer=tokenizer, train_store=train_store, test_store=test_store,
-                           splits=splits, targets=targets, info=info)
+    return SimpleNamespace(
+        tokenizer=tokenizer, train_store=train_store, test_store=test_store, splits=splits, targets=targets, info=info
+    )
 
 
 def dataio_prepare(fold):
@@ -300,31 +331,56 @@ if __name__ == "__main__":
                 pass
         sys.exit(f"ERROR: {err}")
 
-    sb.create_experiment_directory(experiment_directory=hparams["output_folder"],
-                                   hyperparams_to_save=base_file, overrides=fold_overrides)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"], hyperparams_to_save=base_file, overrides=fold_overrides
+    )
     if fold.info["synthetic_data"]:
-        logger.warning("The input is a SYNTHETIC logit tree (%s), not UASpeech: its figures only show that "
-                       "the recipe runs. Give --logit_root and --tokenizer_file for real data.", hparams["logit_root"])
-    logger.info("Fold %s (%s): teachers %s, input_streams=%s, fusion=%s; %d train, %d valid, %d test items",
-                fold.info["held_out"], fold.info["group"], " ".join(fold.info["teachers"]),
-                fold.info["input_streams"], fold.info["fusion"], *(len(fold.splits[s]) for s in ("train", "valid", "test")))
+        logger.warning(
+            "The input is a SYNTHETIC logit tree (%s), not UASpeech: its figures only show that "
+            "the recipe runs. Give --logit_root and --tokenizer_file for real data.",
+            hparams["logit_root"],
+        )
+    logger.info(
+        "Fold %s (%s): teachers %s, input_streams=%s, fusion=%s; %d train, %d valid, %d test items",
+        fold.info["held_out"],
+        fold.info["group"],
+        " ".join(fold.info["teachers"]),
+        fold.info["input_streams"],
+        fold.info["fusion"],
+        *(len(fold.splits[s]) for s in ("train", "valid", "test")),
+    )
 
-    for name, table in (("train/valid logits", fold.train_store), ("test logits", fold.test_store),
-                        ("KD targets", fold.targets)):
-        logger.info("Packed %s: %d rows x %d, %s; %s", name, table.data.shape[0], table.data.shape[1],
-                    table.data.dtype, "mapped from the cache" if table.from_cache else "built from the source files")
+    for name, table in (
+        ("train/valid logits", fold.train_store),
+        ("test logits", fold.test_store),
+        ("KD targets", fold.targets),
+    ):
+        logger.info(
+            "Packed %s: %d rows x %d, %s; %s",
+            name,
+            table.data.shape[0],
+            table.data.shape[1],
+            table.data.dtype,
+            "mapped from the cache" if table.from_cache else "built from the source files",
+        )
     datasets, collate = dataio_prepare(fold)
     hparams["tokenizer"] = fold.tokenizer
     # What this run changed on top of the base hparams (fold file + command line), so that a
     # results file says how it was made (hyperparams.yaml beside it has everything).
-    fold.info["overrides"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-                              for k, v in fold_overrides.items()}
+    fold.info["overrides"] = {
+        k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in fold_overrides.items()
+    }
     hparams["fold_info"] = fold.info
     hparams["ctc_scores"] = fold.ctc_scores
     student = hparams["student"](vocab_size=fold.train_store.vocab_size, n_identities=len(SPEAKERS))
     hparams["checkpointer"].add_recoverable("student", student)
-    brain = FusionKD(modules={"student": student}, opt_class=hparams["opt_class"], hparams=hparams,
-                     run_opts=run_opts, checkpointer=hparams["checkpointer"])
+    brain = FusionKD(
+        modules={"student": student},
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
 
     trainable = any(p.requires_grad for p in student.parameters())
     if not trainable:
@@ -333,14 +389,20 @@ if __name__ == "__main__":
         sys.exit(f"ERROR: --test_only but no checkpoint in {hparams['save_folder']}: train this fold first.")
     else:
         brain.fit(
-            brain.hparams.epoch_counter, datasets["train"], datasets["valid"],
+            brain.hparams.epoch_counter,
+            datasets["train"],
+            datasets["valid"],
             train_loader_kwargs={
-                "batch_size": hparams["batch_size"], "collate_fn": collate["train"],
+                "batch_size": hparams["batch_size"],
+                "collate_fn": collate["train"],
                 "num_workers": hparams["num_workers"],
                 # Our own seeded sampler: under DDP SpeechBrain wraps it, and the order follows --seed.
                 "sampler": ReproducibleRandomSampler(datasets["train"], seed=hparams["seed"]),
             },
             valid_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["valid"]},
         )
-    brain.evaluate(datasets["test"], min_key="loss",
-                   test_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["test"]})
+    brain.evaluate(
+        datasets["test"],
+        min_key="loss",
+        test_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["test"]},
+    )

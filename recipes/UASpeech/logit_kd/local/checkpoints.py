@@ -8,13 +8,19 @@ have no ``CKPT.yaml``, are ignored by SpeechBrain, and are removed at the next s
 """
 
 import logging
-from contextlib import contextmanager
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
-from speechbrain.utils.checkpoints import (CKPT_PREFIX, METAFNAME, Checkpointer, mark_as_loader, mark_as_saver,
-                                           register_checkpoint_hooks)
+from speechbrain.utils.checkpoints import (
+    CKPT_PREFIX,
+    METAFNAME,
+    Checkpointer,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
 from speechbrain.utils.distributed import if_main_process
 
 from local.files import atomic_write

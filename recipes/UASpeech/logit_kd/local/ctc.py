@@ -1,4 +1,4 @@
-"""Free-running CTC decoding of the held-out speaker's audio (DESIGN §5).
+"""Free-running CTC decoding of the held-out speaker's audio.
 
 The decoder logits are teacher-forced, so their greedy WER has seen the reference prefix. The CTC
 logits are not: decoding them is an honest, free-running figure, reported beside the
@@ -17,12 +17,12 @@ they are read lazily, memory-mapped, one utterance at a time, and only the held-
 """
 
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
+from local.layout import describe_pair, pair_files
 from local.scoring import SystemScores
 from local.store import LogitStoreError, load_tensors
 
@@ -30,20 +30,23 @@ BLANK = 0  # <unk> = CTC blank = pad = 0 in the SA models
 
 
 def ctc_file(logit_root, model, speaker):
-    return Path(logit_root) / model / speaker / f"{speaker}_ctc_logits.pt"
+    return pair_files(logit_root, model, speaker)["ctc"]
 
 
 def read_ctc(logit_root, model, speaker, vocab_size):
     """utterance id -> [T, V] CTC logits (memory-mapped) of one pair, counts and shapes checked."""
-    path = ctc_file(logit_root, model, speaker)
-    where = f"SA model {model} on speaker {speaker}"
-    meta = json.loads((path.parent / f"{speaker}_metadata.json").read_text())
+    files = pair_files(logit_root, model, speaker)
+    path = files["ctc"]
+    where = describe_pair(model, speaker)
+    meta = json.loads(files["metadata"].read_text())
     data = load_tensors(path, where)
     if not isinstance(data, (list, tuple)):
         raise LogitStoreError(f"CTC file {path} ({where}) holds a {type(data).__name__}, not a list of [T, V] tensors")
     ids, frames = meta["utterance_ids"], meta.get("ctc_frame_lens")
     if len(data) != len(ids):
-        raise LogitStoreError(f"CTC file {path} ({where}) holds {len(data)} utterances but its metadata lists {len(ids)}")
+        raise LogitStoreError(
+            f"CTC file {path} ({where}) holds {len(data)} utterances but its metadata lists {len(ids)}"
+        )
     for i, (utt_id, logits) in enumerate(zip(ids, data)):
         at = f"CTC file {path} ({where}), utterance {utt_id}"
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
@@ -64,20 +67,27 @@ class ClosedList:
         # Each candidate only needs the blank and its own pieces: gather those columns, so that
         # scoring 255 candidates costs [T, 255, <= 8] rather than [T, 255, V].
         width = 1 + max(len(set(p)) for p in pieces)
-        self.columns = torch.zeros(len(pieces), width, dtype=torch.long)   # column 0 = blank
+        self.columns = torch.zeros(len(pieces), width, dtype=torch.long)  # column 0 = blank
         self.labels = torch.zeros(len(pieces), max(len(p) for p in pieces), dtype=torch.long)
         self.lengths = torch.tensor([len(p) for p in pieces])
         for c, p in enumerate(pieces):
             unique = list(dict.fromkeys(p))  # a repeated piece keeps one label: CTC needs a blank between
-            self.columns[c, 1:1 + len(unique)] = torch.tensor(unique)
+            self.columns[c, 1 : 1 + len(unique)] = torch.tensor(unique)
             self.labels[c, : len(p)] = torch.tensor([1 + unique.index(t) for t in p])
 
     def __call__(self, logp):
         """The best word for ``logp`` [T, V] (log-probabilities)."""
         T = logp.shape[0]
-        sub = logp[:, self.columns]                                          # [T, C, width]
-        nll = F.ctc_loss(sub, self.labels, torch.full((len(self.words),), T), self.lengths, blank=0,
-                         reduction="none", zero_infinity=False)
+        sub = logp[:, self.columns]  # [T, C, width]
+        nll = F.ctc_loss(
+            sub,
+            self.labels,
+            torch.full((len(self.words),), T),
+            self.lengths,
+            blank=0,
+            reduction="none",
+            zero_infinity=False,
+        )
         return self.words[int(torch.argmin(nll))]
 
 
@@ -107,8 +117,9 @@ def score_ctc(logit_root, held_out, systems, test_items, tokenizer):
                     raise LogitStoreError(f"CTC file {ctc_file(logit_root, m, held_out)} lacks utterance {utt_id}")
                 z = logits[m][utt_id].float()
                 if not bool(torch.isfinite(z).all()):
-                    raise LogitStoreError(f"CTC file {ctc_file(logit_root, m, held_out)}, utterance {utt_id}: "
-                                          f"NaN or Inf logits")
+                    raise LogitStoreError(
+                        f"CTC file {ctc_file(logit_root, m, held_out)}, utterance {utt_id}: NaN or Inf logits"
+                    )
                 frames.append(F.log_softmax(z, -1))
             if len({f.shape[0] for f in frames}) != 1:
                 raise LogitStoreError(f"utterance {utt_id}: the CTC frame counts of {members} differ on the same audio")

@@ -1,6 +1,6 @@
 """Leave-one-speaker-out folds: the teacher set, the validation split and the items of each split.
 
-Honesty rules (DESIGN §3), enforced here and checked by ``check_honesty``:
+Honesty rules, enforced here and checked by ``check_honesty``:
 1. nothing of the held-out speaker (logits, words, ids) is used to train or to select a model;
 2. validation comes from teacher speakers only, grouped by speaker + word (the microphones of one
    (speaker, word) record the same utterance at once, so they never straddle train and valid);
@@ -22,7 +22,15 @@ from collections import defaultdict
 
 import torch
 
-from local.corpus import GROUPS, SPEAKERS, core_id, group_of, parse_utterance_id, word_category
+from local.corpus import (
+    GROUPS,
+    SPEAKERS,
+    core_id,
+    intelligibility_group,
+    parse_utterance_id,
+    production_of,
+    word_category,
+)
 
 TEACHER_SETS = ("same_level", "all_others")
 INPUT_STREAMS = ("self", "matched", "cross")
@@ -47,10 +55,12 @@ def teacher_speakers(held_out, teacher_set="same_level", teachers=None, exclude=
         if unknown:
             raise FoldError(f"unknown teacher speaker(s) {unknown}")
         if held_out in teachers:
-            raise FoldError(f"the held-out speaker {held_out} is among the teachers {teachers}: "
-                            f"that would train on the test speaker")
+            raise FoldError(
+                f"the held-out speaker {held_out} is among the teachers {teachers}: "
+                f"that would train on the test speaker"
+            )
     elif teacher_set == "same_level":
-        teachers = [s for s in GROUPS[group_of(held_out)] if s != held_out]
+        teachers = [s for s in GROUPS[intelligibility_group(held_out)] if s != held_out]
     elif teacher_set == "all_others":
         teachers = [s for s in SPEAKERS if s != held_out]
     else:
@@ -89,29 +99,31 @@ def _same_audio(store, pairs):
             ids, first = these, pair
         elif set(these) != set(ids):
             missing = sorted(set(ids) ^ set(these))[0]
-            raise FoldError(f"SA models {first[0]} and {pair[0]} on speaker {pair[1]}'s audio do not list the same "
-                            f"utterances (e.g. {missing}): cross streams join them by utterance id")
+            raise FoldError(
+                f"SA models {first[0]} and {pair[0]} on speaker {pair[1]}'s audio do not list the same "
+                f"utterances (e.g. {missing}): cross streams join them by utterance id"
+            )
     return ids
 
 
 def validation_groups(store, teachers, valid_fraction, seed):
-    """(speaker, word key) groups held out for validation: ``valid_fraction`` of each teacher
-    speaker's words, drawn with ``seed``. Whole groups, so the microphones of one recording never
-    straddle train and validation."""
-    words = defaultdict(set)
+    """The productions (``corpus.production_of``: one speaker's word, every microphone) held out
+    for validation: ``valid_fraction`` of each teacher speaker's words, drawn with ``seed``. Whole
+    productions, so the microphones of one recording never straddle train and validation."""
+    productions = defaultdict(set)
     for spk, utt_id in zip(store.stream_speaker, store.utt_ids):
         if spk in teachers:
-            words[spk].add(parse_utterance_id(utt_id)["word"])
-    groups = set()
+            productions[spk].add(production_of(utt_id))
+    chosen = set()
     gen = torch.Generator().manual_seed(int(seed))
-    for spk in sorted(words):
-        keys = sorted(words[spk])
+    for spk in sorted(productions):
+        keys = sorted(productions[spk])
         n_valid = int(round(valid_fraction * len(keys)))
         if valid_fraction > 0 and n_valid == 0:
             n_valid = 1
         for i in torch.randperm(len(keys), generator=gen)[:n_valid].tolist():
-            groups.add((spk, keys[i]))
-    return groups
+            chosen.add(keys[i])
+    return chosen
 
 
 def _item(streams, target, utt_id, word, self_stream=-1):
@@ -127,11 +139,6 @@ def _item(streams, target, utt_id, word, self_stream=-1):
     }
 
 
-def stream_group(store, j):
-    """(audio speaker, word key) of a stream: the unit of the validation split."""
-    return store.stream_speaker[j], parse_utterance_id(store.utt_ids[j])["word"]
-
-
 def build_items(train_store, test_store, held_out, teachers, input_streams, valid_groups):
     """``{"train": {id: item}, "valid": {...}, "test": {...}}`` for a fold.
 
@@ -141,13 +148,14 @@ def build_items(train_store, test_store, held_out, teachers, input_streams, vali
     teachers = sorted(teachers)
 
     def in_valid(j):
-        return stream_group(train_store, j) in valid_groups
+        return production_of(train_store.utt_ids[j]) in valid_groups
 
     splits = {"train": {}, "valid": {}, "test": {}}
     if input_streams in ("self", "matched"):
         by_core = defaultdict(list)  # core id -> the teacher speakers' own streams
-        for j, (model, spk, utt_id) in enumerate(zip(train_store.stream_model, train_store.stream_speaker,
-                                                     train_store.utt_ids)):
+        for j, (model, spk, utt_id) in enumerate(
+            zip(train_store.stream_model, train_store.stream_speaker, train_store.utt_ids)
+        ):
             if model == spk and spk in teachers:
                 by_core[core_id(utt_id)].append(j)
         for core, streams in sorted(by_core.items()):
@@ -183,7 +191,7 @@ def build_items(train_store, test_store, held_out, teachers, input_streams, vali
 
 
 def check_honesty(splits, train_store, test_store, held_out):
-    """Raises FoldError if any honesty rule of DESIGN §3 is broken by these splits."""
+    """Raises FoldError if any of the three honesty rules above is broken by these splits."""
     if held_out in train_store.stream_model or held_out in train_store.stream_speaker:
         raise FoldError(f"the training store holds logits of the held-out speaker {held_out}")
     for name in ("train", "valid"):
@@ -191,16 +199,22 @@ def check_honesty(splits, train_store, test_store, held_out):
             for j in item["streams"] + item["target"]:
                 model, spk = train_store.stream_model[j], train_store.stream_speaker[j]
                 if held_out in (model, spk):
-                    raise FoldError(f"{name} item {item_id} uses the stream of model {model} on "
-                                    f"{train_store.utt_ids[j]}: the held-out speaker is {held_out}")
-    valid = {stream_group(train_store, j) for item in splits["valid"].values() for j in item["streams"]}
+                    raise FoldError(
+                        f"{name} item {item_id} uses the stream of model {model} on "
+                        f"{train_store.utt_ids[j]}: the held-out speaker is {held_out}"
+                    )
+    valid = {production_of(train_store.utt_ids[j]) for item in splits["valid"].values() for j in item["streams"]}
     for item_id, item in splits["train"].items():
         for j in item["streams"] + item["target"]:
-            if stream_group(train_store, j) in valid:
-                raise FoldError(f"train item {item_id} uses {train_store.utt_ids[j]}, whose (speaker, word) "
-                                f"is in validation")
+            if production_of(train_store.utt_ids[j]) in valid:
+                raise FoldError(
+                    f"train item {item_id} uses {train_store.utt_ids[j]}, whose production "
+                    f"(speaker, word) is in validation"
+                )
     for item_id, item in splits["test"].items():
         for j in item["streams"] + [item["self_stream"]]:
             if j >= 0 and test_store.stream_speaker[j] != held_out:
-                raise FoldError(f"test item {item_id} takes a stream of speaker "
-                                f"{test_store.stream_speaker[j]}'s audio, not the held-out {held_out}")
+                raise FoldError(
+                    f"test item {item_id} takes a stream of speaker "
+                    f"{test_store.stream_speaker[j]}'s audio, not the held-out {held_out}"
+                )

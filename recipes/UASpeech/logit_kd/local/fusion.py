@@ -112,8 +112,19 @@ class TransformerFusion(nn.Module):
     The correction's last layer starts at zero, so the untrained student is the attention mix.
     """
 
-    def __init__(self, vocab_size, top_k=8, d_model=64, n_heads=4, n_layers=2, d_ffn=128,
-                 correction_rank=16, dropout=0.1, max_positions=64, mix_temperature=1.0):
+    def __init__(
+        self,
+        vocab_size,
+        top_k=8,
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        d_ffn=128,
+        correction_rank=16,
+        dropout=0.1,
+        max_positions=64,
+        mix_temperature=1.0,
+    ):
         super().__init__()
         self.top_k = top_k
         self.mix_temperature = mix_temperature
@@ -142,14 +153,15 @@ class TransformerFusion(nn.Module):
         h = h + self.position(torch.arange(U, device=logits.device))
         # Attend over all cells (s', u') with u' <= u of present streams.
         pos = torch.arange(U, device=logits.device).repeat(S)
-        causal = pos[None, :] > pos[:, None]                                   # [SU, SU]
-        absent = ~stream_mask.repeat_interleave(U, dim=1)                       # [B, SU]
-        blocked = causal[None] | absent[:, None, :]                             # [B, SU, SU]
+        causal = pos[None, :] > pos[:, None]  # [SU, SU]
+        absent = ~stream_mask.repeat_interleave(U, dim=1)  # [B, SU]
+        blocked = causal[None] | absent[:, None, :]  # [B, SU, SU]
         blocked = blocked & ~torch.eye(S * U, dtype=torch.bool, device=logits.device)[None]
         attn_mask = blocked.repeat_interleave(self.n_heads, dim=0)
         h = self.norm(self.encoder(h.reshape(B, S * U, -1), mask=attn_mask)).reshape(B, S, U, -1)
-        mixed = mix_at_temperature(logits, stream_log_weights(self.stream_score(h).squeeze(-1), stream_mask),
-                                   self.mix_temperature)
+        mixed = mix_at_temperature(
+            logits, stream_log_weights(self.stream_score(h).squeeze(-1), stream_mask), self.mix_temperature
+        )
         present = stream_mask[:, :, None, None].to(h.dtype)
         pooled = (h * present).sum(1) / present.sum(1).clamp(min=1.0)
         return mixed + self.correction(pooled).float()
@@ -158,9 +170,23 @@ class TransformerFusion(nn.Module):
 class FusionStudent(nn.Module):
     """The student of the recipe: one of FUSIONS, built from the hparams' knobs."""
 
-    def __init__(self, fusion, vocab_size, n_identities, mean_mode="prob", evidence_k=5,
-                 attention_hidden=32, top_k=8, d_model=64, n_heads=4, n_layers=2, d_ffn=128,
-                 correction_rank=16, dropout=0.1, mix_temperature=1.0):
+    def __init__(
+        self,
+        fusion,
+        vocab_size,
+        n_identities,
+        mean_mode="prob",
+        evidence_k=5,
+        attention_hidden=32,
+        top_k=8,
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        d_ffn=128,
+        correction_rank=16,
+        dropout=0.1,
+        mix_temperature=1.0,
+    ):
         super().__init__()
         self.fusion_name = fusion
         if fusion == "mean":
@@ -170,8 +196,17 @@ class FusionStudent(nn.Module):
         elif fusion == "attention":
             self.fusion = AttentionFusion(evidence_k, attention_hidden, mix_temperature)
         elif fusion == "transformer":
-            self.fusion = TransformerFusion(vocab_size, min(top_k, vocab_size), d_model, n_heads, n_layers,
-                                            d_ffn, correction_rank, dropout, mix_temperature=mix_temperature)
+            self.fusion = TransformerFusion(
+                vocab_size,
+                min(top_k, vocab_size),
+                d_model,
+                n_heads,
+                n_layers,
+                d_ffn,
+                correction_rank,
+                dropout,
+                mix_temperature=mix_temperature,
+            )
         else:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
 

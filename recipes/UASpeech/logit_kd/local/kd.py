@@ -1,4 +1,4 @@
-"""The distillation objective: the teacher-ensemble target and the KD + CE loss (DESIGN §4).
+"""The distillation objective: the teacher-ensemble target and the KD + CE loss.
 
     loss = alpha * T^2 * KL(softmax(target / T) || softmax(student / T)) + (1 - alpha) * CE(student, tokens_eos)
 
@@ -36,7 +36,7 @@ def ensemble_target(logits, temperature, aggregation="prob_mean", weights=None, 
         w = torch.as_tensor(weights, dtype=torch.float32) * present
     else:
         w = present.float()
-    w = (w / w.sum(-1, keepdim=True))[..., None, None]                 # [..., S, 1, 1], sums to 1
+    w = (w / w.sum(-1, keepdim=True))[..., None, None]  # [..., S, 1, 1], sums to 1
     if aggregation in ("prob_mean", "weighted"):
         return (w * F.softmax(logits / temperature, -1)).sum(-3)
     if aggregation == "logprob_mean":
@@ -48,7 +48,7 @@ def ensemble_target(logits, temperature, aggregation="prob_mean", weights=None, 
             raise ValueError("the best aggregation needs the reference tokens")
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         index = tokens.unsqueeze(-2).expand(*logits.shape[:-1]).unsqueeze(-1)
-        likelihood = F.log_softmax(logits, -1).gather(-1, index).squeeze(-1).sum(-1)   # [..., S]
+        likelihood = F.log_softmax(logits, -1).gather(-1, index).squeeze(-1).sum(-1)  # [..., S]
         best = likelihood.masked_fill(~present, float("-inf")).argmax(-1)
         chosen = logits.gather(-3, best[..., None, None, None].expand(*logits.shape[:-3], 1, *logits.shape[-2:]))
         return F.softmax(chosen.squeeze(-3) / temperature, -1)
@@ -83,8 +83,9 @@ class EnsembleTargets(PackedRows):
     row is the zero padding row) with one entry per distinct set of target streams; cached on disk
     with ``cache_dir`` (keyed by the store, the target sets, T, the aggregation and the weights)."""
 
-    def __init__(self, store, target_sets, temperature, aggregation, teacher_weights=None,
-                 dtype=torch.float32, cache_dir=None):
+    def __init__(
+        self, store, target_sets, temperature, aggregation, teacher_weights=None, dtype=torch.float32, cache_dir=None
+    ):
         self.temperature, self.aggregation = temperature, aggregation
         self.key_of = {}
         lengths = []
@@ -94,8 +95,15 @@ class EnsembleTargets(PackedRows):
                 self.key_of[key] = len(lengths)
                 lengths.append(int(store.lengths[key[0]]))
         sets = list(self.key_of)
-        cache = cache_key("targets", store.key, str(dtype), temperature, aggregation, teacher_weights,
-                          hashlib.sha256(json.dumps(sets).encode()).hexdigest())
+        cache = cache_key(
+            "targets",
+            store.key,
+            str(dtype),
+            temperature,
+            aggregation,
+            teacher_weights,
+            hashlib.sha256(json.dumps(sets).encode()).hexdigest(),
+        )
         offsets = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0) - torch.tensor(lengths, dtype=torch.long)
 
         def fill(data, chunk=16):
@@ -103,27 +111,38 @@ class EnsembleTargets(PackedRows):
             # instead of one small one per target set.
             order = sorted(range(len(sets)), key=lambda k: (len(sets[k]), lengths[k]))
             for c in range(0, len(order), chunk):
-                ks = order[c:c + chunk]
+                ks = order[c : c + chunk]
                 streams = torch.full((len(ks), max(len(sets[k]) for k in ks)), -1, dtype=torch.long)
                 for row, k in enumerate(ks):
                     streams[row, : len(sets[k])] = torch.tensor(sets[k])
                 U = max(lengths[k] for k in ks)
                 weights = tokens = None
                 if aggregation == "weighted":
-                    weights = torch.tensor([[teacher_weights[store.stream_model[j]] if j >= 0 else 0.0
-                                             for j in row] for row in streams.tolist()]).clamp(min=1e-3)
+                    weights = torch.tensor(
+                        [
+                            [teacher_weights[store.stream_model[j]] if j >= 0 else 0.0 for j in row]
+                            for row in streams.tolist()
+                        ]
+                    ).clamp(min=1e-3)
                 if aggregation == "best":
                     tokens = torch.zeros(len(ks), U, dtype=torch.long)
                     for row, k in enumerate(ks):
                         tokens[row, : lengths[k]] = torch.tensor(store.tokens.tokens_eos(store.words[sets[k][0]]))
-                target = ensemble_target(store.gather(streams, U), temperature, aggregation, weights=weights,
-                                         tokens=tokens, stream_mask=streams >= 0)
+                target = ensemble_target(
+                    store.gather(streams, U),
+                    temperature,
+                    aggregation,
+                    weights=weights,
+                    tokens=tokens,
+                    stream_mask=streams >= 0,
+                )
                 for row, k in enumerate(ks):
                     start = int(offsets[k])
-                    data[start:start + lengths[k]] = target[row, : lengths[k]]
+                    data[start : start + lengths[k]] = target[row, : lengths[k]]
 
-        data, self.from_cache = build_packed(cache_dir, "targets", cache, (sum(lengths) + 1, store.vocab_size),
-                                             dtype, fill)
+        data, self.from_cache = build_packed(
+            cache_dir, "targets", cache, (sum(lengths) + 1, store.vocab_size), dtype, fill
+        )
         super().__init__(data, lengths)
 
     def index(self, streams):

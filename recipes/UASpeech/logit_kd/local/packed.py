@@ -54,7 +54,7 @@ class PackedRows:
     def block(self, i):
         """``[U_i, V]`` float32 block i."""
         start = int(self.offsets[i])
-        return self.data[start:start + int(self.lengths[i])].float()
+        return self.data[start : start + int(self.lengths[i])].float()
 
     def rows(self, index, max_len):
         """Row indices ``[..., max_len]`` of blocks ``index`` (-1 = none): pads point to the zero row."""
@@ -105,9 +105,13 @@ class PackedCache:
             header = json.loads((self.folder / "header.json").read_text())
             data_file = self.folder / "data.bin"
             numel = self.shape[0] * self.shape[1]
-            if (header.get("format") != CACHE_FORMAT or header.get("key") != self.key
-                    or header.get("shape") != list(self.shape) or header.get("dtype") != str(self.dtype)
-                    or data_file.stat().st_size != numel * _element_size(self.dtype)):
+            if (
+                header.get("format") != CACHE_FORMAT
+                or header.get("key") != self.key
+                or header.get("shape") != list(self.shape)
+                or header.get("dtype") != str(self.dtype)
+                or data_file.stat().st_size != numel * _element_size(self.dtype)
+            ):
                 return None
             if _checksum(data_file, self.shape, self.dtype) != header.get("checksum"):
                 return None
@@ -125,8 +129,13 @@ class PackedCache:
 
     def commit(self, data):
         """Writes the header and moves the folder to its final name (atomically)."""
-        header = {"format": CACHE_FORMAT, "key": self.key, "shape": list(self.shape), "dtype": str(self.dtype),
-                  "checksum": _checksum(self.tmp / "data.bin", self.shape, self.dtype)}
+        header = {
+            "format": CACHE_FORMAT,
+            "key": self.key,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype),
+            "checksum": _checksum(self.tmp / "data.bin", self.shape, self.dtype),
+        }
         (self.tmp / "header.json").write_text(json.dumps(header))
         if self.folder.exists():  # stale or corrupt (load() refused it), or made meanwhile by another run
             shutil.rmtree(self.folder, ignore_errors=True)

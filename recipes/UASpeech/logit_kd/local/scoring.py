@@ -1,4 +1,4 @@
-"""Decoding and scoring, identical to the SA pipeline (DESIGN §5).
+"""Decoding and scoring, identical to the SA pipeline.
 
 Greedy rule: argmax at each real position, cut at the first ``</s>`` (id 2), then
 ``tokenizer.decode_ids(ids).split(" ")`` against ``word.split(" ")``, scored by SpeechBrain's
@@ -12,12 +12,13 @@ prefix: this is the "teacher-forced greedy WER" that the SA pipeline's validatio
 
 from collections import defaultdict
 
-from speechbrain.utils.edit_distance import wer_summary
 from speechbrain.utils.metric_stats import ErrorRateStats
 
+from local.combine import majority_vote as vote
 from local.corpus import WORD_CATEGORIES
-from local.files import atomic_write
+from local.files import atomic_write, write_json
 from local.store import EOS
+from local.tables import text_table
 
 
 def greedy_ids(logits, lengths):
@@ -30,17 +31,29 @@ def greedy_ids(logits, lengths):
     return hyps
 
 
-def _rates(scores):
-    """WER, SER, WRA (percent) and counts of per-utterance ErrorRateStats scores."""
-    summary = wer_summary(scores)
+def rates(edits, ref_words):
+    """WER, SER, WRA (percent) and counts of a set of utterances from their per-utterance edits and
+    reference words, summed as SpeechBrain's ``wer_summary`` sums them: WER = 100 * sum(edits) /
+    sum(reference words) (0 without reference words), SER = 100 * share of utterances with at
+    least one edit, WRA = 100 - SER (word recognition accuracy: the exact-match rate)."""
+    edits, ref_words = list(edits), list(ref_words)
+    n, total_edits, total_ref = len(edits), sum(edits), sum(ref_words)
+    wrong = sum(1 for e in edits if e > 0)
+    ser = 100.0 * wrong / n if n else float("nan")
     return {
-        "WER": summary["WER"],
-        "SER": summary["SER"],
-        "WRA": 100.0 - summary["SER"],
-        "n": summary["num_scored_sents"],
-        "edits": summary["num_edits"],
-        "ref_words": summary["num_scored_tokens"],
+        "n": n,
+        "WER": 100.0 * total_edits / total_ref if total_ref else 0.0,
+        "SER": ser,
+        "WRA": 100.0 - ser,
+        "edits": total_edits,
+        "ref_words": total_ref,
+        "erroneous": wrong,
     }
+
+
+def _rates(scores):
+    """``rates`` of ErrorRateStats' per-utterance score dicts."""
+    return rates([s["num_edits"] for s in scores], [s["num_ref_tokens"] for s in scores])
 
 
 class SystemScores:
@@ -97,12 +110,36 @@ class SystemScores:
         """``wer_test.txt`` in SpeechBrain's format, so it diffs against existing ``wer_*.txt``."""
         atomic_write(path, self.wer.write_stats)
 
+    def edits(self):
+        """utterance id -> (word edits, reference words), as ErrorRateStats scored them."""
+        return {s["key"]: (s["num_edits"], s["num_ref_tokens"]) for s in self.wer.scores}
+
+
+def write_utterances(path, systems):
+    """Every system's result on every test utterance, for the study report (which then never
+    re-parses the ``wer_test*.txt`` files): ``{"ids", "references", "categories", "mics",
+    "ref_words", "systems": {name: {"hypotheses", "edits"}}}``, in the order of the first system."""
+    first = next(iter(systems.values()))
+    ids = list(first.edits())
+    data = {
+        "ids": ids,
+        "references": [first.references[i] for i in ids],
+        "categories": [first.groups[i][0] for i in ids],
+        "mics": [first.groups[i][1] for i in ids],
+        "ref_words": [first.edits()[i][1] for i in ids],
+        "systems": {},
+    }
+    for name, scores in systems.items():
+        edits = scores.edits()
+        if set(edits) != set(ids):
+            raise ValueError(f"system {name} was not scored on the same utterances as {next(iter(systems))}")
+        data["systems"][name] = {"hypotheses": [scores.hypotheses[i] for i in ids], "edits": [edits[i][0] for i in ids]}
+    write_json(path, data, indent=None)
+
 
 def majority_vote(systems, tokenizer):
     """Word-level majority vote of several systems on the same utterances: per utterance the most
-    frequent whole hypothesis wins; a tie goes to the system listed first (``compare.majority_vote``)."""
-    from local.compare import majority_vote as vote
-
+    frequent whole hypothesis wins (``combine.majority_vote``)."""
     voted = SystemScores(tokenizer)
     first = systems[0]
     for utt_id in first.hypotheses:
@@ -113,9 +150,9 @@ def majority_vote(systems, tokenizer):
     return voted
 
 
-def format_table(results):
-    """A small text table of WER / CER / WRA per system for the log."""
-    lines = [f"{'system':<24} {'WER':>7} {'CER':>7} {'WRA':>7} {'n':>6}"]
-    for name, r in results.items():
-        lines.append(f"{name:<24} {r['WER']:7.2f} {r['CER']:7.2f} {r['WRA']:7.2f} {r['n']:6d}")
-    return "\n".join(lines)
+def results_table(results):
+    """The log's table of WER / CER / WRA per system."""
+    return text_table(
+        ["system", "WER", "CER", "WRA", "n"],
+        [[name, f"{r['WER']:.2f}", f"{r['CER']:.2f}", f"{r['WRA']:.2f}", r["n"]] for name, r in results.items()],
+    )

@@ -11,8 +11,8 @@ as independent inflates the sample size about sevenfold and gives intervals
 that are too narrow and p-values that are too small.
 
 The independent unit is therefore the *group* (speaker, word): the utterance id
-without its ``_<MIC>`` suffix (:func:`group_of`). Both procedures here resample
-or permute whole groups:
+without its ``_<MIC>`` suffix (``corpus.production_of``). Both procedures here
+resample or permute whole groups:
 
 * :func:`bootstrap_ci` -- cluster (group) bootstrap of a ratio statistic
   ``100 * sum(num) / sum(den)`` (WER: edits / reference words; WRA or SER:
@@ -22,27 +22,12 @@ or permute whole groups:
   whose sign is exchangeable under the null hypothesis.
 
 Everything is deterministic given ``seed`` (``numpy.random.default_rng``).
-Only numpy is needed.
 """
-
-import re
 
 import numpy as np
 
-_MIC_SUFFIX = re.compile(r"_M\d+$")
-
 # Upper bound on the number of array cells built at once (bootstrap rows x groups).
 _CHUNK_CELLS = 4_000_000
-
-
-def group_of(utt_id):
-    """The (speaker, word) group of an utterance: its id without the microphone suffix.
-
-    ``M08_B3_CW95_M2`` -> ``M08_B3_CW95``. The seven microphones of one
-    (speaker, word) record the same production, so they form one group.
-    An id without a ``_M<digits>`` suffix is returned unchanged (its own group).
-    """
-    return _MIC_SUFFIX.sub("", str(utt_id))
 
 
 def _group_index(groups, n):
@@ -73,7 +58,7 @@ def bootstrap_ci(num, den, groups, n_boot=2000, seed=0, level=0.95):
         WER: ``num`` = edits, ``den`` = reference words.
         WRA: ``num`` = 1 if the utterance is exactly right else 0, ``den`` = 1.
     groups : sequence of hashable, one label per utterance
-        The cluster of each utterance, normally ``group_of(utt_id)``. The
+        The cluster of each utterance, normally ``corpus.production_of(utt_id)``. The
         microphones of one (speaker, word) are one production, hence one
         cluster: whole groups are resampled with replacement, so the interval
         reflects the number of independent words, not of channels.
@@ -139,7 +124,7 @@ def paired_test(err_a, err_b, groups, n_perm=10000, seed=0):
     err_a, err_b : sequences of numbers, one per utterance
         Per-utterance errors (edits for WER, 0/1 for sentence error / WRA).
     groups : sequence of hashable
-        Cluster label per utterance, normally ``group_of(utt_id)``.
+        Cluster label per utterance, normally ``corpus.production_of(utt_id)``.
     n_perm : int
         Random sign assignments.
     seed : int

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from local.corpus import SPEAKERS, parse_utterance_id
+from local.layout import REQUIRED_METADATA_KEYS, describe_pair, pair_files, pair_folder
 from local.packed import PackedRows, build_packed, cache_key, file_signature
 
 SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2}
 EOS = SPECIAL_IDS["</s>"]
-METADATA_KEYS = ("utterance_ids", "target_words", "num_utterances")
 
 
 class LogitStoreError(ValueError):
@@ -56,11 +56,11 @@ def load_tokenizer(path):
 class TokenTable:
     """``tokens_eos`` of each word, derived once with the SA tokenizer."""
 
-    def __init__(self, tokenizer, signature=None):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.vocab_size()
         # What the derived lengths depend on (part of the cache keys): the tokenizer's content.
-        self.signature = signature or hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest()
+        self.signature = hashlib.sha256(tokenizer.serialized_model_proto()).hexdigest()
         self._cache = {}
 
     def tokens_eos(self, word):
@@ -75,35 +75,36 @@ class PairInfo:
 
     model: str
     speaker: str
-    folder: Path
+    files: dict  # layout.pair_files
     utt_ids: list
     words: list
     lengths: list  # U_i = len(tokens) + 1, from the tokenizer
 
     @property
     def decoder_file(self):
-        return self.folder / f"{self.speaker}_decoder_logits.pt"
+        return self.files["decoder"]
 
     @property
-    def ctc_file(self):
-        return self.folder / f"{self.speaker}_ctc_logits.pt"
+    def metadata_file(self):
+        return self.files["metadata"]
 
 
 def read_metadata(logit_root, model, speaker, tokens):
     """Reads and checks ``<logit_root>/<model>/<speaker>/<speaker>_metadata.json``."""
-    folder = Path(logit_root) / model / speaker
-    where = f"SA model {model} on speaker {speaker}"
+    folder = pair_folder(logit_root, model, speaker)
+    where = describe_pair(model, speaker)
     if not folder.is_dir():
         raise LogitStoreError(f"missing folder {folder} ({where}): is --logit_root right?")
-    path = folder / f"{speaker}_metadata.json"
+    files = pair_files(logit_root, model, speaker)
+    path = files["metadata"]
     if not path.is_file():
         raise LogitStoreError(f"missing metadata file {path} ({where})")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LogitStoreError(f"unreadable metadata file {path} ({where}): {err}") from None
-    if not isinstance(meta, dict) or any(k not in meta for k in METADATA_KEYS):
-        raise LogitStoreError(f"metadata file {path} ({where}) lacks one of the keys {METADATA_KEYS}")
+    if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED_METADATA_KEYS):
+        raise LogitStoreError(f"metadata file {path} ({where}) lacks one of the keys {REQUIRED_METADATA_KEYS}")
     utt_ids, words = meta["utterance_ids"], meta["target_words"]
     if not (isinstance(utt_ids, list) and isinstance(words, list)):
         raise LogitStoreError(f"metadata file {path}: utterance_ids and target_words must be lists")
@@ -140,7 +141,7 @@ def read_metadata(logit_root, model, speaker, tokens):
                 f"tokenizer is upper-case only (lower case maps to <unk>)"
             )
         lengths.append(len(tokens.tokens_eos(word)))
-    return PairInfo(model, speaker, folder, list(utt_ids), list(words), lengths)
+    return PairInfo(model, speaker, files, list(utt_ids), list(words), lengths)
 
 
 def load_tensors(path, where):
@@ -164,18 +165,21 @@ def read_decoder_logits(info, vocab_size):
     """The ``[U_i, V]`` tensors of a pair's decoder file (memory-mapped), their number, type and
     shape checked; values are checked by ``copy_decoder_logits``."""
     path = info.decoder_file
-    where = f"SA model {info.model} on speaker {info.speaker}"
+    where = describe_pair(info.model, info.speaker)
     data = load_tensors(path, where)
     if isinstance(data, torch.Tensor):
         if data.dim() != 3:
-            raise LogitStoreError(f"logit file {path} ({where}): a tensor of shape {tuple(data.shape)}, "
-                                  f"expected a list of [U, V] tensors or one [N, U, V] tensor")
+            raise LogitStoreError(
+                f"logit file {path} ({where}): a tensor of shape {tuple(data.shape)}, "
+                f"expected a list of [U, V] tensors or one [N, U, V] tensor"
+            )
         items = data.unbind(0)
     elif isinstance(data, (list, tuple)):
         items = data
     else:
-        raise LogitStoreError(f"logit file {path} ({where}) holds a {type(data).__name__}, "
-                              f"not a list of tensors or a tensor")
+        raise LogitStoreError(
+            f"logit file {path} ({where}) holds a {type(data).__name__}, not a list of tensors or a tensor"
+        )
     if len(items) != len(info.utt_ids):
         raise LogitStoreError(
             f"logit file {path} ({where}) holds {len(items)} utterances but its metadata lists "
@@ -204,7 +208,7 @@ def copy_decoder_logits(info, items, dest):
     that every value is finite, in one pass over the packed rows rather than per utterance."""
     start = 0
     for logits in items:
-        dest[start:start + logits.shape[0]] = logits
+        dest[start : start + logits.shape[0]] = logits
         start += logits.shape[0]
     finite = torch.isfinite(dest).all(-1)
     if bool(finite.all()):
@@ -215,8 +219,10 @@ def copy_decoder_logits(info, items, dest):
     pos = row - (int(ends[i]) - info.lengths[i])
     source_finite = bool(torch.isfinite(items[i]).all())
     what = "NaN or Inf logits" if not source_finite else f"logits too large for the store's {dest.dtype}"
-    raise LogitStoreError(f"logit file {info.decoder_file} (SA model {info.model} on speaker {info.speaker}), "
-                          f"utterance {info.utt_ids[i]}: {what} at position {pos}")
+    raise LogitStoreError(
+        f"logit file {info.decoder_file} ({describe_pair(info.model, info.speaker)}), "
+        f"utterance {info.utt_ids[i]}: {what} at position {pos}"
+    )
 
 
 class LogitStore(PackedRows):
@@ -236,14 +242,15 @@ class LogitStore(PackedRows):
         # ``optional`` pairs are read when their folder exists (e.g. the held-out speaker's own SA
         # model, a baseline only, which a truly new speaker does not have).
         optional = {tuple(p) for p in optional}
-        self.pairs = [tuple(p) for p in pairs
-                      if tuple(p) not in optional or (self.logit_root / p[0] / p[1]).is_dir()]
+        self.pairs = [tuple(p) for p in pairs if tuple(p) not in optional or pair_folder(self.logit_root, *p).is_dir()]
         infos = [read_metadata(logit_root, m, s, tokens) for m, s in self.pairs]
         self.stream_model, self.stream_speaker, self.utt_ids, self.words = [], [], [], []
         self.pair_streams = {}  # (model, speaker) -> range of stream indices, in file order
         lengths = []
         for info in infos:
-            self.pair_streams[(info.model, info.speaker)] = range(len(self.utt_ids), len(self.utt_ids) + len(info.utt_ids))
+            self.pair_streams[(info.model, info.speaker)] = range(
+                len(self.utt_ids), len(self.utt_ids) + len(info.utt_ids)
+            )
             self.stream_model += [info.model] * len(info.utt_ids)
             self.stream_speaker += [info.speaker] * len(info.utt_ids)
             self.utt_ids += info.utt_ids
@@ -256,9 +263,13 @@ class LogitStore(PackedRows):
         self.model_ids = torch.tensor([identity.get(m, len(SPEAKERS)) for m in self.stream_model], dtype=torch.long)
         shape = (sum(lengths) + 1, self.vocab_size)
         self.key = cache_key(
-            "store", str(store_dtype), tokens.signature,
-            [[m, s, file_signature(i.decoder_file), file_signature(i.folder / f"{s}_metadata.json")]
-             for (m, s), i in zip(self.pairs, infos)],
+            "store",
+            str(store_dtype),
+            tokens.signature,
+            [
+                [m, s, file_signature(i.decoder_file), file_signature(i.metadata_file)]
+                for (m, s), i in zip(self.pairs, infos)
+            ],
         )
 
         def fill(data):
@@ -273,7 +284,7 @@ class LogitStore(PackedRows):
                     if k + 1 < len(infos):
                         pending = reader.submit(read_decoder_logits, infos[k + 1], self.vocab_size)
                     rows = sum(info.lengths)
-                    copy_decoder_logits(info, items, data[row:row + rows])
+                    copy_decoder_logits(info, items, data[row : row + rows])
                     del items  # unmap this file before the next one is copied
                     row += rows
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """A synthetic SA logit extraction, in exactly the on-disk format of the real one.
 
 The real decoder logits are not public, so the recipe ships this generator: it is the embedded
@@ -16,31 +15,27 @@ How the teacher-forced logits are made, per position u of an utterance (target t
 the SA model's top token is t_u with a probability that grows with the speaker's intelligibility
 (and is higher after the first position: teacher forcing feeds the reference prefix). When it is
 wrong, the top token is the *shared* confusion partner of t_u (the same for every speaker, so the
-ensemble does not fix it), <unk> (id 0, which decodes to " ⁇ "), an early </s>, a *distractor* piece that no word of the closed list uses (a
-LibriSpeech-sized tokenizer has many; a student can learn they are never right), or another piece.
-The true token keeps a secondary boost of random size, so it is often, not always, second. Errors are otherwise drawn
-independently per speaker, which is why an ensemble of speakers beats one of them.
+ensemble does not fix it), <unk> (id 0, which decodes to " ⁇ "), an early </s>, a *distractor*
+piece that no word of the closed list uses (a LibriSpeech-sized tokenizer has many; a student can
+learn they are never right), or another piece. The true token keeps a secondary boost of random
+size, so it is often, not always, second. Errors are otherwise drawn independently per speaker,
+which is why an ensemble of speakers beats one of them.
 
-Usage:
-    python local/synthetic.py --out demo_data                 # the demo tree
-    python local/synthetic.py --out /tmp/full --scale full --tokenizer_file sa_tokenizer.model \
-        --metadata_dir uaspeech/metadata                      # real sizes, real words and ids
+Command line: ``make_demo_tree.py``.
 """
 
-import argparse
 import hashlib
 import io
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from local.corpus import HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS  # noqa: E402
-from local.files import write_json  # noqa: E402
+from local.corpus import HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS
+from local.files import write_json
+from local.layout import SUMMARY_FILE, pair_files
 
 GENERATOR_VERSION = 6
 DEMO_SEED = 2026
@@ -106,8 +101,10 @@ def word_list(scale, seed):
     table.update({f"UW{i + 1}": w for i, w in enumerate(uncommon)})
     if scale == "demo":
         keep = (
-            [f"D{i}" for i in range(10)] + [f"L{c}" for c in "ABCDEFGH"]
-            + [f"C{i}" for i in range(1, 7)] + [f"CW{i}" for i in range(1, 11)]
+            [f"D{i}" for i in range(10)]
+            + [f"L{c}" for c in "ABCDEFGH"]
+            + [f"C{i}" for i in range(1, 7)]
+            + [f"CW{i}" for i in range(1, 11)]
             + [f"UW{i}" for i in range(1, 11)]
         )
         table = {k: table[k] for k in keep}
@@ -124,9 +121,18 @@ def train_tokenizer(path, words, vocab_size, seed):
     sentences = list(words) * 4 + filler
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        model_type="unigram", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
     )
     Path(path).write_bytes(model.getvalue())
 
@@ -205,13 +211,15 @@ def _decoder_logits(target, first, accuracy, conf, gen):
     # A wrong top token is the shared partner (35 %), <unk> (5 %, decodes to " ⁇ "), an early </s>
     # (5 %: at the first position, an empty hypothesis), a distractor piece (35 %) or another
     # piece of the closed list (20 %).
-    candidates = torch.stack([
-        conf.partner[target],
-        torch.zeros(P, dtype=torch.long),
-        torch.full((P,), 2, dtype=torch.long),
-        conf.distractors[torch.randint(0, len(conf.distractors), (P,), generator=gen)],
-        conf.in_list[torch.randint(0, len(conf.in_list), (P,), generator=gen)],
-    ])
+    candidates = torch.stack(
+        [
+            conf.partner[target],
+            torch.zeros(P, dtype=torch.long),
+            torch.full((P,), 2, dtype=torch.long),
+            conf.distractors[torch.randint(0, len(conf.distractors), (P,), generator=gen)],
+            conf.in_list[torch.randint(0, len(conf.in_list), (P,), generator=gen)],
+        ]
+    )
     kind = torch.bucketize(torch.rand(P, generator=gen), torch.tensor([0.35, 0.4, 0.45, 0.8]))
     rows = torch.arange(P)
     top = torch.where(correct, target, candidates[kind, rows])
@@ -252,16 +260,18 @@ def _write_pair(pair_dir, model, speaker, utts, sp, conf, seed, form, ctc):
     logits, _ = _decoder_logits(target, first, utt_accuracy.repeat_interleave(per_position), conf, gen)
     decoder = [t.clone() for t in logits.split(lengths)]
     pair_dir.mkdir(parents=True)
+    files = {kind: pair_dir / path.name for kind, path in pair_files(pair_dir, model, speaker).items()}
     if form == "stacked":
         if len(set(lengths)) != 1:
             raise ValueError(f"{model}/{speaker}: the stacked form needs equal lengths")
-        torch.save(torch.stack(decoder), pair_dir / f"{speaker}_decoder_logits.pt")
+        torch.save(torch.stack(decoder), files["decoder"])
     else:
-        torch.save(decoder, pair_dir / f"{speaker}_decoder_logits.pt")
+        torch.save(decoder, files["decoder"])
     if ctc:
-        ctc_list = [_ctc_logits(t, float(a), frames, conf, gen)
-                    for t, a, (_, _, frames) in zip(tokens, utt_accuracy, utts)]
-        torch.save(ctc_list, pair_dir / f"{speaker}_ctc_logits.pt")
+        ctc_list = [
+            _ctc_logits(t, float(a), frames, conf, gen) for t, a, (_, _, frames) in zip(tokens, utt_accuracy, utts)
+        ]
+        torch.save(ctc_list, files["ctc"])
     meta = {
         "model_name": model,
         "num_utterances": len(utts),
@@ -273,7 +283,7 @@ def _write_pair(pair_dir, model, speaker, utts, sp, conf, seed, form, ctc):
         "vocab_size_ctc": conf.vocab,
         "ctc_frame_lens": [u[2] for u in utts],
     }
-    (pair_dir / f"{speaker}_metadata.json").write_text(json.dumps(meta))
+    files["metadata"].write_text(json.dumps(meta))
     return sum(t.numel() * 4 for t in decoder)
 
 
@@ -297,8 +307,17 @@ class _Corpus:
         self.seed = seed
 
     def write_pair(self, pair_dir, model, speaker, form="list", ctc=False):
-        return _write_pair(pair_dir, model, speaker, self.per_speaker[speaker], self.sp, self.conf, self.seed,
-                           form, _wants_ctc(ctc, speaker))
+        return _write_pair(
+            pair_dir,
+            model,
+            speaker,
+            self.per_speaker[speaker],
+            self.sp,
+            self.conf,
+            self.seed,
+            form,
+            _wants_ctc(ctc, speaker),
+        )
 
 
 def _expand_pairs(pairs, speakers):
@@ -310,12 +329,22 @@ def _expand_pairs(pairs, speakers):
 
 
 def _write_summary(tree, summary):
-    for path in (tree / "logit_extraction" / "extraction_summary.json", tree / "SYNTHETIC.json"):
+    for path in (tree / "logit_extraction" / SUMMARY_FILE, tree / "SYNTHETIC.json"):
         write_json(path, summary, indent=1)
 
 
-def generate_tree(out, scale="demo", seed=DEMO_SEED, speakers=SPEAKERS, pairs="diagonal",
-                  tokenizer_file=None, metadata_dir=None, ctc=False, stacked=(), words=None):
+def generate_tree(
+    out,
+    scale="demo",
+    seed=DEMO_SEED,
+    speakers=SPEAKERS,
+    pairs="diagonal",
+    tokenizer_file=None,
+    metadata_dir=None,
+    ctc=False,
+    stacked=(),
+    words=None,
+):
     """Writes a synthetic logit extraction under ``out`` (atomically: a half-made tree never
     appears under that name). Returns the summary written to SYNTHETIC.json.
 
@@ -409,24 +438,3 @@ def ensure_demo_tree(folder, seed=DEMO_SEED, pairs=()):
         add_pairs(folder, missing, ctc=ctc)
         generated = True
     return folder / "logit_extraction", folder / "tokenizer.model", generated
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder to create (replaced if it exists)")
-    parser.add_argument("--scale", choices=("demo", "full"), default="demo")
-    parser.add_argument("--seed", type=int, default=DEMO_SEED)
-    parser.add_argument("--pairs", choices=("diagonal", "all"), default="diagonal")
-    parser.add_argument("--tokenizer_file", help="use this SentencePiece model (e.g. the SA one)")
-    parser.add_argument("--metadata_dir", help="take utterance ids, words and frame counts from real <SPK>_metadata.json files")
-    parser.add_argument("--ctc", action="store_true", help="also write CTC logit files (every pair)")
-    args = parser.parse_args(argv)
-    summary = generate_tree(args.out, scale=args.scale, seed=args.seed, pairs=args.pairs,
-                            tokenizer_file=args.tokenizer_file, metadata_dir=args.metadata_dir, ctc=args.ctc)
-    total = sum(summary["n_utterances"].values())
-    print(f"wrote a SYNTHETIC logit tree to {args.out}: {len(summary['pairs'])} pairs, {total} utterances, "
-          f"vocab {summary['vocab_size']}, {summary['decoder_float32_bytes'] / 2**20:.1f} MiB of decoder logits")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,66 +1,84 @@
-#!/usr/bin/env python3
 """The study report: the student against every baseline, per held-out speaker, with clustered
-confidence intervals and paired tests, from the SpeechBrain ``wer_test*.txt`` files of the runs.
+confidence intervals and paired tests, from the per-utterance results of the runs.
 
 A *run* is a folder with ``test_results.json`` (written last by ``train.py``, so it marks a
-finished run) beside ``wer_test.txt`` (the student) and ``wer_test_<baseline>.txt`` per baseline.
-Every system is re-scored from its ``wer_*.txt`` file (``compare.read_wer_file``, which checks the
-file against its own header) and must reproduce the WER / WRA of ``test_results.json``.
+finished run) beside ``test_utterances.json`` (every system's edits on every test utterance,
+written by the same run); the per-utterance results must reproduce the WER / WRA of
+``test_results.json``.
 
 Per run and system: WER and WRA with 95 % cluster-bootstrap intervals that resample whole
-(speaker, word) groups -- the microphones of one production are not independent -- and, for every
-baseline, the paired difference to the student with its bootstrap interval and a paired sign-flip
-test (``significance.py``, same clusters). ``teacher_*`` baselines (each teacher alone) are
-summarised by the best one *chosen on the test set* (optimistic: an oracle choice no deployed
+productions (speaker, word) -- the microphones of one production are not independent -- and, for
+every baseline, the paired difference to the student with its bootstrap interval and a paired
+sign-flip test (``significance.py``, same clusters). ``teacher_*`` baselines (each teacher alone)
+are summarised by the best one *chosen on the test set* (optimistic: an oracle choice no deployed
 system could make); all of them stay in the CSV. Folds of one configuration are also pooled.
 
 Writes into the study folder, each file atomically: ``study.md``, ``study.csv`` (one row per run
 and system), ``study.png`` (WRA per held-out speaker / intelligibility group, CI error bars).
-
-    python local/study_report.py results/study [--n_boot 2000] [--n_perm 10000] [--seed 0]
+Command lines: ``study_report.py`` (a study folder), ``run_study.py`` (runs the study, then this).
 """
 
-import argparse
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-try:
-    from local.compare import read_wer_file
-    from local.corpus import INTELLIGIBILITY, WORD_CATEGORIES, word_category, word_key
-    from local.files import atomic_write
-    from local.significance import bootstrap_ci, group_of, paired_test
-except ImportError:  # run as a script: put the recipe folder (parent of local/) on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from local.compare import read_wer_file
-    from local.corpus import INTELLIGIBILITY, WORD_CATEGORIES, word_category, word_key
-    from local.files import atomic_write
-    from local.significance import bootstrap_ci, group_of, paired_test
+from local.corpus import INTELLIGIBILITY, WORD_CATEGORIES, production_of
+from local.files import atomic_write
+from local.significance import bootstrap_ci, paired_test
 
 RESULTS_FILE = "test_results.json"
+UTTERANCES_FILE = "test_utterances.json"  # written by train.py beside it: every system on every utterance
 MANIFEST_FILE = "study_runs.json"  # written by run_study.py; optional here
 STUDENT = "student"
 BEST_TEACHER = "best_single_teacher"
 TEACHER_PREFIX = "teacher_"
-BEST_TEACHER_RULE = "the teacher_* baseline with the highest test WRA (ties: lower WER, then name): " \
-                    "chosen on the test set, hence optimistic"
+BEST_TEACHER_RULE = (
+    "the teacher_* baseline with the highest test WRA (ties: lower WER, then name): "
+    "chosen on the test set, hence optimistic"
+)
 # Order of the systems in tables and the figure; other baseline names follow, sorted.
 SYSTEM_ORDER = (STUDENT, "sa_self", "mean", BEST_TEACHER, "majority_vote")
 GROUP_LABEL = {"very_low": "very low", "low": "low", "mid": "mid", "high": "high"}
 POOLED = "pooled"
-CSV_FIELDS = (
-    ["scope", "run", "group", "fold", "teacher_set", "input_streams", "fusion", "n_teachers", "teachers",
-     "synthetic_data", "epoch_loaded", "system", "chosen", "n", "n_groups",
-     "WER", "WER_ci_low", "WER_ci_high", "WRA", "WRA_ci_low", "WRA_ci_high", "SER", "CER", "edits",
-     "ref_words", "dWER", "dWER_ci_low", "dWER_ci_high", "dWRA", "dWRA_ci_low", "dWRA_ci_high",
-     "p_WER", "p_WRA"]
-    + [f"{kind}_{c}" for c in WORD_CATEGORIES for kind in ("WRA", "n")]
-)
+CSV_FIELDS = [
+    "scope",
+    "run",
+    "group",
+    "fold",
+    "teacher_set",
+    "input_streams",
+    "fusion",
+    "n_teachers",
+    "teachers",
+    "synthetic_data",
+    "epoch_loaded",
+    "system",
+    "chosen",
+    "n",
+    "n_groups",
+    "WER",
+    "WER_ci_low",
+    "WER_ci_high",
+    "WRA",
+    "WRA_ci_low",
+    "WRA_ci_high",
+    "SER",
+    "CER",
+    "edits",
+    "ref_words",
+    "dWER",
+    "dWER_ci_low",
+    "dWER_ci_high",
+    "dWRA",
+    "dWRA_ci_low",
+    "dWRA_ci_high",
+    "p_WER",
+    "p_WRA",
+] + [f"{kind}_{c}" for c in WORD_CATEGORIES for kind in ("WRA", "n")]
 
 
 # ----------------------------------------------------------------------------- data
@@ -91,54 +109,47 @@ class Run:
         return (self.info.get("teacher_set"), self.info.get("input_streams"), self.info.get("fusion"))
 
 
-def _wer_file(folder, name):
-    return folder / ("wer_test.txt" if name == STUDENT else f"wer_test_{name}.txt")
-
-
-def _category(utt_id):
-    try:
-        return word_category(word_key(utt_id))
-    except ValueError:
-        return None
-
-
 def load_run(folder, study_folder):
-    """Reads one finished run: its test_results.json and every system's wer file."""
+    """Reads one finished run: its test_results.json and the per-utterance results beside it."""
     folder = Path(folder)
     with open(folder / RESULTS_FILE, encoding="utf-8") as handle:
         info = json.load(handle)
+    path = folder / UTTERANCES_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing (every finished run of train.py writes it beside {RESULTS_FILE})")
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
     summaries = {STUDENT: info["student"], **info.get("baselines", {})}
-    systems, order = {}, None
+    ids, ref = data["ids"], np.array(data["ref_words"], dtype=np.int64)
+    systems = {}
     for name, summary in summaries.items():
-        path = _wer_file(folder, name)
-        if not path.is_file():
-            raise ValueError(f"{path}: missing (test_results.json of {folder} lists system {name!r})")
-        parsed = read_wer_file(path).by_id()
-        if order is None:
-            order = list(parsed)  # the student's utterance order
-        elif set(parsed) != set(order):
-            raise ValueError(f"{path}: not the same utterances as {_wer_file(folder, STUDENT)} "
-                             f"({len(parsed)} vs {len(order)} ids, {len(set(parsed) ^ set(order))} differ)")
-        utts = [parsed[i] for i in order]
+        if name not in data["systems"]:
+            raise ValueError(f"{path}: no system {name!r}, which {folder / RESULTS_FILE} lists")
+        edits = np.array(data["systems"][name]["edits"], dtype=np.int64)
         system = System(
-            name=name, ids=order,
-            edits=np.array([u.edits for u in utts], dtype=np.int64),
-            ref=np.array([u.ref_count for u in utts], dtype=np.int64),
-            correct=np.array([int(u.correct) for u in utts], dtype=np.int64),
-            categories=[_category(i) for i in order], summary=summary,
+            name=name,
+            ids=ids,
+            edits=edits,
+            ref=ref,
+            correct=(edits == 0).astype(np.int64),
+            categories=list(data["categories"]),
+            summary=summary,
         )
-        # The file and test_results.json were written by the same run: they must agree.
+        # Both files were written by the same run: they must agree.
         wer = 100.0 * system.edits.sum() / max(1, system.ref.sum())
         wra = 100.0 * system.correct.mean()
         for key, mine in (("WER", wer), ("WRA", wra)):
             if key in summary and abs(summary[key] - mine) > 1e-6:
-                raise ValueError(f"{path}: {key} {mine:.4f} from the file, {summary[key]:.4f} in "
-                                 f"{folder / RESULTS_FILE}")
+                raise ValueError(
+                    f"{path}: system {name}: {key} {mine:.4f} from the utterances, {summary[key]:.4f} "
+                    f"in {folder / RESULTS_FILE}"
+                )
         systems[name] = system
     teachers = [s for n, s in systems.items() if n.startswith(TEACHER_PREFIX)]
     if teachers:
-        best = max(teachers, key=lambda s: (s.correct.mean(), -s.edits.sum() / max(1, s.ref.sum()),
-                                            [-ord(c) for c in s.name]))
+        best = max(
+            teachers, key=lambda s: (s.correct.mean(), -s.edits.sum() / max(1, s.ref.sum()), [-ord(c) for c in s.name])
+        )
         systems[BEST_TEACHER] = System(**{**best.__dict__, "name": BEST_TEACHER, "chosen": best.name})
     name = folder.relative_to(study_folder).as_posix() if folder != study_folder else folder.name
     return Run(name=name, info=info, systems=systems)
@@ -169,13 +180,22 @@ def _run_sort_key(run):
 
 def system_stats(system, n_boot=2000, seed=0):
     """n, WER and WRA with cluster-bootstrap 95 % intervals, and WRA per word category."""
-    groups = [group_of(i) for i in system.ids]
+    groups = [production_of(i) for i in system.ids]
     wer, wer_lo, wer_hi = bootstrap_ci(system.edits, system.ref, groups, n_boot=n_boot, seed=seed)
-    wra, wra_lo, wra_hi = bootstrap_ci(system.correct, np.ones_like(system.correct), groups,
-                                       n_boot=n_boot, seed=seed)
-    row = {"n": len(system.ids), "n_groups": len(set(groups)), "WER": wer, "WER_ci_low": wer_lo,
-           "WER_ci_high": wer_hi, "WRA": wra, "WRA_ci_low": wra_lo, "WRA_ci_high": wra_hi,
-           "SER": 100.0 - wra, "edits": int(system.edits.sum()), "ref_words": int(system.ref.sum())}
+    wra, wra_lo, wra_hi = bootstrap_ci(system.correct, np.ones_like(system.correct), groups, n_boot=n_boot, seed=seed)
+    row = {
+        "n": len(system.ids),
+        "n_groups": len(set(groups)),
+        "WER": wer,
+        "WER_ci_low": wer_lo,
+        "WER_ci_high": wer_hi,
+        "WRA": wra,
+        "WRA_ci_low": wra_lo,
+        "WRA_ci_high": wra_hi,
+        "SER": 100.0 - wra,
+        "edits": int(system.edits.sum()),
+        "ref_words": int(system.ref.sum()),
+    }
     for category in WORD_CATEGORIES:
         mask = np.array([c == category for c in system.categories], dtype=bool)
         row[f"n_{category}"] = int(mask.sum())
@@ -192,24 +212,37 @@ def paired_stats(student, other, n_boot=2000, n_perm=10000, seed=0):
     p = 1 exactly."""
     if student.ids != other.ids or (student.ref != other.ref).any():
         raise ValueError(f"{student.name} and {other.name} are not scored on the same utterances")
-    groups = [group_of(i) for i in student.ids]
+    groups = [production_of(i) for i in student.ids]
     d_wer = bootstrap_ci(student.edits - other.edits, student.ref, groups, n_boot=n_boot, seed=seed)
-    d_wra = bootstrap_ci(student.correct - other.correct, np.ones_like(student.correct), groups,
-                         n_boot=n_boot, seed=seed)
+    d_wra = bootstrap_ci(
+        student.correct - other.correct, np.ones_like(student.correct), groups, n_boot=n_boot, seed=seed
+    )
     p_wer = paired_test(student.edits, other.edits, groups, n_perm=n_perm, seed=seed)["p_value"]
     p_wra = paired_test(1 - student.correct, 1 - other.correct, groups, n_perm=n_perm, seed=seed)["p_value"]
-    return {"dWER": d_wer[0], "dWER_ci_low": d_wer[1], "dWER_ci_high": d_wer[2],
-            "dWRA": d_wra[0], "dWRA_ci_low": d_wra[1], "dWRA_ci_high": d_wra[2],
-            "p_WER": p_wer, "p_WRA": p_wra}
+    return {
+        "dWER": d_wer[0],
+        "dWER_ci_low": d_wer[1],
+        "dWER_ci_high": d_wer[2],
+        "dWRA": d_wra[0],
+        "dWRA_ci_low": d_wra[1],
+        "dWRA_ci_high": d_wra[2],
+        "p_WER": p_wer,
+        "p_WRA": p_wra,
+    }
 
 
 def _pool(systems, name):
     """Concatenates one system over several runs (different held-out speakers: disjoint groups)."""
     chosen = " ".join(f"{s.chosen}" for s in systems if s.chosen)
-    return System(name=name, ids=[i for s in systems for i in s.ids],
-                  edits=np.concatenate([s.edits for s in systems]), ref=np.concatenate([s.ref for s in systems]),
-                  correct=np.concatenate([s.correct for s in systems]),
-                  categories=[c for s in systems for c in s.categories], chosen=chosen)
+    return System(
+        name=name,
+        ids=[i for s in systems for i in s.ids],
+        edits=np.concatenate([s.edits for s in systems]),
+        ref=np.concatenate([s.ref for s in systems]),
+        correct=np.concatenate([s.correct for s in systems]),
+        categories=[c for s in systems for c in s.categories],
+        chosen=chosen,
+    )
 
 
 def _rows_for(systems, base, n_boot, n_perm, seed, cer=None):
@@ -234,27 +267,47 @@ def study_rows(runs, n_boot=2000, n_perm=10000, seed=0):
     for config, members in _configs(runs).items():
         for run in members:
             info = run.info
-            base = {"scope": "run", "run": run.name, "group": info.get("group", ""),
-                    "fold": info.get("held_out", ""), "teacher_set": config[0], "input_streams": config[1],
-                    "fusion": config[2], "n_teachers": len(info.get("teachers", [])),
-                    "teachers": " ".join(info.get("teachers", [])),
-                    "synthetic_data": bool(info.get("synthetic_data")), "epoch_loaded": info.get("epoch_loaded", "")}
+            base = {
+                "scope": "run",
+                "run": run.name,
+                "group": info.get("group", ""),
+                "fold": info.get("held_out", ""),
+                "teacher_set": config[0],
+                "input_streams": config[1],
+                "fusion": config[2],
+                "n_teachers": len(info.get("teachers", [])),
+                "teachers": " ".join(info.get("teachers", [])),
+                "synthetic_data": bool(info.get("synthetic_data")),
+                "epoch_loaded": info.get("epoch_loaded", ""),
+            }
             rows += _rows_for(run.systems, base, n_boot, n_perm, seed, cer=True)
         if len(members) < 2:
             continue
         names = [n for n in members[0].systems if all(n in r.systems for r in members)]
         pooled = {n: _pool([r.systems[n] for r in members], n) for n in names}
-        base = {"scope": POOLED, "run": "", "group": POOLED, "fold": " ".join(r.info.get("held_out", "") for r in members),
-                "teacher_set": config[0], "input_streams": config[1], "fusion": config[2], "n_teachers": "",
-                "teachers": "", "synthetic_data": any(bool(r.info.get("synthetic_data")) for r in members),
-                "epoch_loaded": ""}
+        base = {
+            "scope": POOLED,
+            "run": "",
+            "group": POOLED,
+            "fold": " ".join(r.info.get("held_out", "") for r in members),
+            "teacher_set": config[0],
+            "input_streams": config[1],
+            "fusion": config[2],
+            "n_teachers": "",
+            "teachers": "",
+            "synthetic_data": any(bool(r.info.get("synthetic_data")) for r in members),
+            "epoch_loaded": "",
+        }
         rows += _rows_for(pooled, base, n_boot, n_perm, seed)
     return rows
 
 
 # Order of the configurations: defaults and simpler settings first, unknown values last.
-CONFIG_ORDER = (("same_level", "all_others", "explicit"), ("self", "matched", "cross"),
-                ("mean", "weights", "attention", "transformer"))
+CONFIG_ORDER = (
+    ("same_level", "all_others", "explicit"),
+    ("self", "matched", "cross"),
+    ("mean", "weights", "attention", "transformer"),
+)
 
 
 def _config_key(config):
@@ -288,11 +341,12 @@ def write_csv(rows, path):
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(row.get(k)) for k in CSV_FIELDS})
+
     atomic_write(path, _write)
 
 
 def _ci(row, key, digits=1):
-    return (f"{row[key]:.{digits}f} [{row[key + '_ci_low']:.{digits}f}, {row[key + '_ci_high']:.{digits}f}]")
+    return f"{row[key]:.{digits}f} [{row[key + '_ci_low']:.{digits}f}, {row[key + '_ci_high']:.{digits}f}]"
 
 
 def _signed_ci(row, key):
@@ -322,10 +376,13 @@ def markdown(rows, runs, not_finished, n_boot, n_perm, seed, folder_name):
     lines = ["# Logit-level KD on UASpeech: student vs baselines", ""]
     if synthetic:
         all_synthetic = len(synthetic) == len({r.info.get("held_out", r.name) for r in runs})
-        lines += [f"> **SYNTHETIC DATA{'' if all_synthetic else ' (some runs)'}.** "
-                  f"{'These runs' if all_synthetic else 'The runs of ' + ', '.join(synthetic)} read the "
-                  "embedded synthetic demo logit tree (`synthetic_data: true`), not UASpeech: the numbers only "
-                  "show that the recipe and the report run. They say nothing about UASpeech.", ""]
+        lines += [
+            f"> **SYNTHETIC DATA{'' if all_synthetic else ' (some runs)'}.** "
+            f"{'These runs' if all_synthetic else 'The runs of ' + ', '.join(synthetic)} read the "
+            "embedded synthetic demo logit tree (`synthetic_data: true`), not UASpeech: the numbers only "
+            "show that the recipe and the report run. They say nothing about UASpeech.",
+            "",
+        ]
     lines += [
         f"Study folder `{folder_name}`: {len(runs)} finished run(s)"
         + (f"; **not finished: {', '.join(not_finished)}**." if not_finished else "."),
@@ -350,40 +407,62 @@ def markdown(rows, runs, not_finished, n_boot, n_perm, seed, folder_name):
         "",
     ]
     runs_by_config = _configs(runs)
-    lines += ["## Runs", "", "| group | fold | teacher set | input streams | fusion | teachers | epoch | test utterances |",
-              "|---|---|---|---|---|---|---:|---:|"]
+    lines += [
+        "## Runs",
+        "",
+        "| group | fold | teacher set | input streams | fusion | teachers | epoch | test utterances |",
+        "|---|---|---|---|---|---|---:|---:|",
+    ]
     for config, members in runs_by_config.items():
         for run in members:
             info = run.info
             teachers = info.get("teachers", [])
-            lines.append(f"| {GROUP_LABEL.get(info.get('group'), info.get('group'))} | {info.get('held_out')} | "
-                         f"{config[0]} | {config[1]} | {config[2]} | {len(teachers)}: {' '.join(teachers)} | "
-                         f"{info.get('epoch_loaded', '')} | {info.get('n_utterances', '')} |")
+            lines.append(
+                f"| {GROUP_LABEL.get(info.get('group'), info.get('group'))} | {info.get('held_out')} | "
+                f"{config[0]} | {config[1]} | {config[2]} | {len(teachers)}: {' '.join(teachers)} | "
+                f"{info.get('epoch_loaded', '')} | {info.get('n_utterances', '')} |"
+            )
     lines.append("")
     for config in runs_by_config:
-        sel = [r for r in rows if (r["teacher_set"], r["input_streams"], r["fusion"]) == config
-               and not r["system"].startswith(TEACHER_PREFIX)]
+        sel = [
+            r
+            for r in rows
+            if (r["teacher_set"], r["input_streams"], r["fusion"]) == config
+            and not r["system"].startswith(TEACHER_PREFIX)
+        ]
         title = f"teacher_set={config[0]}, input_streams={config[1]}, fusion={config[2]}"
-        lines += [f"## {title}", "",
-                  "| group | fold | system | n | WER % [95 % CI] | WRA % [95 % CI] | ΔWRA [95 % CI] | p WER | p WRA |",
-                  "|---|---|---|---:|---|---|---|---:|---:|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| group | fold | system | n | WER % [95 % CI] | WRA % [95 % CI] | ΔWRA [95 % CI] | p WER | p WRA |",
+            "|---|---|---|---:|---|---|---|---:|---:|",
+        ]
         for row in sel:
             group, fold = _where(row)
             student = row["system"] == STUDENT
-            lines.append(f"| {group} | {fold} | {_label(row)} | {row['n']} | {_ci(row, 'WER')} | {_ci(row, 'WRA')} | "
-                         f"{'' if student else _signed_ci(row, 'dWRA')} | {'' if student else _p(row['p_WER'])} | "
-                         f"{'' if student else _p(row['p_WRA'])} |")
-        lines += ["", f"WRA (%) per word category ({title}; D digits, L letters, C commands, CW common words, "
-                      "UW uncommon words):", "",
-                  "| group | fold | system | " + " | ".join(WORD_CATEGORIES) + " | all |",
-                  "|---|---|---|" + "---:|" * (len(WORD_CATEGORIES) + 1)]
+            lines.append(
+                f"| {group} | {fold} | {_label(row)} | {row['n']} | {_ci(row, 'WER')} | {_ci(row, 'WRA')} | "
+                f"{'' if student else _signed_ci(row, 'dWRA')} | {'' if student else _p(row['p_WER'])} | "
+                f"{'' if student else _p(row['p_WRA'])} |"
+            )
+        lines += [
+            "",
+            f"WRA (%) per word category ({title}; D digits, L letters, C commands, CW common words, "
+            "UW uncommon words):",
+            "",
+            "| group | fold | system | " + " | ".join(WORD_CATEGORIES) + " | all |",
+            "|---|---|---|" + "---:|" * (len(WORD_CATEGORIES) + 1),
+        ]
         for row in sel:
             group, fold = _where(row)
             cells = [f"{row[f'WRA_{c}']:.1f}" if row[f"WRA_{c}"] is not None else "–" for c in WORD_CATEGORIES]
             lines.append(f"| {group} | {fold} | {_label(row)} | " + " | ".join(cells) + f" | {row['WRA']:.1f} |")
         lines.append("")
-    lines += ["Files: `study.csv` (every number, one row per run and system, each teacher alone included), "
-              "`study.png` (WRA per held-out speaker with the 95 % intervals).", ""]
+    lines += [
+        "Files: `study.csv` (every number, one row per run and system, each teacher alone included), "
+        "`study.png` (WRA per held-out speaker with the 95 % intervals).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -415,8 +494,7 @@ def figure(rows, path, synthetic):
                     err[0].append(r["WRA"] - r["WRA_ci_low"])
                     err[1].append(r["WRA_ci_high"] - r["WRA"])
             label = "best single teacher\n(chosen on test)" if name == BEST_TEACHER else name
-            ax.bar(xs, ys, width, yerr=err, capsize=2, label=label, color=colours[name],
-                   error_kw={"elinewidth": 0.8})
+            ax.bar(xs, ys, width, yerr=err, capsize=2, label=label, color=colours[name], error_kw={"elinewidth": 0.8})
         ax.set_xticks(range(len(folds)))
         ax.set_xticklabels([f"{GROUP_LABEL.get(group_of_fold[f], group_of_fold[f])}\n{f}" for f in folds])
         ax.set_xlim(-0.6, len(folds) - 0.4)
@@ -454,32 +532,8 @@ def write_report(study_folder, n_boot=2000, n_perm=10000, seed=0):
     if not runs:
         raise ValueError(f"no finished run (no {RESULTS_FILE}) under {study_folder}")
     rows = study_rows(runs, n_boot=n_boot, n_perm=n_perm, seed=seed)
-    text = markdown(rows, runs, _not_finished(study_folder, runs), n_boot, n_perm, seed,
-                    study_folder.resolve().name)
+    text = markdown(rows, runs, _not_finished(study_folder, runs), n_boot, n_perm, seed, study_folder.resolve().name)
     write_csv(rows, study_folder / "study.csv")
     figure(rows, study_folder / "study.png", any(r.info.get("synthetic_data") for r in runs))
     atomic_write(study_folder / "study.md", lambda handle: handle.write(text))
     return text
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study_folder", help="folder holding the runs (any depth) of a study")
-    parser.add_argument("--n_boot", type=int, default=2000, help="bootstrap replicates (default 2000)")
-    parser.add_argument("--n_perm", type=int, default=10000, help="sign-flip permutations (default 10000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the permutations")
-    parser.add_argument("--quiet", action="store_true", help="do not print the Markdown report")
-    args = parser.parse_args(argv)
-    try:
-        text = write_report(args.study_folder, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.seed)
-    except (OSError, ValueError, KeyError) as err:
-        parser.exit(2, f"error: {err}\n")
-    if not args.quiet:
-        print(text)
-    print(f"wrote study.md, study.csv, study.png in {args.study_folder}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

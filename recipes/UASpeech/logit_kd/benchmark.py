@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark of the recipe's data path against a naive loader, at the real corpus size.
 
-    python local/benchmark.py --tree /tmp/uaspeech_full                      # makes the tree if absent
-    python local/benchmark.py --tree /tmp/uaspeech_full --tokenizer_file sa_tokenizer.model \
+    python benchmark.py --tree /tmp/uaspeech_full                      # makes the tree if absent
+    python benchmark.py --tree /tmp/uaspeech_full --tokenizer_file sa_tokenizer.model \
         --metadata_dir uaspeech/metadata --store_dtype float16 --device cuda
 
 The tree is a ``--scale full`` synthetic extraction (15 speakers, vocab 5000, the real per-speaker
@@ -33,8 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPE = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(RECIPE))
+RECIPE = Path(__file__).resolve().parent
 
 
 def rss_mib():
@@ -48,12 +47,14 @@ def peak_rss_mib():
 
 
 def fold_hparams(args, output):
-    from local.fold_hparams import load_fold_hparams
+    from local.options import load_fold_hparams
 
-    overrides = (f"logit_root: {args.tree}/logit_extraction\ntokenizer_file: {args.tree}/tokenizer.model\n"
-                 f"output_folder: {output}\ncache_folder: {output}/cache\nstore_dtype: {args.store_dtype}\n"
-                 f"teacher_set: {args.teacher_set}\ninput_streams: {args.input_streams}\n"
-                 f"batch_size: {args.batch_size}\n")
+    overrides = (
+        f"logit_root: {args.tree}/logit_extraction\ntokenizer_file: {args.tree}/tokenizer.model\n"
+        f"output_folder: {output}\ncache_folder: {output}/cache\nstore_dtype: {args.store_dtype}\n"
+        f"teacher_set: {args.teacher_set}\ninput_streams: {args.input_streams}\n"
+        f"batch_size: {args.batch_size}\n"
+    )
     return load_fold_hparams(str(RECIPE / "hparams" / f"fold_{args.held_out}.yaml"), overrides)[2]
 
 
@@ -68,12 +69,21 @@ def recipe_loader(args, output):
     start = time.perf_counter()
     fold = load_fold(hparams)
     datasets, collate = dataio_prepare(fold)
-    loader = torch.utils.data.DataLoader(datasets["train"], batch_size=args.batch_size, collate_fn=collate["train"],
-                                         sampler=ReproducibleRandomSampler(datasets["train"], seed=1))
+    loader = torch.utils.data.DataLoader(
+        datasets["train"],
+        batch_size=args.batch_size,
+        collate_fn=collate["train"],
+        sampler=ReproducibleRandomSampler(datasets["train"], seed=1),
+    )
     batches = iter(loader)
     first = next(batches)
-    return start, first, batches, fold.train_store.vocab_size, {
-        "cache": "warm" if fold.train_store.from_cache else "cold", "items": len(datasets["train"])}
+    return (
+        start,
+        first,
+        batches,
+        fold.train_store.vocab_size,
+        {"cache": "warm" if fold.train_store.from_cache else "cold", "items": len(datasets["train"])},
+    )
 
 
 class NaiveDataset:
@@ -89,14 +99,15 @@ class NaiveDataset:
         import torch
 
         keys = self.items[i]
-        stack = torch.stack([self.logits[k] for k in keys])            # [S, U, V]
-        target = torch.softmax(stack / self.T, -1).mean(0)             # KD target, every time
+        stack = torch.stack([self.logits[k] for k in keys])  # [S, U, V]
+        target = torch.softmax(stack / self.T, -1).mean(0)  # KD target, every time
         return stack, target, torch.tensor(self.tokens.tokens_eos(self.words[keys[0]]))
 
 
 def naive_collate(examples):
-    import torch
     from types import SimpleNamespace
+
+    import torch
 
     B = len(examples)
     S = max(e[0].shape[0] for e in examples)
@@ -111,8 +122,15 @@ def naive_collate(examples):
         logits[b, :s, :u], targets[b, :u], tokens[b, :u] = stack, target, tok
         stream_mask[b, :s], lengths[b] = True, u
     pos_mask = torch.arange(U)[None] < lengths[:, None]
-    return SimpleNamespace(logits=logits, targets=targets, tokens=tokens, stream_mask=stream_mask,
-                           stream_ids=torch.zeros(B, S, dtype=torch.long), pos_mask=pos_mask, lengths=lengths)
+    return SimpleNamespace(
+        logits=logits,
+        targets=targets,
+        tokens=tokens,
+        stream_mask=stream_mask,
+        stream_ids=torch.zeros(B, S, dtype=torch.long),
+        pos_mask=pos_mask,
+        lengths=lengths,
+    )
 
 
 def naive_loader(args, output):
@@ -175,7 +193,9 @@ def throughput(args, first, batches, vocab_size):
     def step(batch):
         logits = batch.logits.to(device)
         out = student(logits, batch.stream_mask.to(device), batch.stream_ids.to(device))
-        loss, _, _ = kd_loss(out, batch.targets.to(device), batch.tokens.to(device), batch.pos_mask.to(device), 3.0, 0.7)
+        loss, _, _ = kd_loss(
+            out, batch.targets.to(device), batch.tokens.to(device), batch.pos_mask.to(device), 3.0, 0.7
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -200,14 +220,17 @@ def throughput(args, first, batches, vocab_size):
     for _ in range(args.steps):
         loaded += int(next(batches).stream_mask.sum())
     loader_seconds = time.perf_counter() - start
-    return {"streams_per_s": streams / seconds, "items_per_s": items / seconds,
-            "loader_streams_per_s": loaded / loader_seconds}
+    return {
+        "streams_per_s": streams / seconds,
+        "items_per_s": items / seconds,
+        "loader_streams_per_s": loaded / loader_seconds,
+    }
 
 
 def worker(args):
     """One measurement in this process; prints one JSON line."""
-    import torch  # noqa: F401  (imports before the baseline RSS)
     import speechbrain  # noqa: F401
+    import torch  # noqa: F401  (imports before the baseline RSS)
 
     import train  # noqa: F401
 
@@ -228,33 +251,56 @@ def worker(args):
 
 def fold_bytes(args):
     """Float32 bytes of the fold's decoder logits (teachers and held-out speaker), from metadata."""
-    sys.path.insert(0, str(RECIPE))
     from local.folds import store_pairs, teacher_speakers
     from local.store import TokenTable, load_tokenizer, read_metadata
 
     tokens = TokenTable(load_tokenizer(Path(args.tree) / "tokenizer.model"))
     teachers = teacher_speakers(args.held_out, args.teacher_set)
     train_pairs, test_pairs = store_pairs(args.held_out, teachers, args.input_streams)
-    positions = sum(sum(read_metadata(Path(args.tree) / "logit_extraction", m, s, tokens).lengths)
-                    for m, s in train_pairs + test_pairs)
+    positions = sum(
+        sum(read_metadata(Path(args.tree) / "logit_extraction", m, s, tokens).lengths)
+        for m, s in train_pairs + test_pairs
+    )
     return positions * tokens.vocab_size * 4, len(train_pairs)
 
 
 def run(kind, args, work):
-    cmd = [sys.executable, __file__, "--worker", kind, "--work", str(work), "--tree", str(args.tree),
-           "--held_out", args.held_out, "--teacher_set", args.teacher_set, "--input_streams", args.input_streams,
-           "--store_dtype", args.store_dtype, "--batch_size", str(args.batch_size), "--device", args.device,
-           "--steps", str(0 if kind == "floor" else args.steps), "--warmup_steps", str(args.warmup_steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--work",
+        str(work),
+        "--tree",
+        str(args.tree),
+        "--held_out",
+        args.held_out,
+        "--teacher_set",
+        args.teacher_set,
+        "--input_streams",
+        args.input_streams,
+        "--store_dtype",
+        args.store_dtype,
+        "--batch_size",
+        str(args.batch_size),
+        "--device",
+        args.device,
+        "--steps",
+        str(0 if kind == "floor" else args.steps),
+        "--warmup_steps",
+        str(args.warmup_steps),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.exit(f"benchmark worker {kind} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tree", required=True, help="full-scale tree (made with local/synthetic.py if absent)")
+    parser.add_argument("--tree", required=True, help="full-scale tree (made with the demo generator if absent)")
     parser.add_argument("--tokenizer_file", help="when making the tree: the real SA tokenizer")
     parser.add_argument("--metadata_dir", help="when making the tree: the real <SPK>_metadata.json files")
     parser.add_argument("--held_out", default="M01")
@@ -286,10 +332,14 @@ def main():
         results["warm"] = run("warm", args, work)
         results["naive"] = run("naive", args, work)
     gib = nbytes / 2**30
-    print(f"\nfold {args.held_out} ({args.teacher_set}: {n_teachers} teachers, {args.input_streams} streams), "
-          f"store_dtype {args.store_dtype}, batch {args.batch_size}, device {args.device}")
-    print(f"fold decoder logits (float32): {gib:.2f} GiB; floor (torch.load of the fold's files): "
-          f"{results['floor']['seconds']:.1f} s")
+    print(
+        f"\nfold {args.held_out} ({args.teacher_set}: {n_teachers} teachers, {args.input_streams} streams), "
+        f"store_dtype {args.store_dtype}, batch {args.batch_size}, device {args.device}"
+    )
+    print(
+        f"fold decoder logits (float32): {gib:.2f} GiB; floor (torch.load of the fold's files): "
+        f"{results['floor']['seconds']:.1f} s"
+    )
     rows = [("", "recipe cold", "recipe warm", "naive")]
     cold, warm, naive = results["cold"], results["warm"], results["naive"]
     rows.append(("time to first batch (s)", *(f"{r['first_batch_s']:.2f}" for r in (cold, warm, naive))))

@@ -43,7 +43,7 @@ Models
 
 Usage (from recipes/UASpeech/logit_kd):
 
-    python local/extract_logits.py --logit_root=/data/logit_extraction \\
+    python extract_logits.py --logit_root=/data/logit_extraction \\
         --tokenizer_file=/data/sa_tokenizer.model --data_root=/data/UASpeech \\
         --models F02=/exp/F02/hyperparams.yaml:/exp/F02/save \\
                  M05=/exp/M05/hyperparams.yaml:/exp/M05/save/CKPT+2024-07-12+11-58-04+00 \\
@@ -51,7 +51,7 @@ Usage (from recipes/UASpeech/logit_kd):
         --pairs all                     # every model on every speaker (default); or `diagonal`,
                                         # or MODEL:SPK items, e.g. --pairs F02:M08 M05:M08
 
-    python local/extract_logits.py --jobs jobs.yaml [--logit_root=...] [--precision=bf16]
+    python extract_logits.py --jobs jobs.yaml [--logit_root=...] [--precision=bf16]
 
 A job file (YAML or JSON; relative paths are relative to the job file's folder; command-line
 options win, and --models / --speakers entries are added to the file's):
@@ -88,9 +88,7 @@ speaker and a 5000-piece vocabulary, about 0.1 GB of decoder and a few GB of CTC
 """
 
 import argparse
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import re
@@ -101,42 +99,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from local.corpus import parse_utterance_id  # noqa: E402
-from local.files import atomic_file  # noqa: E402
-from local.store import LogitStoreError, load_tokenizer  # noqa: E402
+from local.files import atomic_file
+from local.layout import METADATA_KEYS, SUMMARY_FILE, pair_files
+from local.sa_models import ExtractionError, SAModel, read_speaker_csv, read_wav
+from local.store import LogitStoreError, load_tokenizer
 
 logger = logging.getLogger("extract_logits")
-
-# The keys of the real <SPK>_metadata.json files, in their order.
-METADATA_KEYS = (
-    "model_name", "num_utterances", "vocab_size", "utterance_ids", "token_lens", "target_words",
-    "vocab_size_decoder", "vocab_size_ctc", "ctc_frame_lens",
-)
-# hparams keys the forward pass needs, and keys used when the yaml has them.
-REQUIRED_KEYS = ("compute_features", "CNN", "Transformer", "seq_lin", "ctc_lin")
-OPTIONAL_KEYS = ("normalize", "model", "pad_index", "bos_index", "eos_index", "sample_rate")
-# The module order of the SA recipe's `model` ModuleList (its model.ckpt).
-MODEL_LIST = ("CNN", "Transformer", "seq_lin", "ctc_lin")
-BOS, EOS = 1, 2
-SUMMARY_FILE = "extraction_summary.json"
-
-
-class ExtractionError(RuntimeError):
-    """A problem with one model, speaker or pair; the message names it."""
 
 
 # --------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------
-
-def pair_files(logit_root, model, speaker):
-    folder = Path(logit_root) / model / speaker
-    return {
-        "decoder": folder / f"{speaker}_decoder_logits.pt",
-        "ctc": folder / f"{speaker}_ctc_logits.pt",
-        "metadata": folder / f"{speaker}_metadata.json",
-    }
 
 
 def save_tensors(obj, path):
@@ -154,259 +127,9 @@ def _load_mmap(path):
 
 
 # --------------------------------------------------------------------------------------------
-# Speakers
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class Utterance:
-    id: str
-    wav: str
-    word: str
-    duration: float
-
-
-def read_speaker_csv(csv_path, speaker, data_root=None):
-    """The utterances of one speaker's SpeechBrain CSV, in ascending-duration order (ties in CSV
-    order), exactly as the SA pipeline's ``filtered_sorted(sort_key="duration")`` ordered them."""
-    from speechbrain.dataio.dataset import DynamicItemDataset
-
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise ExtractionError(f"speaker {speaker}: CSV file {csv_path} does not exist")
-    replacements = {"data_root": str(data_root)} if data_root is not None else {}
-    try:
-        data = DynamicItemDataset.from_csv(str(csv_path), replacements=replacements)
-    except KeyError as err:
-        raise ExtractionError(
-            f"speaker {speaker}: CSV {csv_path}: {err.args[0]} (give --data_root for $data_root)"
-        ) from None
-    except (ValueError, OSError) as err:
-        raise ExtractionError(f"speaker {speaker}: unreadable CSV {csv_path}: {err}") from None
-    first = next(iter(data.data.values()), None)
-    if first is None:
-        raise ExtractionError(f"speaker {speaker}: CSV {csv_path} has no utterances")
-    missing = [c for c in ("duration", "wav", "wrd") if c not in first]
-    if missing:
-        raise ExtractionError(f"speaker {speaker}: CSV {csv_path} lacks the column(s) {missing} "
-                              f"(expected ID,duration,wav,spk_id,wrd)")
-    data = data.filtered_sorted(sort_key="duration")
-    data.set_output_keys(["id", "wav", "wrd", "duration"])
-    utts = []
-    for item in data:
-        utt_id, word = item["id"], item["wrd"]
-        where = f"speaker {speaker}: CSV {csv_path}, utterance {utt_id}"
-        try:
-            spk = parse_utterance_id(utt_id)["speaker"]
-        except ValueError as err:
-            raise ExtractionError(f"{where}: {err}") from None
-        if spk != speaker:
-            raise ExtractionError(f"{where}: the utterance belongs to speaker {spk}, not {speaker}")
-        if not word.strip():
-            raise ExtractionError(f"{where}: no target word")
-        if word != word.upper():
-            raise ExtractionError(f"{where}: the word {word!r} is not upper case; the SA tokenizer "
-                                  f"is upper-case only (lower case maps to <unk>)")
-        utts.append(Utterance(utt_id, item["wav"], word, float(item["duration"])))
-    return utts
-
-
-# --------------------------------------------------------------------------------------------
-# Models
-# --------------------------------------------------------------------------------------------
-
-def _tag(node):
-    tag = getattr(node, "tag", None)
-    tag = getattr(tag, "value", tag)
-    return tag if isinstance(tag, str) else ""
-
-
-def _references(node, found):
-    """Top-level keys referenced (!ref / !copy) anywhere inside a round-trip yaml node."""
-    from ruamel.yaml.comments import TaggedScalar
-
-    if isinstance(node, dict):
-        for value in node.values():
-            _references(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            _references(value, found)
-    elif isinstance(node, TaggedScalar) and _tag(node).startswith(("!ref", "!copy")):
-        for name in re.findall(r"<([^<>]+)>", str(node.value)):
-            found.add(re.split(r"[\[.]", name.strip())[0])
-    return found
-
-
-def load_model_hparams(hparams_file, overrides=None):
-    """Builds only the objects of ``hparams_file`` that the forward pass needs (REQUIRED_KEYS,
-    OPTIONAL_KEYS when present, the override keys, and everything they reference)."""
-    import ruamel.yaml
-    from hyperpyyaml import load_hyperpyyaml
-
-    hparams_file = Path(hparams_file)
-    if not hparams_file.is_file():
-        raise ExtractionError(f"hparams file {hparams_file} does not exist")
-    overrides = dict(overrides or {})
-    yaml = ruamel.yaml.YAML()
-    with open(hparams_file, encoding="utf-8") as handle:
-        doc = yaml.load(handle)
-    if not isinstance(doc, dict):
-        raise ExtractionError(f"hparams file {hparams_file} is not a yaml mapping")
-    missing = [k for k in REQUIRED_KEYS if k not in doc]
-    if missing:
-        raise ExtractionError(f"hparams file {hparams_file} lacks {missing}: not an SA model of the "
-                              f"LibriSpeech transformer/conformer recipe family")
-    unknown = [k for k in overrides if k not in doc]
-    if unknown:
-        raise ExtractionError(f"overrides {unknown} are not keys of {hparams_file}")
-    wanted = set(REQUIRED_KEYS) | {k for k in OPTIONAL_KEYS if k in doc} | set(overrides)
-    todo = list(wanted)
-    while todo:
-        key = todo.pop()
-        for ref in _references(doc[key], set()):
-            if ref not in doc:
-                raise ExtractionError(f"hparams file {hparams_file}: {key} refers to <{ref}>, "
-                                      f"which is not defined")
-            if ref not in wanted:
-                wanted.add(ref)
-                todo.append(ref)
-    subset = type(doc)()
-    for key in doc:
-        if key in wanted:
-            subset[key] = doc[key]
-    text = io.StringIO()
-    yaml.dump(subset, text)
-    try:
-        return load_hyperpyyaml(text.getvalue(), overrides or None)
-    except Exception as err:  # noqa: BLE001 - report which file failed to build
-        raise ExtractionError(f"hparams file {hparams_file}: cannot build the model: "
-                              f"{type(err).__name__}: {err}") from err
-
-
-def resolve_checkpoint(path, select="auto"):
-    """The ``CKPT+...`` folder to load: ``path`` itself, or the one ``select`` picks in a save
-    folder. Returns (folder, meta of its CKPT.yaml, how it was chosen)."""
-    from speechbrain.utils.checkpoints import Checkpointer
-
-    import ruamel.yaml
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ExtractionError(f"checkpoint folder {path} does not exist")
-    if (path / "CKPT.yaml").is_file():
-        try:
-            meta = ruamel.yaml.YAML(typ="safe").load((path / "CKPT.yaml").read_text(encoding="utf-8"))
-        except Exception as err:  # noqa: BLE001
-            raise ExtractionError(f"unreadable {path / 'CKPT.yaml'}: {err}") from None
-        return path, dict(meta or {}), "given"
-    ckpts = Checkpointer(path).list_checkpoints()
-    if not ckpts:
-        raise ExtractionError(f"{path} is neither a CKPT+ folder nor a save folder with CKPT+ folders")
-
-    def recency(ckpt):
-        return ckpt.meta.get("unixtime", 0.0)
-
-    if select == "auto":
-        for key, sign in (("WRA", 1.0), ("WER", -1.0)):
-            with_key = [c for c in ckpts if key in c.meta]
-            if with_key:
-                best = max(with_key, key=lambda c: (sign * float(c.meta[key]), recency(c)))
-                return Path(best.path), dict(best.meta), f"{'max' if sign > 0 else 'min'}:{key}"
-        select = "latest"
-    if select == "latest":
-        best = max(ckpts, key=recency)
-        return Path(best.path), dict(best.meta), "latest"
-    match = re.fullmatch(r"(max|min):(.+)", select)
-    if match is None:
-        raise ExtractionError(f"--ckpt_select must be auto, latest, max:KEY or min:KEY, not {select!r}")
-    sign, key = (1.0 if match[1] == "max" else -1.0), match[2]
-    with_key = [c for c in ckpts if key in c.meta]
-    if not with_key:
-        raise ExtractionError(f"no checkpoint in {path} has {key!r} in its CKPT.yaml")
-    best = max(with_key, key=lambda c: (sign * float(c.meta[key]), recency(c)))
-    return Path(best.path), dict(best.meta), select
-
-
-class SAModel:
-    """An SA model built from its hparams and loaded from a checkpoint, in eval mode."""
-
-    def __init__(self, name, hparams_file, checkpoint, overrides=None, ckpt_select="auto",
-                 device="cpu", precision="fp32"):
-        from speechbrain.utils.checkpoints import DEFAULT_LOAD_HOOKS, get_default_hook
-
-        self.name, self.device, self.precision = name, torch.device(device), precision
-        hp = load_model_hparams(hparams_file, overrides)
-        for key, expected in (("bos_index", BOS), ("eos_index", EOS)):
-            if key in hp and hp[key] != expected:
-                raise ExtractionError(f"{hparams_file}: {key} is {hp[key]}, but the SA models use "
-                                      f"<s>=1, </s>=2")
-        self.pad_index = hp.get("pad_index", 0)
-        self.sample_rate = hp.get("sample_rate")
-        self.modules = {k: hp[k] for k in REQUIRED_KEYS}
-        self.normalize = hp.get("normalize")
-        self.ckpt_dir, self.ckpt_meta, self.ckpt_how = resolve_checkpoint(checkpoint, ckpt_select)
-
-        # The recoverables of the SA recipe's checkpointer that matter for inference.
-        if (self.ckpt_dir / "model.ckpt").is_file():
-            model = hp.get("model")
-            if model is None:
-                model = torch.nn.ModuleList([hp[k] for k in MODEL_LIST])
-            recoverables = {"model": model}
-        elif all((self.ckpt_dir / f"{k}.ckpt").is_file() for k in MODEL_LIST):
-            recoverables = {k: hp[k] for k in MODEL_LIST}
-        else:
-            raise ExtractionError(
-                f"model {name}: checkpoint {self.ckpt_dir} has neither model.ckpt nor "
-                f"{', '.join(k + '.ckpt' for k in MODEL_LIST)} (it holds "
-                f"{sorted(p.name for p in self.ckpt_dir.iterdir())})"
-            )
-        if self.normalize is not None:
-            if not (self.ckpt_dir / "normalizer.ckpt").is_file():
-                raise ExtractionError(f"model {name}: checkpoint {self.ckpt_dir} has no normalizer.ckpt "
-                                      f"(the statistics of the feature normalisation)")
-            recoverables["normalizer"] = self.normalize
-        end_of_epoch = bool(self.ckpt_meta.get("end-of-epoch", True))
-        for key, obj in recoverables.items():
-            hook = get_default_hook(obj, DEFAULT_LOAD_HOOKS)
-            try:
-                hook(obj, self.ckpt_dir / f"{key}.ckpt", end_of_epoch)
-            except Exception as err:  # noqa: BLE001 - name the file and the model
-                raise ExtractionError(f"model {name}: cannot load {self.ckpt_dir / (key + '.ckpt')} "
-                                      f"into the modules of {hparams_file}: {err}") from err
-
-        for module in list(self.modules.values()) + [self.normalize]:
-            if module is not None:
-                module.to(self.device)
-                module.eval()
-        self.vocab_size = int(self.modules["seq_lin"].w.out_features)
-        self.vocab_size_ctc = int(self.modules["ctc_lin"].w.out_features)
-
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    @torch.no_grad()
-    def logits(self, wav, tokens):
-        """(decoder [U, V], ctc [T, V]) float32 CPU logits of one waveform ``[samples]``,
-        teacher-forced on ``[<s>] + tokens``."""
-        m = self.modules
-        wavs = wav.to(self.device).unsqueeze(0)
-        wav_lens = torch.ones(1, device=self.device)
-        tokens_bos = torch.tensor([[BOS] + list(tokens)], dtype=torch.long, device=self.device)
-        with self._autocast():
-            feats = m["compute_features"](wavs)
-            if self.normalize is not None:
-                feats = self.normalize(feats, wav_lens)
-            src = m["CNN"](feats)
-            enc_out, pred = m["Transformer"](src, tokens_bos, wav_lens, pad_idx=self.pad_index)
-            ctc_logits = m["ctc_lin"](enc_out)
-            decoder_logits = m["seq_lin"](pred)
-        return decoder_logits[0].float().cpu().clone(), ctc_logits[0].float().cpu().clone()
-
-
-# --------------------------------------------------------------------------------------------
 # Pairs
 # --------------------------------------------------------------------------------------------
+
 
 def pair_status(logit_root, model, speaker, utts, tokenizer):
     """``None`` if the pair is finished and consistent, else why it is not."""
@@ -431,8 +154,11 @@ def _pair_status(logit_root, model, speaker, utts, tokenizer):
         return f"metadata model_name is {meta['model_name']!r}"
     if meta["utterance_ids"] != [u.id for u in utts] or meta["target_words"] != [u.word for u in utts]:
         return "metadata utterances differ from the CSV's"
-    if (meta["num_utterances"] != len(utts) or len(meta["ctc_frame_lens"]) != len(utts)
-            or meta["vocab_size_decoder"] != tokenizer.vocab_size()):
+    if (
+        meta["num_utterances"] != len(utts)
+        or len(meta["ctc_frame_lens"]) != len(utts)
+        or meta["vocab_size_decoder"] != tokenizer.vocab_size()
+    ):
         return "metadata counts differ"
     try:
         decoder, ctc = _load_mmap(files["decoder"]), _load_mmap(files["ctc"])
@@ -449,24 +175,6 @@ def _pair_status(logit_root, model, speaker, utts, tokenizer):
     return None
 
 
-def _read_wav(utt, model):
-    import speechbrain as sb
-
-    if not Path(utt.wav).is_file():
-        raise ExtractionError(f"utterance {utt.id}: audio file {utt.wav} does not exist")
-    if model.sample_rate is not None:
-        import soundfile
-
-        rate = soundfile.info(utt.wav).samplerate
-        if rate != model.sample_rate:
-            raise ExtractionError(f"utterance {utt.id}: {utt.wav} is sampled at {rate} Hz, the model "
-                                  f"expects {model.sample_rate} Hz")
-    wav = sb.dataio.dataio.read_audio(utt.wav)
-    if wav.dim() != 1:
-        raise ExtractionError(f"utterance {utt.id}: {utt.wav} has {wav.shape[1]} channels, expected mono")
-    return wav
-
-
 def extract_pair(model, speaker, utts, tokenizer, logit_root):
     """Runs ``model`` on ``utts`` and writes the pair's three files (metadata last)."""
     files = pair_files(logit_root, model.name, speaker)
@@ -475,18 +183,20 @@ def extract_pair(model, speaker, utts, tokenizer, logit_root):
     start = time.time()
     for i, utt in enumerate(utts):
         tokens = tokenizer.encode_as_ids(utt.word)
-        dec, c = model.logits(_read_wav(utt, model), tokens)
+        dec, c = model.logits(read_wav(utt, model), tokens)
         if dec.shape[0] != len(tokens) + 1:
-            raise ExtractionError(f"utterance {utt.id}: {dec.shape[0]} decoder positions for "
-                                  f"{len(tokens)} tokens + </s>")
+            raise ExtractionError(
+                f"utterance {utt.id}: {dec.shape[0]} decoder positions for {len(tokens)} tokens + </s>"
+            )
         if not (torch.isfinite(dec).all() and torch.isfinite(c).all()):
             raise ExtractionError(f"model {model.name}, utterance {utt.id}: NaN or Inf logits")
         decoder.append(dec)
         ctc.append(c)
         frames.append(int(c.shape[0]))
         if (i + 1) % 200 == 0:
-            logger.info("%s on %s: %d/%d utterances (%.1f s)", model.name, speaker, i + 1, len(utts),
-                        time.time() - start)
+            logger.info(
+                "%s on %s: %d/%d utterances (%.1f s)", model.name, speaker, i + 1, len(utts), time.time() - start
+            )
     save_tensors(decoder, files["decoder"])
     save_tensors(ctc, files["ctc"])
     meta = {
@@ -523,19 +233,22 @@ def update_summary(logit_root, records, tokenizer_info, keep_existing=False):
     for key, record in records.items():
         if not (keep_existing and key in extractions):
             extractions[key] = record
-    summary.update({
-        "tool": "recipes/UASpeech/logit_kd/local/extract_logits.py",
-        "format": "<MODEL>/<SPK>/<SPK>_{decoder_logits.pt,ctc_logits.pt,metadata.json}",
-        "tokenizer": tokenizer_info,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "extractions": dict(sorted(extractions.items())),
-    })
+    summary.update(
+        {
+            "tool": "recipes/UASpeech/logit_kd/extract_logits.py",
+            "format": "<MODEL>/<SPK>/<SPK>_{decoder_logits.pt,ctc_logits.pt,metadata.json}",
+            "tokenizer": tokenizer_info,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "extractions": dict(sorted(extractions.items())),
+        }
+    )
     save_json(summary, path, indent=1)
 
 
 # --------------------------------------------------------------------------------------------
 # Jobs and command line
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class ModelSpec:
@@ -566,7 +279,7 @@ def _parse_mapping(text, what):
         return {}
     value = ruamel.yaml.YAML(typ="safe").load(text)
     if not isinstance(value, dict):
-        raise ExtractionError(f"{what} must be a yaml mapping, e.g. \"{{output_neurons: 5000}}\"")
+        raise ExtractionError(f'{what} must be a yaml mapping, e.g. "{{output_neurons: 5000}}"')
     return dict(value)
 
 
@@ -593,8 +306,7 @@ def load_jobs(path):
     for name, spec in (jobs.get("models") or {}).items():
         if not isinstance(spec, dict) or "hparams" not in spec or "checkpoint" not in spec:
             raise ExtractionError(f"job file {path}: model {name} needs hparams and checkpoint")
-        models[str(name)] = ModelSpec(rel(spec["hparams"]), rel(spec["checkpoint"]),
-                                      dict(spec.get("overrides") or {}))
+        models[str(name)] = ModelSpec(rel(spec["hparams"]), rel(spec["checkpoint"]), dict(spec.get("overrides") or {}))
     return {
         "logit_root": rel(jobs.get("logit_root")),
         "tokenizer_file": rel(jobs.get("tokenizer_file")),
@@ -628,16 +340,19 @@ def expand_pairs(pairs, models, speakers):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", help="YAML/JSON job file (see above)")
     parser.add_argument("--logit_root", help="output folder (the recipe's --logit_root)")
     parser.add_argument("--tokenizer_file", help="the SA SentencePiece model (a file path)")
     parser.add_argument("--data_root", help="replaces $data_root in the CSVs' wav column")
     parser.add_argument("--models", nargs="+", default=[], metavar="NAME=HPARAMS.yaml:CKPT")
     parser.add_argument("--speakers", nargs="+", default=[], metavar="SPK=CSV")
-    parser.add_argument("--pairs", nargs="+", metavar="all|diagonal|MODEL:SPK",
-                        help="which (model, speaker) pairs to extract (default: all)")
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        metavar="all|diagonal|MODEL:SPK",
+        help="which (model, speaker) pairs to extract (default: all)",
+    )
     parser.add_argument("--overrides", default="", help="yaml mapping applied to every model's hparams")
     parser.add_argument("--ckpt_select", default="auto", help="auto (default), latest, max:KEY or min:KEY")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
@@ -677,8 +392,11 @@ def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     tokenizer = load_tokenizer(tokenizer_file)  # checks <unk>=0, <s>=1, </s>=2
-    tokenizer_info = {"file": str(tokenizer_file), "vocab_size": tokenizer.vocab_size(),
-                      "sha256": hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()}
+    tokenizer_info = {
+        "file": str(tokenizer_file),
+        "vocab_size": tokenizer.vocab_size(),
+        "sha256": hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest(),
+    }
     utts = {}
     for spk in dict.fromkeys(s for _, s in pairs):
         utts[spk] = read_speaker_csv(speakers[spk], spk, data_root)
@@ -691,8 +409,12 @@ def run(args):
             why = "--force" if args.force else pair_status(logit_root, name, spk, utts[spk], tokenizer)
             if why is None:
                 logger.info("%s on %s: finished, skipped", name, spk)
-                skipped[f"{name}/{spk}"] = {"model": name, "speaker": spk, "status": "found finished",
-                                            "num_utterances": len(utts[spk])}
+                skipped[f"{name}/{spk}"] = {
+                    "model": name,
+                    "speaker": spk,
+                    "status": "found finished",
+                    "num_utterances": len(utts[spk]),
+                }
                 continue
             logger.info("%s on %s: to extract (%s)", name, spk, why)
             todo.append(spk)
@@ -701,32 +423,55 @@ def run(args):
         if not todo:
             continue
         spec = models[name]
-        record_base = {"model": name, "hparams": str(spec.hparams), "precision": args.precision,
-                       "device": device}
+        record_base = {"model": name, "hparams": str(spec.hparams), "precision": args.precision, "device": device}
         try:
-            model = SAModel(name, spec.hparams, spec.checkpoint, {**common, **spec.overrides},
-                            args.ckpt_select, device, args.precision)
+            model = SAModel(
+                name,
+                spec.hparams,
+                spec.checkpoint,
+                {**common, **spec.overrides},
+                args.ckpt_select,
+                device,
+                args.precision,
+            )
             if model.vocab_size != tokenizer.vocab_size():
-                raise ExtractionError(f"model {name} has {model.vocab_size} outputs but the tokenizer "
-                                      f"{tokenizer_file} has {tokenizer.vocab_size()} pieces: "
-                                      f"wrong tokenizer?")
+                raise ExtractionError(
+                    f"model {name} has {model.vocab_size} outputs but the tokenizer "
+                    f"{tokenizer_file} has {tokenizer.vocab_size()} pieces: "
+                    f"wrong tokenizer?"
+                )
             logger.info("model %s: %s (%s)", name, model.ckpt_dir, model.ckpt_how)
         except ExtractionError as err:
             logger.error("%s", err)
             failed += len(todo)
-            update_summary(logit_root, {f"{name}/{spk}": {**record_base, "speaker": spk, "status": "failed",
-                                                          "error": str(err)} for spk in todo}, tokenizer_info)
+            update_summary(
+                logit_root,
+                {
+                    f"{name}/{spk}": {**record_base, "speaker": spk, "status": "failed", "error": str(err)}
+                    for spk in todo
+                },
+                tokenizer_info,
+            )
             continue
-        record_base.update({"checkpoint": str(model.ckpt_dir), "checkpoint_meta": model.ckpt_meta,
-                            "checkpoint_selected_by": model.ckpt_how})
+        record_base.update(
+            {
+                "checkpoint": str(model.ckpt_dir),
+                "checkpoint_meta": model.ckpt_meta,
+                "checkpoint_selected_by": model.ckpt_how,
+            }
+        )
         for spk in todo:
-            record = {**record_base, "speaker": spk, "csv": str(speakers[spk]),
-                      "num_utterances": len(utts[spk])}
+            record = {**record_base, "speaker": spk, "csv": str(speakers[spk]), "num_utterances": len(utts[spk])}
             try:
                 seconds = extract_pair(model, spk, utts[spk], tokenizer, logit_root)
-                record.update({"status": "extracted", "seconds": round(seconds, 2),
-                               "vocab_size": model.vocab_size,
-                               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                record.update(
+                    {
+                        "status": "extracted",
+                        "seconds": round(seconds, 2),
+                        "vocab_size": model.vocab_size,
+                        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    }
+                )
                 logger.info("%s on %s: %d utterances in %.1f s", name, spk, len(utts[spk]), seconds)
             except Exception as err:  # noqa: BLE001 - record the failure, go on with the other pairs
                 if isinstance(err, ExtractionError):

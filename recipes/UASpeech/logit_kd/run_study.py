@@ -3,8 +3,8 @@
 ``train.py`` process each -- and then writes the report (``study_report.py``).
 
     cd recipes/UASpeech/logit_kd
-    python local/run_study.py                                    # the synthetic demo tree
-    python local/run_study.py --logit_root=/data/logit_extraction --tokenizer_file=/data/tokenizer.model \\
+    python run_study.py                                    # the synthetic demo tree
+    python run_study.py --logit_root=/data/logit_extraction --tokenizer_file=/data/tokenizer.model \\
         --folds M08 M05 --teacher_sets same_level --fusions mean transformer \\
         --study_folder=results/study -- --number_of_epochs=60 --seed=7
 
@@ -34,22 +34,26 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-try:
-    from local.study_report import MANIFEST_FILE, RESULTS_FILE, atomic_write, write_report
-except ImportError:  # run as a script: put the recipe folder (parent of local/) on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from local.study_report import MANIFEST_FILE, RESULTS_FILE, atomic_write, write_report
+from local.files import atomic_write
+from local.folds import INPUT_STREAMS, TEACHER_SETS
+from local.fusion import FUSIONS
+from local.report import MANIFEST_FILE, RESULTS_FILE, write_report
 
-RECIPE = Path(__file__).resolve().parents[1]
+RECIPE = Path(__file__).resolve().parent
 TRAIN = RECIPE / "train.py"
 HPARAMS = RECIPE / "hparams"
 FOLDS = ("M08", "M05", "M16", "M01")  # high, mid, low, very low
-TEACHER_SETS = ("same_level", "all_others")
-INPUT_STREAMS = ("self", "matched", "cross")
-FUSIONS = ("mean", "weights", "attention", "transformer")
 # Set by the driver for every run: not allowed among the pass-through overrides.
-RESERVED = ("output_folder", "held_out", "teacher_set", "input_streams", "fusion", "logit_root",
-            "tokenizer_file", "demo_folder")
+RESERVED = (
+    "output_folder",
+    "held_out",
+    "teacher_set",
+    "input_streams",
+    "fusion",
+    "logit_root",
+    "tokenizer_file",
+    "demo_folder",
+)
 TAIL_LINES = 25
 
 
@@ -58,28 +62,50 @@ def parse_args(argv):
     extra = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
-    parser = argparse.ArgumentParser(description="Runs the study (folds x teacher sets x input streams x "
-                                     "fusions) and writes its report; details below.",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(
+        description="Runs the study (folds x teacher sets x input streams x "
+        "fusions) and writes its report; details below.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--logit_root", help="the SA logit extraction (default: the synthetic demo tree)")
     parser.add_argument("--tokenizer_file", help="the SA SentencePiece model (required with --logit_root)")
-    parser.add_argument("--demo_folder", default=str(RECIPE / "demo_data"),
-                        help="where the synthetic demo tree is (generated once); default: the recipe's demo_data")
-    parser.add_argument("--folds", nargs="+", default=list(FOLDS), metavar="SPK",
-                        help="held-out speakers, each with hparams/fold_<SPK>.yaml (default: %(default)s)")
+    parser.add_argument(
+        "--demo_folder",
+        default=str(RECIPE / "demo_data"),
+        help="where the synthetic demo tree is (generated once); default: the recipe's demo_data",
+    )
+    parser.add_argument(
+        "--folds",
+        nargs="+",
+        default=list(FOLDS),
+        metavar="SPK",
+        help="held-out speakers, each with hparams/fold_<SPK>.yaml (default: %(default)s)",
+    )
     parser.add_argument("--teacher_sets", nargs="+", default=list(TEACHER_SETS), choices=TEACHER_SETS)
     parser.add_argument("--input_streams", nargs="+", default=["matched"], choices=INPUT_STREAMS)
     parser.add_argument("--fusions", nargs="+", default=["transformer"], choices=FUSIONS)
-    parser.add_argument("--study_folder", default="results/study",
-                        help="one folder per run and the report go here (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS); default: the "
-                             "environment's OMP_NUM_THREADS, else 1 (the students are small: more intra-op "
-                             "threads gain little, and on a busy CPU they cost up to ~8x)")
-    parser.add_argument("--nproc_per_node", type=int, default=1,
-                        help="> 1: launch each run with torchrun --standalone on this many processes (DDP; "
-                             "on CPU add '-- --device=cpu --distributed_backend=gloo')")
+    parser.add_argument(
+        "--study_folder",
+        default="results/study",
+        help="one folder per run and the report go here (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS); default: the "
+        "environment's OMP_NUM_THREADS, else 1 (the students are small: more intra-op "
+        "threads gain little, and on a busy CPU they cost up to ~8x)",
+    )
+    parser.add_argument(
+        "--nproc_per_node",
+        type=int,
+        default=1,
+        help="> 1: launch each run with torchrun --standalone on this many processes (DDP; "
+        "on CPU add '-- --device=cpu --distributed_backend=gloo')",
+    )
     parser.add_argument("--n_boot", type=int, default=2000, help="report: bootstrap replicates")
     parser.add_argument("--n_perm", type=int, default=10000, help="report: sign-flip permutations")
     parser.add_argument("--stats_seed", type=int, default=0, help="report: seed of bootstrap and permutations")
@@ -100,8 +126,10 @@ def parse_args(argv):
             parser.error(f"train.py overrides after '--' look like --key=value, got {item!r}")
         key = item[2:].split("=", 1)[0]
         if key in RESERVED:
-            parser.error(f"--{key} is set by the driver for every run: give it before '--' "
-                         f"(or as --folds/--teacher_sets/--input_streams/--fusions/--study_folder)")
+            parser.error(
+                f"--{key} is set by the driver for every run: give it before '--' "
+                f"(or as --folds/--teacher_sets/--input_streams/--fusions/--study_folder)"
+            )
     if not any(item == "--noprogressbar" for item in extra):
         extra.append("--noprogressbar")  # train.py's own bars would only fill the log files
     args.extra = extra
@@ -111,10 +139,12 @@ def parse_args(argv):
 def plan(args):
     """The runs of the study, in order: fold, teacher set, input streams, fusion."""
     study = Path(args.study_folder).resolve()
-    data = ([f"--logit_root={Path(args.logit_root).resolve()}",
-             f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"] if args.logit_root else
-            [f"--demo_folder={Path(args.demo_folder).resolve()}"]
-            + ([f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"] if args.tokenizer_file else []))
+    data = (
+        [f"--logit_root={Path(args.logit_root).resolve()}", f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"]
+        if args.logit_root
+        else [f"--demo_folder={Path(args.demo_folder).resolve()}"]
+        + ([f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"] if args.tokenizer_file else [])
+    )
     launch = [sys.executable]
     if args.nproc_per_node > 1:  # torchrun of this very environment
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]
@@ -124,11 +154,28 @@ def plan(args):
             for streams in args.input_streams:
                 for fusion in args.fusions:
                     name = f"{fold}_{teacher_set}_{streams}_{fusion}"
-                    command = [*launch, str(TRAIN), str(HPARAMS / f"fold_{fold}.yaml"), *data,
-                               f"--teacher_set={teacher_set}", f"--input_streams={streams}", f"--fusion={fusion}",
-                               f"--output_folder={study / name}", *args.extra]
-                    runs.append({"name": name, "fold": fold, "teacher_set": teacher_set, "input_streams": streams,
-                                 "fusion": fusion, "command": command, "status": "pending"})
+                    command = [
+                        *launch,
+                        str(TRAIN),
+                        str(HPARAMS / f"fold_{fold}.yaml"),
+                        *data,
+                        f"--teacher_set={teacher_set}",
+                        f"--input_streams={streams}",
+                        f"--fusion={fusion}",
+                        f"--output_folder={study / name}",
+                        *args.extra,
+                    ]
+                    runs.append(
+                        {
+                            "name": name,
+                            "fold": fold,
+                            "teacher_set": teacher_set,
+                            "input_streams": streams,
+                            "fusion": fusion,
+                            "command": command,
+                            "status": "pending",
+                        }
+                    )
     return study, runs
 
 
@@ -192,8 +239,10 @@ def say(text):
 
 
 def save_manifest(study, runs, started, threads):
-    atomic_write(study / MANIFEST_FILE, lambda handle: json.dump(
-        {"started": started, "threads_per_run": threads, "runs": runs}, handle, indent=1))
+    atomic_write(
+        study / MANIFEST_FILE,
+        lambda handle: json.dump({"started": started, "threads_per_run": threads, "runs": runs}, handle, indent=1),
+    )
 
 
 def main(argv=None):
@@ -230,21 +279,27 @@ def main(argv=None):
                 run["status"] = "finished"
                 with open(study / run["name"] / RESULTS_FILE, encoding="utf-8") as handle:
                     student = json.load(handle)["student"]
-                say(f"{prefix}: {'resumed and ' if resumed else ''}finished in {run['wall_s']:.0f} s "
-                    f"(student WER {student['WER']:.2f}, WRA {student['WRA']:.2f})")
+                say(
+                    f"{prefix}: {'resumed and ' if resumed else ''}finished in {run['wall_s']:.0f} s "
+                    f"(student WER {student['WER']:.2f}, WRA {student['WRA']:.2f})"
+                )
             else:
                 run["status"] = "failed"
                 failures.append(run)
                 err_tail = tail(study / run["logs"][1]) or tail(study / run["logs"][0])
-                say(f"{prefix}: FAILED (exit status {rc}{'' if rc else ', no ' + RESULTS_FILE}) "
+                say(
+                    f"{prefix}: FAILED (exit status {rc}{'' if rc else ', no ' + RESULTS_FILE}) "
                     f"after {run['wall_s']:.0f} s\n  command: {shlex.join(run['command'])}\n"
                     f"  logs: {study / run['logs'][0]}, {study / run['logs'][1]}\n"
-                    f"  --- stderr tail ---\n{err_tail.rstrip()}\n  -------------------")
+                    f"  --- stderr tail ---\n{err_tail.rstrip()}\n  -------------------"
+                )
         save_manifest(study, runs, started, env["OMP_NUM_THREADS"])
     bar.close()
     counts = {s: sum(r["status"] == s for r in runs) for s in ("finished", "skipped", "failed")}
-    print(f"study: {len(runs)} runs: {counts['finished']} run, {counts['skipped']} skipped, "
-          f"{counts['failed']} failed; {time.monotonic() - t0:.0f} s")
+    print(
+        f"study: {len(runs)} runs: {counts['finished']} run, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed; {time.monotonic() - t0:.0f} s"
+    )
     try:
         text = write_report(study, n_boot=args.n_boot, n_perm=args.n_perm, seed=args.stats_seed)
     except ValueError as err:
@@ -253,8 +308,11 @@ def main(argv=None):
     print(text)
     print(f"report: {study / 'study.md'}, {study / 'study.csv'}, {study / 'study.png'}")
     if failures:
-        print(f"FAILED runs ({len(failures)}): {', '.join(r['name'] for r in failures)}; their logs are in "
-              f"{study / 'logs'}; run the same command again to retry them", file=sys.stderr)
+        print(
+            f"FAILED runs ({len(failures)}): {', '.join(r['name'] for r in failures)}; their logs are in "
+            f"{study / 'logs'}; run the same command again to retry them",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -265,5 +323,7 @@ if __name__ == "__main__":
     except ValueError as error:  # an inconsistent study folder
         sys.exit(f"ERROR: {error}")
     except KeyboardInterrupt:
-        sys.exit("\ninterrupted: run the same command again to go on (finished runs are skipped, "
-                 "the interrupted one resumes from its last checkpoint)")
+        sys.exit(
+            "\ninterrupted: run the same command again to go on (finished runs are skipped, "
+            "the interrupted one resumes from its last checkpoint)"
+        )

@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""Line several SpeechBrain ``wer_*.txt`` files up on the same utterances.
+
+Reads any files written by ``ErrorRateStats.write_stats`` (the user's SpeechBrain results, this
+recipe's ``wer_test*.txt``), checks each against its own header (``local/wer_files.py``), and
+compares them on their shared utterance ids: WER, SER and WRA with 95 % intervals (bootstrap over
+(speaker, word) productions), the mean of the systems, the best single one, a word-level majority
+vote and an oracle, paired tests against a reference system, and the utterances where the
+systems disagree.
+
+Usage (from recipes/UASpeech/logit_kd)::
+
+    python compare.py WER_FILE... [--names N1 N2 ...] [--reference NAME] [--json OUT]
+    python compare.py results/.../wer_test.txt /data/cross_testing/*/wer_M08.txt --json compare_M08.json
+"""
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+from local.combine import ORACLE_RULE, VOTE_RULE, majority_vote, oracle
+from local.corpus import production_of
+from local.files import write_json
+from local.scoring import rates
+from local.significance import bootstrap_ci, paired_test
+from local.tables import RULE, text_table
+from local.wer_files import WerFile, read_wer_file
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def default_names(paths):
+    """``.../F02/wer_M08.txt`` -> ``F02/wer_M08``; longer path suffixes where those collide."""
+    parts = [Path(p).with_suffix("").parts for p in paths]
+    for depth in range(2, 1 + max((len(p) for p in parts), default=2)):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{name}#{k}" for k, name in enumerate(str(p) for p in paths)]
+
+
+def _resolve_reference(reference, names, paths):
+    if isinstance(reference, int):
+        if not -len(names) <= reference < len(names):
+            raise ValueError(f"reference index {reference} out of range for {len(names)} systems")
+        return reference % len(names)
+    if reference in names:
+        return names.index(reference)
+    if reference in [str(p) for p in paths]:
+        return [str(p) for p in paths].index(reference)
+    if str(reference).lstrip("-").isdigit():
+        return _resolve_reference(int(reference), names, paths)
+    raise ValueError(f"reference {reference!r} is none of the systems {names}")
+
+
+def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
+    """Line several ``wer_*.txt`` files (or parsed :class:`WerFile` objects) up.
+
+    Utterances are matched by id; the analysis uses the ids present in every file (in the
+    reference file's order), and the files must agree on the reference words of those ids.
+
+    Returns a JSON-ready dict:
+
+    * ``systems``: name -> ``n``, ``WER``, ``SER``, ``WRA`` (percent, the whole file), ``path``,
+      and ``shared``: the same on the shared ids plus cluster-bootstrap 95 % intervals
+      (``WER_ci``, ``WRA_ci``).
+    * ``majority_vote`` and ``oracle``: ``n``, ``WER``, ``SER``, ``WRA`` on the shared ids,
+      scored with ``speechbrain.utils.metric_stats.ErrorRateStats`` (rules in ``rule``).
+    * ``paired_tests``: name -> ``{"WER": ..., "SER": ...}`` paired sign-flip tests of the system
+      against the reference system on per-utterance edits and on per-utterance sentence error
+      (0/1; the WRA test), clustered by speaker+word (``significance.paired_test``);
+      ``mean_diff`` < 0 means fewer errors than the reference. The vote is tested too.
+    * ``disagreements``: shared utterances whose hypotheses are not all equal, with each
+      system's hypothesis (tokens joined by a space).
+    """
+    parsed = [f if isinstance(f, WerFile) else read_wer_file(f) for f in files]
+    if not parsed:
+        raise ValueError("no files to compare")
+    paths = [p.path for p in parsed]
+    names = list(names) if names is not None else default_names(paths)
+    if len(names) != len(parsed):
+        raise ValueError(f"{len(names)} names for {len(parsed)} files")
+    if len(set(names)) != len(names):
+        raise ValueError(f"system names are not unique: {names}")
+    ref_idx = _resolve_reference(reference, names, paths)
+
+    tables = []
+    for wf in parsed:
+        table = wf.by_id()
+        if len(table) != wf.n:
+            dup = [k for k, v in collections.Counter(wf.ids).items() if v > 1]
+            raise ValueError(f"{wf.path}: duplicate utterance ids, e.g. {dup[:3]}")
+        tables.append(table)
+    common = set(tables[0])
+    for table in tables[1:]:
+        common &= set(table)
+    shared = [i for i in parsed[ref_idx].ids if i in common]
+    if not shared:
+        raise ValueError("the files share no utterance ids")
+    for i in shared:
+        refs = {tuple(t[i].ref) for t in tables}
+        if len(refs) > 1:
+            raise ValueError(f"utterance {i} has different references across the files: {sorted(refs)}")
+    groups = [production_of(i) for i in shared]
+
+    def _edits(t):
+        return [t[i].edits for i in shared]
+
+    def _errs(t):
+        return [int(t[i].edits > 0) for i in shared]
+
+    systems = {}
+    for name, wf, table in zip(names, parsed, tables):
+        full = wf.metrics()
+        utts = [table[i] for i in shared]
+        part = wf.metrics(shared)
+        part["WER_ci"] = list(
+            bootstrap_ci([u.edits for u in utts], [u.ref_count for u in utts], groups, n_boot=n_boot, seed=seed)[1:]
+        )
+        part["WRA_ci"] = list(
+            bootstrap_ci([int(u.correct) for u in utts], [1] * len(utts), groups, n_boot=n_boot, seed=seed)[1:]
+        )
+        systems[name] = {
+            "path": wf.path,
+            **{k: full[k] for k in ("n", "WER", "SER", "WRA", "edits", "ref_words", "erroneous")},
+            "shared": part,
+        }
+
+    # The vote and the oracle pick one system's hypothesis per utterance: its edits are that
+    # system's edits (all files share the utterance's reference words).
+    ref_words = [tables[ref_idx][i].ref_count for i in shared]
+    vote_edits, oracle_edits, oracle_right = [], [], 0
+    vote_winner = collections.Counter()
+    for i in shared:
+        edits = [t[i].edits for t in tables]
+        k = majority_vote([t[i].hyp for t in tables])
+        vote_winner[names[k]] += 1
+        vote_edits.append(edits[k])
+        oracle_edits.append(edits[oracle(edits)])
+        oracle_right += any(e == 0 for e in edits)
+    vote = rates(vote_edits, ref_words)
+    vote["rule"] = VOTE_RULE
+    oracle_rates = rates(oracle_edits, ref_words)
+    oracle_rates["WRA_any_right"] = 100.0 * oracle_right / len(shared)
+    oracle_rates["rule"] = ORACLE_RULE
+
+    ref_table = tables[ref_idx]
+    tests = {}
+    for name, table in zip(names, tables):
+        if table is ref_table:
+            continue
+        tests[name] = {
+            "WER": paired_test(_edits(table), _edits(ref_table), groups, n_perm=n_perm, seed=seed),
+            "SER": paired_test(_errs(table), _errs(ref_table), groups, n_perm=n_perm, seed=seed),
+        }
+    # The vote tested as one more system against the reference.
+    vote_tests = {
+        "WER": paired_test(vote_edits, _edits(ref_table), groups, n_perm=n_perm, seed=seed),
+        "SER": paired_test([int(e > 0) for e in vote_edits], _errs(ref_table), groups, n_perm=n_perm, seed=seed),
+    }
+
+    disagreements = []
+    for i in shared:
+        hyps = [tuple(t[i].hyp) for t in tables]
+        if len(set(hyps)) > 1:
+            disagreements.append(
+                {
+                    "id": i,
+                    "ref": " ".join(tables[ref_idx][i].ref),
+                    "hyps": {name: " ".join(h) for name, h in zip(names, hyps)},
+                }
+            )
+
+    # Two summaries of the systems themselves: their mean, and the best one (chosen on these very
+    # utterances, so an optimistic figure for "the best single model").
+    shared_rates = [systems[n]["shared"] for n in names]
+    mean_of_systems = {k: sum(s[k] for s in shared_rates) / len(shared_rates) for k in ("WER", "SER", "WRA")}
+    best = max(names, key=lambda n: (systems[n]["shared"]["WRA"], -systems[n]["shared"]["WER"]))
+    best_single = {
+        "name": best,
+        **{k: systems[best]["shared"][k] for k in ("WER", "SER", "WRA")},
+        "rule": "highest WRA on the shared utterances (ties: lower WER): chosen on the test data",
+    }
+
+    return {
+        "reference": names[ref_idx],
+        "names": names,
+        "n_shared": len(shared),
+        "mean_of_systems": {"n_systems": len(names), **mean_of_systems},
+        "best_single": best_single,
+        "n_groups": len(set(groups)),
+        "systems": systems,
+        "majority_vote": {**vote, "winner_counts": dict(vote_winner), "paired_test": vote_tests},
+        "oracle": oracle_rates,
+        "paired_tests": tests,
+        "paired_test_settings": {
+            "n_perm": n_perm,
+            "seed": seed,
+            "cluster": "speaker+word (utterance id without _<MIC>)",
+        },
+        "bootstrap_settings": {"n_boot": n_boot, "seed": seed, "level": 0.95},
+        "disagreements": disagreements,
+    }
+
+
+def comparison_table(result):
+    """The console table of :func:`compare`'s result."""
+
+    def p_value(test):
+        return f"{test['p_value']:.4f}" if test else "ref"
+
+    def ci(values):
+        return f"[{values[0]:5.2f}, {values[1]:6.2f}]"
+
+    header = ["system", "n", "WER", "WER 95% CI", "SER", "WRA", "WRA 95% CI", "p(WER)", "p(WRA)"]
+    rows = []
+    for name in result["names"]:
+        s = result["systems"][name]["shared"]
+        test = result["paired_tests"].get(name)
+        rows.append(
+            [
+                name,
+                s["n"],
+                f"{s['WER']:.2f}",
+                ci(s["WER_ci"]),
+                f"{s['SER']:.2f}",
+                f"{s['WRA']:.2f}",
+                ci(s["WRA_ci"]),
+                p_value(test and test["WER"]),
+                p_value(test and test["SER"]),
+            ]
+        )
+    rows.append(RULE)
+    v, o = result["majority_vote"], result["oracle"]
+    m, b = result["mean_of_systems"], result["best_single"]
+    rows.append(["mean of systems", "", f"{m['WER']:.2f}", "", f"{m['SER']:.2f}", f"{m['WRA']:.2f}"])
+    rows.append(
+        [
+            "best single",
+            "",
+            f"{b['WER']:.2f}",
+            "",
+            f"{b['SER']:.2f}",
+            f"{b['WRA']:.2f}",
+            f"({b['name']}, chosen on these utterances)",
+        ]
+    )
+    rows.append(
+        [
+            "majority vote",
+            v["n"],
+            f"{v['WER']:.2f}",
+            "",
+            f"{v['SER']:.2f}",
+            f"{v['WRA']:.2f}",
+            "",
+            p_value(v["paired_test"]["WER"]),
+            p_value(v["paired_test"]["SER"]),
+        ]
+    )
+    rows.append(["oracle", o["n"], f"{o['WER']:.2f}", "", f"{o['SER']:.2f}", f"{o['WRA_any_right']:.2f}"])
+    lines = [
+        f"utterances shared by all {len(result['names'])} files: {result['n_shared']} "
+        f"({result['n_groups']} speaker+word groups); reference system: {result['reference']}",
+        text_table(header, rows),
+    ]
+    full = [(n, s) for n, s in result["systems"].items() if s["n"] != s["shared"]["n"]]
+    if full:
+        lines.append("whole files (where they hold more than the shared utterances):")
+        lines.append(
+            text_table(
+                ["system", "n", "WER", "SER", "WRA"],
+                [[name, s["n"], f"{s['WER']:.2f}", f"{s['SER']:.2f}", f"{s['WRA']:.2f}"] for name, s in full],
+            )
+        )
+    lines.append(f"utterances where the systems disagree: {len(result['disagreements'])}")
+    lines.append(
+        "p: paired sign-flip test vs the reference, clustered by speaker+word "
+        f"({result['paired_test_settings']['n_perm']} permutations); CI: cluster bootstrap; "
+        "vote ties go to the earliest system given"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", help="SpeechBrain wer_*.txt files")
+    parser.add_argument(
+        "--names", nargs="+", help="one display name per file (default: parent folder + file stem, e.g. F02/wer_M08)"
+    )
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="name (or 0-based index) of the system the others are tested against (default: the first file)",
+    )
+    parser.add_argument("--json", dest="json_out", help="write the full comparison as JSON here")
+    parser.add_argument("--n-perm", type=int, default=10000)
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        result = compare(
+            args.files,
+            names=args.names,
+            reference=0 if args.reference is None else args.reference,
+            n_perm=args.n_perm,
+            n_boot=args.n_boot,
+            seed=args.seed,
+        )
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(comparison_table(result))
+    if args.json_out:
+        write_json(args.json_out, result, indent=1)
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
