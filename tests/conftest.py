@@ -1,7 +1,9 @@
 """Shared fixtures: the recipe's modules on sys.path, and the real SA artefacts when present."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,14 @@ sys.path.insert(0, str(RECIPE))
 # Real artefacts of the SA pipeline (tokenizer, 15 metadata files, SpeechBrain wer_*.txt files) live
 # beside the checkout, never inside it. UASPEECH_SHARED points elsewhere if needed.
 SHARED = Path(os.environ.get("UASPEECH_SHARED", REPO.parent / "shared" / "uaspeech"))
+
+# The packed cache shared by the test runs of train.py that do not name their own (as the runs of
+# one data tree share one in real use); removed when the session ends.
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="logit_kd_test_cache_"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from local.combine import majority_vote
+from local.combine import fractional_credit, vote
 from local.wer_files import WerFileMismatch, read_wer_file
 
 from compare import compare
@@ -238,8 +238,8 @@ SHARED = list(REFS)[:6]
 #   CW2_M2: NO ONE (A, B) x2, WE, WEE               -> NO ONE
 #   CW2_M3: "" (A, C) x2, WE WE, WHY                -> ""
 #   LA_M2 : ALFA x3 vs ALPHA                        -> ALFA
-#   LZ_M2 : ROMEO (A, D) x2 vs ZULU (B, C) x2: tie  -> ROMEO (A is the earliest system)
-VOTE = [["COME"], ["GUM"], ["NO", "ONE"], [""], ["ALFA"], ["ROMEO"]]
+#   LZ_M2 : ROMEO (A, D) x2 vs ZULU (B, C) x2: tie  -> half ROMEO (1 edit), half ZULU (right)
+VOTE = [["COME"], ["GUM"], ["NO", "ONE"], [""], ["ALFA"]]  # + the tied LZ_M2
 # Oracle (fewest edits, ties to the earliest system), worked by hand:
 #   CW1_M2 A COME (0); CW1_M3 C COME (0); CW2_M2 C WE (0);
 #   CW2_M3 everyone has 1 edit -> A "" (1); LA_M2 A ALPHA (0); LZ_M2 B ZULU (0)
@@ -266,11 +266,15 @@ def _rates(hyps, refs):
     return 100.0 * edits / words, 100.0 * wrong / len(refs)
 
 
-def test_majority_vote_tie_break_is_system_order():
-    assert majority_vote([["X"], ["Y"], ["Y"], ["X"]]) == 0
-    assert majority_vote([["Y"], ["X"], ["Y"], ["X"]]) == 0
-    assert majority_vote([["Z"], ["X"], ["Y"], ["X"]]) == 1
-    assert majority_vote([["A", "B"], ["A"], ["B"]]) == 0
+def test_vote_ties_count_fractionally_whatever_the_order():
+    hyps = [["X"], ["Y"], ["Y"], ["X"]]
+    edits, right = [1, 0, 0, 1], [False, True, True, False]
+    for perm in ([0, 1, 2, 3], [1, 0, 3, 2], [3, 2, 1, 0]):
+        top = vote([hyps[k] for k in perm])
+        assert len(top) == 2  # a tie
+        assert fractional_credit(top, [edits[k] for k in perm], [right[k] for k in perm]) == (0.5, 0.5)
+    top = vote([["Z"], ["X"], ["Y"], ["X"]])
+    assert list(top) == [("X",)] and fractional_credit(top, [1, 0, 1, 0], [False, True, False, True]) == (0, 1)
 
 
 def test_vote_and_oracle_on_crafted_files(crafted_systems):
@@ -290,12 +294,17 @@ def test_vote_and_oracle_on_crafted_files(crafted_systems):
         assert result["systems"][name]["WER"] == pytest.approx(wer_all)
         assert result["systems"][name]["SER"] == pytest.approx(ser_all)
 
-    vote_wer, vote_ser = _rates(VOTE, refs)
-    # by hand, too: edits 0 + 1 + 2 + 1 + 1 + 1 = 6 over 6 words; only CW1_M2 is right
-    assert (vote_wer, vote_ser) == pytest.approx((100.0, 100.0 * 5 / 6))
-    assert result["majority_vote"]["WER"] == pytest.approx(vote_wer)
-    assert result["majority_vote"]["SER"] == pytest.approx(vote_ser)
-    assert result["majority_vote"]["WRA"] == pytest.approx(100.0 - vote_ser)
+    vote_wer, vote_ser = _rates(VOTE, refs[:5])
+    # by hand, too: edits 0 + 1 + 2 + 1 + 1 + (1 + 0) / 2 = 5.5 over 6 words; CW1_M2 right, LZ_M2 half
+    assert (vote_wer * 5 / 6, vote_ser * 5 / 6) == pytest.approx((100.0 * 5 / 6, 100.0 * 4 / 6))
+    assert result["majority_vote"]["WER"] == pytest.approx(100.0 * 5.5 / 6)
+    assert result["majority_vote"]["WRA"] == pytest.approx(100.0 * 1.5 / 6)
+    assert result["majority_vote"]["SER"] == pytest.approx(100.0 - 100.0 * 1.5 / 6)
+    assert result["majority_vote"]["ties"] == 1
+    # the order of the files does not matter
+    shuffled = compare(list(reversed(crafted_systems)), names=list(reversed(list(HYPS))), reference="A")
+    for key in ("WER", "WRA", "ties"):
+        assert shuffled["majority_vote"][key] == pytest.approx(result["majority_vote"][key])
 
     oracle_wer, oracle_ser = _rates(ORACLE, refs)
     assert (oracle_wer, oracle_ser) == pytest.approx((100.0 / 6, 100.0 / 6))

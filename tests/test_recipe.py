@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import RECIPE
+from conftest import RECIPE, TEST_CACHE
 from test_scoring import edit_distance
 
 FAST = ["--d_model=16", "--d_ffn=32", "--n_layers=1", "--noprogressbar"]
@@ -20,6 +20,8 @@ def run_recipe(fold, *args, demo_tree=None, cwd=RECIPE, check=True):
     cmd = [sys.executable, str(RECIPE / "train.py"), str(RECIPE / "hparams" / f"fold_{fold}.yaml"), *args]
     if demo_tree is not None:
         cmd.append(f"--demo_folder={demo_tree}")
+    if not any(a.startswith("--cache_folder=") for a in args):
+        cmd.append(f"--cache_folder={TEST_CACHE}")
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -225,9 +227,11 @@ def test_bad_input_stops_before_anything_is_overwritten(copy_tree, tmp_path, dem
     proc = run_recipe("M16", *args, "--temprature=2.0", check=False)
     _assert_clean_failure(proc, "ERROR:", "temprature")
     proc = run_recipe(
-        "M16", f"--logit_root={tmp_path / 'nowhere'}", f"--output_folder={out}", *FAST, demo_tree=demo_tree, check=False
+        "M16", f"--logit_root={tmp_path / 'nowhere'}", args[1], f"--output_folder={out}", *FAST, check=False
     )
     _assert_clean_failure(proc, "ERROR:", "missing folder")
+    proc = run_recipe("M16", f"--logit_root={tmp_path / 'nowhere'}", f"--output_folder={out}", *FAST, check=False)
+    _assert_clean_failure(proc, "ERROR:", "--logit_root is given without --tokenizer_file")
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     fresh = tmp_path / "fresh"

@@ -13,16 +13,17 @@ import torch
 from local.kd import EnsembleTargets
 from local.store import LogitStore, TokenTable, load_tokenizer
 
-from conftest import RECIPE
+from conftest import RECIPE, TEST_CACHE
 from test_recipe import FAST, read_train_log, run_recipe
 
 PAIRS = [("F02", "F02"), ("M07", "M07")]
 
 
 def without_output_folder(results):
-    """test_results.json minus the one setting two runs being compared differ in by design."""
+    """test_results.json minus what two runs being compared differ in by design: the output folder
+    and the number of processes."""
     overrides = {k: v for k, v in results["overrides"].items() if k != "output_folder"}
-    return {**results, "overrides": overrides}
+    return {**{k: v for k, v in results.items() if k != "processes"}, "overrides": overrides}
 
 
 def _store(tree, cache):
@@ -124,6 +125,8 @@ def torchrun(fold, *args, nproc=2):
         "--device=cpu",
         *args,
     ]
+    if not any(a.startswith("--cache_folder=") for a in args):
+        cmd.append(f"--cache_folder={TEST_CACHE}")
     proc = subprocess.run(
         cmd, cwd=RECIPE, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -158,24 +161,23 @@ def test_ddp_training_writes_once(demo_tree, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_ddp_data_order_follows_the_seed():
-    """The recipe passes its own seeded sampler; under DDP SpeechBrain wraps it, so each rank's
-    order depends on --seed (a bare DistributedSampler would ignore it)."""
-    from speechbrain.dataio.dataset import DynamicItemDataset
-    from speechbrain.dataio.sampler import DistributedSamplerWrapper, ReproducibleRandomSampler
+def test_global_batches_follow_the_seed_and_are_shared_out_exactly():
+    """The recipe's batch sampler gives every process the same global batches, in an order drawn
+    from --seed (and the epoch); the processes' shares of a global batch partition it."""
+    from local.batch import GlobalBatchSampler, share
 
-    data = DynamicItemDataset({str(i): {"x": i} for i in range(40)})
-
-    def order(seed, rank):
-        sampler = DistributedSamplerWrapper(
-            ReproducibleRandomSampler(data, seed=seed), num_replicas=2, rank=rank, shuffle=False
-        )
-        sampler.set_epoch(1)
+    def batches(seed, epoch=1, n=41, size=8):
+        sampler = GlobalBatchSampler(n, size, seed)
+        sampler.set_epoch(epoch)
         return list(sampler)
 
-    assert order(1, 0) == order(1, 0)
-    assert order(1, 0) != order(2, 0)
-    assert not set(order(1, 0)) & set(order(1, 1))
+    assert batches(1) == batches(1) and batches(1) != batches(2) and batches(1) != batches(1, epoch=2)
+    assert sorted(i for b in batches(1) for i in b) == list(range(41)) and len(batches(1)) == 6
+    for size in (8, 3, 1):  # a full global batch, and a last one with fewer items than processes
+        for world in (1, 2, 3):
+            slices = [share(size, rank, world) for rank in range(world)]
+            assert slices[0][0] == 0 and slices[-1][1] == size
+            assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_same_results(demo_tree, tmp_path):

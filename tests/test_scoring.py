@@ -141,16 +141,20 @@ def test_majority_vote_of_systems(demo_tree):
     from local.scoring import majority_vote
 
     sp = load_tokenizer(demo_tree / "tokenizer.model")
-    plans = {  # utterance -> hypotheses of three systems, and the expected winner
+    plans = {  # utterance -> hypotheses of systems A, B, C, and the expected winner
         "F02_B3_D1_M2": (["SEVEN", "ALPHA", "SEVEN"], "SEVEN"),
-        "F02_B3_D2_M2": (["THE", "UP", "DELETE"], "THE"),  # three-way tie: the first system
+        "F02_B3_D2_M2": (["THE", "UP", "DELETE"], "UP"),  # three-way tie: B, the most accurate on the teachers
         "F02_B3_D3_M2": (["UP", "DELETE", "DELETE"], "DELETE"),
         "F02_B3_D4_M2": (["", "", "UP"], ""),  # empty hypotheses vote too
     }
-    systems = [SystemScores(sp) for _ in range(3)]
-    for utt_id, (hyps, _) in plans.items():
-        for system, hyp in zip(systems, hyps):
-            system.append_texts([utt_id], [hyp], ["SEVEN"], ["D"], ["M2"])
-    voted = majority_vote(systems, sp)
-    assert {u: voted.hypotheses[u] for u in plans} == {u: w for u, (_, w) in plans.items()}
-    assert voted.summary()["WRA"] == pytest.approx(25.0)
+    accuracy = {"A": 0.2, "B": 0.7, "C": 0.5}  # on the teacher speakers, never on the test
+    for order in (["A", "B", "C"], ["C", "B", "A"]):  # the order of the systems does not matter
+        systems = {name: SystemScores(sp) for name in order}
+        for utt_id, (hyps, _) in plans.items():
+            for name, hyp in zip("ABC", hyps):
+                systems[name].append_texts([utt_id], [hyp], ["SEVEN"], ["D"], ["M2"])
+        voted, ties = majority_vote(systems, sp, accuracy)
+        assert {u: voted.hypotheses[u] for u in plans} == {u: w for u, (_, w) in plans.items()}
+        assert voted.summary()["WRA"] == pytest.approx(25.0) and ties == 1
+    voted, _ = majority_vote(systems, sp, {"A": 0.5, "B": 0.5, "C": 0.5})  # equal: the first name
+    assert voted.hypotheses["F02_B3_D2_M2"] == "THE"

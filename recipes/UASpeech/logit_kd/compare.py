@@ -19,10 +19,10 @@ import collections
 import sys
 from pathlib import Path
 
-from local.combine import ORACLE_RULE, VOTE_RULE, majority_vote, oracle
+from local.combine import FRACTIONAL_RULE, ORACLE_RULE, fractional_credit, oracle, vote
 from local.corpus import production_of
 from local.files import write_json
-from local.scoring import rates
+from local.scoring import fractional_rates, rates
 from local.significance import bootstrap_ci, paired_test
 from local.tables import RULE, text_table
 from local.wer_files import WerFile, read_wer_file
@@ -127,20 +127,22 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
             "shared": part,
         }
 
-    # The vote and the oracle pick one system's hypothesis per utterance: its edits are that
-    # system's edits (all files share the utterance's reference words).
+    # The vote and the oracle take one system's hypothesis per utterance: its edits are that
+    # system's edits (all files share the utterance's reference words). Vote ties count fractionally:
+    # no ranking of the systems on other data exists here, and the order of the files must not matter.
     ref_words = [tables[ref_idx][i].ref_count for i in shared]
-    vote_edits, oracle_edits, oracle_right = [], [], 0
-    vote_winner = collections.Counter()
+    vote_edits, vote_right, oracle_edits, oracle_right, ties = [], [], [], 0, 0
     for i in shared:
         edits = [t[i].edits for t in tables]
-        k = majority_vote([t[i].hyp for t in tables])
-        vote_winner[names[k]] += 1
-        vote_edits.append(edits[k])
-        oracle_edits.append(edits[oracle(edits)])
+        top = vote([t[i].hyp for t in tables])
+        ties += len(top) > 1
+        expected_edits, expected_right = fractional_credit(top, edits, [e == 0 for e in edits])
+        vote_edits.append(expected_edits)
+        vote_right.append(expected_right)
+        oracle_edits.append(oracle(edits))
         oracle_right += any(e == 0 for e in edits)
-    vote = rates(vote_edits, ref_words)
-    vote["rule"] = VOTE_RULE
+    vote_rates = fractional_rates(vote_edits, vote_right, ref_words)
+    vote_rates.update(rule=FRACTIONAL_RULE, ties=ties)
     oracle_rates = rates(oracle_edits, ref_words)
     oracle_rates["WRA_any_right"] = 100.0 * oracle_right / len(shared)
     oracle_rates["rule"] = ORACLE_RULE
@@ -154,10 +156,10 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
             "WER": paired_test(_edits(table), _edits(ref_table), groups, n_perm=n_perm, seed=seed),
             "SER": paired_test(_errs(table), _errs(ref_table), groups, n_perm=n_perm, seed=seed),
         }
-    # The vote tested as one more system against the reference.
+    # The vote tested as one more system against the reference (fractional per-utterance errors).
     vote_tests = {
         "WER": paired_test(vote_edits, _edits(ref_table), groups, n_perm=n_perm, seed=seed),
-        "SER": paired_test([int(e > 0) for e in vote_edits], _errs(ref_table), groups, n_perm=n_perm, seed=seed),
+        "SER": paired_test([1.0 - r for r in vote_right], _errs(ref_table), groups, n_perm=n_perm, seed=seed),
     }
 
     disagreements = []
@@ -180,7 +182,8 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
     best_single = {
         "name": best,
         **{k: systems[best]["shared"][k] for k in ("WER", "SER", "WRA")},
-        "rule": "highest WRA on the shared utterances (ties: lower WER): chosen on the test data",
+        "rule": "highest WRA on these very utterances (ties: lower WER): chosen on the test data, so an "
+        "oracle-like upper figure, not a system one could pick in advance",
     }
 
     return {
@@ -191,7 +194,7 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
         "best_single": best_single,
         "n_groups": len(set(groups)),
         "systems": systems,
-        "majority_vote": {**vote, "winner_counts": dict(vote_winner), "paired_test": vote_tests},
+        "majority_vote": {**vote_rates, "paired_test": vote_tests},
         "oracle": oracle_rates,
         "paired_tests": tests,
         "paired_test_settings": {
@@ -259,7 +262,9 @@ def comparison_table(result):
             p_value(v["paired_test"]["SER"]),
         ]
     )
-    rows.append(["oracle", o["n"], f"{o['WER']:.2f}", "", f"{o['SER']:.2f}", f"{o['WRA_any_right']:.2f}"])
+    rows.append(
+        ["oracle (any system right)", o["n"], f"{o['WER']:.2f}", "", f"{o['SER']:.2f}", f"{o['WRA_any_right']:.2f}"]
+    )
     lines = [
         f"utterances shared by all {len(result['names'])} files: {result['n_shared']} "
         f"({result['n_groups']} speaker+word groups); reference system: {result['reference']}",

@@ -145,6 +145,8 @@ def plan(args):
         else [f"--demo_folder={Path(args.demo_folder).resolve()}"]
         + ([f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"] if args.tokenizer_file else [])
     )
+    if not any(item.startswith("--cache_folder=") for item in args.extra):
+        data.append(f"--cache_folder={study / 'cache'}")  # one packed cache for all the runs of the study
     launch = [sys.executable]
     if args.nproc_per_node > 1:  # torchrun of this very environment
         launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc_per_node}"]

@@ -11,14 +11,13 @@ group with the SA pipeline's own decoding and SpeechBrain's ErrorRateStats.
     python train.py hparams/fold_M08.yaml --logit_root=/data/logit_extraction \
         --tokenizer_file=/data/tokenizer.ckpt --output_folder=results/M08
     torchrun --standalone --nproc_per_node=4 train.py hparams/fold_M05.yaml --logit_root=...
+    python train.py hparams/fold_M08.yaml --help              # every option, with its default
 
 See README.md for the folds and docs/scoring.md for what each figure means.
 """
 
 import functools
 import logging
-import os
-import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,13 +25,15 @@ from types import SimpleNamespace
 import speechbrain as sb
 import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
-from speechbrain.dataio.sampler import ReproducibleRandomSampler
-from speechbrain.utils.distributed import get_rank, if_main_process, run_once_per_node
+from speechbrain.utils.distributed import ddp_all_reduce, if_main_process
 
-from local.batch import OUTPUT_KEYS, FoldBatch
+from local.batch import OUTPUT_KEYS, FoldBatch, GlobalBatchSampler, StepNoise
+from local.checkpoints import FINGERPRINT, RunFingerprint
 from local.corpus import SPEAKERS, intelligibility_group
 from local.ctc import ctc_systems, score_ctc
-from local.files import write_json
+from local.distributed import RunError, agree, is_distributed, local_rank, stop, world_size
+from local.files import DiskFullError, write_json
+from local.fingerprint import FingerprintError, check_fingerprint, make_fingerprint
 from local.folds import (
     FoldError,
     build_items,
@@ -44,12 +45,16 @@ from local.folds import (
 )
 from local.fusion import MeanFusion, drop_streams
 from local.kd import EnsembleTargets, kd_loss, teacher_quality
-from local.options import HparamsError, load_fold_hparams
+from local.options import HparamsError, check_hparams, check_run_options, describe_options, load_fold_hparams
+from local.run_folder import OutputLock, check_writable, made_by_this_run, remove
 from local.scoring import SystemScores, majority_vote, results_table, write_utterances
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
 from local.synthetic import ensure_demo_tree
 
 logger = logging.getLogger(__name__)
+
+# What stops a run before it starts, with one line.
+INPUT_ERRORS = (RunError, HparamsError, LogitStoreError, FoldError, FingerprintError, DiskFullError)
 
 
 class FusionKD(sb.Brain):
@@ -59,15 +64,33 @@ class FusionKD(sb.Brain):
         """The student fuses the item's streams; in training, random stream subsets teach it to
         work with however many streams the test offers (one, for ``self`` and ``matched``)."""
         batch = batch.to(self.device)
-        streams = batch.stream_mask
+        streams, noise = batch.stream_mask, None
         if stage == sb.Stage.TRAIN:
-            streams = drop_streams(streams, self.hparams.stream_dropout)
-        return self.modules.student(batch.logits, streams, batch.stream_ids)
+            noise = self.step_noise(batch)
+            streams = drop_streams(streams, self.hparams.stream_dropout, noise=noise)
+        return self.modules.student(batch.logits, streams, batch.stream_ids, noise=noise)
+
+    def step_noise(self, batch):
+        """Every random number of this training step (stream subsets, dropout), drawn for the whole
+        global batch from (seed, epoch, step) and sliced to this process's rows: a run resumed from
+        any checkpoint replays the uninterrupted run's steps, and N processes draw what one does."""
+        # (hashes of tuples of ints are not randomised between Python processes)
+        seed = hash((self.hparams.seed, self.hparams.epoch_counter.current, self.step))
+        return StepNoise(seed, batch.rows, self.device)
 
     def compute_objectives(self, predictions, batch, stage):
         """KD to the teacher ensemble + CE to the reference, in float32; decode and score."""
+        # In training the loss is a share of the global batch's mean: DDP averages the processes'
+        # gradients, which then equal the gradient of the whole global batch's mean loss.
+        positions = batch.global_positions / world_size() if stage == sb.Stage.TRAIN else None
         loss, kd, ce = kd_loss(
-            predictions, batch.targets, batch.tokens, batch.pos_mask, self.hparams.temperature, self.hparams.alpha
+            predictions,
+            batch.targets,
+            batch.tokens,
+            batch.pos_mask,
+            self.hparams.temperature,
+            self.hparams.alpha,
+            positions=positions,
         )
         if stage != sb.Stage.TRAIN:
             n_pos = float(batch.pos_mask.sum())
@@ -90,15 +113,11 @@ class FusionKD(sb.Brain):
         self.scores[system].append(batch.id, logits.float(), batch.lengths, batch.word, batch.category, batch.mic)
 
     def fit_batch(self, batch):
-        """One training step. Its randomness (stream subsets, dropout) comes from a generator
-        seeded by (seed, epoch, step, rank), so a run killed anywhere and resumed from a
-        checkpoint replays exactly the steps the uninterrupted run would have taken."""
-        # (hashes of tuples of ints are not randomised between Python processes)
-        step_seed = hash((self.hparams.seed, self.hparams.epoch_counter.current, self.step, get_rank() or 0))
-        cuda = [torch.device(self.device)] if str(self.device).startswith("cuda") else []
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(step_seed % 2**63)
-            return super().fit_batch(batch)
+        """One training step; the logged loss is the global batch's (the mean over processes)."""
+        loss = super().fit_batch(batch)
+        if is_distributed():
+            loss = ddp_all_reduce(loss.to(self.device), torch.distributed.ReduceOp.AVG).cpu()
+        return loss
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         if should_step:
@@ -116,10 +135,16 @@ class FusionKD(sb.Brain):
             self.train_stats = {"loss": stage_loss}
             return
         positions = max(self.loss_parts["positions"], 1.0)
+        ties = None
         if stage == sb.Stage.TEST and self.hparams.input_streams == "cross":
-            teachers = [self.scores[f"teacher_{m}"] for m in self.hparams.fold_info["teachers"]]
-            self.scores["majority_vote"] = majority_vote(teachers, self.hparams.tokenizer)
+            info = self.hparams.fold_info
+            teachers = {m: self.scores[f"teacher_{m}"] for m in info["teachers"]}
+            self.scores["majority_vote"], ties = majority_vote(
+                teachers, self.hparams.tokenizer, info["teacher_accuracy"]
+            )
         results = {name: s.summary() for name, s in self.scores.items()}
+        if ties is not None:
+            results["majority_vote"]["ties"] = ties
         stats = {"loss": stage_loss, "CE": self.loss_parts["ce"] / positions}
         if stage == sb.Stage.VALID:
             stats["KD"] = self.loss_parts["kd"] / positions
@@ -162,6 +187,8 @@ class FusionKD(sb.Brain):
             self.hparams.test_results_file,
             {
                 **self.hparams.fold_info,
+                "threads": self.hparams.threads,
+                "processes": world_size(),
                 "n_utterances": results["student"]["n"],
                 "epoch_loaded": self.hparams.epoch_counter.current,
                 "decoding": "teacher-forced greedy (argmax, cut at the first </s>), decode_ids(...).split(' ')",
@@ -189,20 +216,12 @@ class FusionKD(sb.Brain):
             super().init_optimizers()
 
     def _train_loader_specifics(self, dataset, loader_kwargs):
-        loader_kwargs = super()._train_loader_specifics(dataset, loader_kwargs)
-        if self.train_sampler is None:
-            # SpeechBrain only calls set_epoch on samplers it made: track ours (seeded from hparams).
-            self.train_sampler = loader_kwargs.get("sampler")
+        # The recipe's own batch sampler yields the same global batches in every process, and the
+        # collate function gives each process its share (local/batch.py). SpeechBrain's version
+        # would wrap it in a DistributedSamplerWrapper (whole batches per process: a global batch
+        # N times larger, N times fewer steps) and, outside DDP, never call set_epoch on it.
+        self.train_sampler = loader_kwargs["batch_sampler"]
         return loader_kwargs
-
-
-def is_fresh(hparams):
-    """The output folder if this run made it (it holds nothing but the empty save folder that
-    loading the hparams created), else None."""
-    out, save = Path(hparams["output_folder"]), Path(hparams["save_folder"])
-    if out.is_dir() and [p for p in out.iterdir()] == [save] and not any(save.iterdir()):
-        return out
-    return None
 
 
 def uses_demo_tree(hparams):
@@ -213,34 +232,42 @@ def uses_demo_tree(hparams):
 
 def prepare_fold(hparams):
     """Reads the fold's logits in place and checks everything before anything is trained or
-    written: teachers, stores, validation split, honesty rules, KD targets, CTC decodes."""
+    written: teachers, stores, validation split, honesty rules, KD targets, CTC decodes. Under
+    DDP the first process of each node reads the source files and builds the packed caches; the
+    others then map them (sharing the pages); a failure anywhere stops every process."""
     if uses_demo_tree(hparams):
         held_out = hparams["held_out"]
         teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
         train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
-        run_once_per_node(
-            ensure_demo_tree, kwargs={"folder": hparams["demo_folder"], "pairs": train_pairs + test_pairs}
+        agree(
+            ensure_demo_tree,
+            folder=hparams["demo_folder"],
+            pairs=train_pairs + test_pairs,
+            on=lambda: local_rank() == 0,
         )
-    fold = None
-    if hparams["cache_folder"] is not None:
-        # One process per node reads the source files and builds the packed caches; the other
-        # ranks then map them (sharing the pages) instead of reading everything again.
-        fold = run_once_per_node(load_fold, args=[hparams])
-    fold = fold or load_fold(hparams)
-    fold.ctc_scores = {}
-    if if_main_process() and hparams["ctc_decode"] is not False:
-        cross = hparams["input_streams"] == "cross"
-        systems = ctc_systems(hparams["logit_root"], fold.info["held_out"], fold.info["teachers"], cross)
-        if hparams["ctc_decode"] is True and (not systems or (cross and "mean" not in systems)):
-            raise LogitStoreError(
-                f"ctc_decode: true, but the CTC files of the test are missing under "
-                f"{hparams['logit_root']} (<MODEL>/{fold.info['held_out']}/"
-                f"{fold.info['held_out']}_ctc_logits.pt)"
-            )
-        fold.ctc_scores = score_ctc(
-            hparams["logit_root"], fold.info["held_out"], systems, fold.splits["test"], fold.tokenizer
-        )
+    first = agree(load_fold, hparams, errors=INPUT_ERRORS, on=lambda: local_rank() == 0)
+    others = agree(load_fold, hparams, errors=INPUT_ERRORS, on=lambda: local_rank() != 0)
+    fold = first or others
+    fold.ctc_scores = agree(score_ctc_decodes, hparams, fold, errors=INPUT_ERRORS, on=if_main_process) or {}
     return fold
+
+
+def score_ctc_decodes(hparams, fold):
+    """The free-running CTC decodes of the test (``--ctc_decode``), or {}."""
+    if hparams["ctc_decode"] is False:
+        return {}
+    cross = hparams["input_streams"] == "cross"
+    systems = ctc_systems(hparams["logit_root"], fold.info["held_out"], fold.info["teachers"], cross)
+    if hparams["ctc_decode"] is True and (not systems or (cross and "mean" not in systems)):
+        raise LogitStoreError(
+            f"ctc_decode: true, but the CTC files of the test are missing under "
+            f"{hparams['logit_root']} (<MODEL>/{fold.info['held_out']}/{fold.info['held_out']}_ctc_logits.pt)"
+        )
+    # The closed word list of the block: the teacher speakers' words (never the test references).
+    word_list = fold.train_store.words
+    return score_ctc(
+        hparams["logit_root"], fold.info["held_out"], systems, fold.splits["test"], fold.tokenizer, word_list
+    )
 
 
 def load_fold(hparams):
@@ -263,12 +290,13 @@ def load_fold(hparams):
     valid_groups = validation_groups(train_store, teachers, hparams["valid_fraction"], hparams["seed"])
     splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
     check_honesty(splits, train_store, test_store, held_out)
-    quality = None
-    if hparams["target_aggregation"] == "weighted":
-        quality = teacher_quality(train_store, [j for item in splits["train"].values() for j in item["streams"]])
+    # Each teacher model's exact-match accuracy on its training streams (the teacher speakers' audio,
+    # never the test): the weights of the `weighted` target and the tie-break of the vote baseline.
+    quality = teacher_quality(train_store, [j for item in splits["train"].values() for j in item["streams"]])
     target_sets = [item["target"] for name in ("train", "valid") for item in splits[name].values()]
+    weights = quality if hparams["target_aggregation"] == "weighted" else None
     targets = EnsembleTargets(
-        train_store, target_sets, hparams["temperature"], hparams["target_aggregation"], quality, dtype, cache
+        train_store, target_sets, hparams["temperature"], hparams["target_aggregation"], weights, dtype, cache
     )
     synthetic = uses_demo_tree(hparams) or (Path(hparams["logit_root"]).parent / "SYNTHETIC.json").is_file()
     info = {
@@ -285,6 +313,7 @@ def load_fold(hparams):
         "logit_root": str(Path(hparams["logit_root"]).resolve()),
         "tokenizer_file": str(Path(hparams["tokenizer_file"]).resolve()),
         "synthetic_data": synthetic,
+        "teacher_accuracy": {m: quality[m] for m in sorted(quality)},
     }
     return SimpleNamespace(
         tokenizer=tokenizer, train_store=train_store, test_store=test_store, splits=splits, targets=targets, info=info
@@ -307,29 +336,75 @@ def dataio_prepare(fold):
             for item_id, item in fold.splits[name].items()
         }
         datasets[name] = DynamicItemDataset(data, output_keys=OUTPUT_KEYS)
-        collate[name] = functools.partial(FoldBatch, store=store, targets=fold.targets if name != "test" else None)
+        # Training batches are global batches shared out over the processes; validation and test
+        # are not sharded: every process scores every utterance (only the main one writes).
+        share = (
+            {"rank": torch.distributed.get_rank(), "world_size": world_size()}
+            if name == "train" and is_distributed()
+            else {}
+        )
+        collate[name] = functools.partial(
+            FoldBatch, store=store, targets=fold.targets if name != "test" else None, **share
+        )
     return datasets, collate
 
 
-if __name__ == "__main__":
-    hparams_file, run_opts, overrides = sb.parse_arguments(sys.argv[1:])
-    sb.utils.distributed.ddp_init_group(run_opts)
-    fresh_output = None
+def parse_arguments(argv):
+    """SpeechBrain's command line; ``--help`` lists the recipe's options too."""
+    if any(a in ("-h", "--help") for a in argv):
+        try:
+            sb.parse_arguments(["--help"])
+        except SystemExit:
+            pass
+        files = [a for a in argv if a.endswith((".yaml", ".yml"))]
+        try:
+            print("\n" + describe_options(files[0] if files else str(Path(__file__).parent / "hparams/logit_kd.yaml")))
+        except HparamsError as err:
+            stop(str(err))
+        sys.exit(0)
+    return sb.parse_arguments(argv)
+
+
+def preflight(hparams_file, run_opts, overrides):
+    """Everything that can stop a run, before anything is written into its output folder: the
+    options, the output folder (usable), the inputs, the checkpoints already there (made with this
+    run's settings only), and last the folder's lock (no other run in it). Returns (base_file,
+    fold_overrides, hparams, fold, lock, fingerprint); stops every process with one line otherwise."""
+    hparams, fresh = None, False
     try:
-        base_file, fold_overrides, hparams = load_fold_hparams(hparams_file, overrides)
-        fresh_output = is_fresh(hparams)
+        loaded = agree(load_fold_hparams, hparams_file, overrides, check=False, errors=(HparamsError,))
+        base_file, fold_overrides, hparams = loaded
+        fresh = made_by_this_run(hparams["output_folder"], hparams["save_folder"])
+        agree(check_hparams, hparams, errors=(HparamsError,))
+        agree(check_run_options, run_opts, errors=(HparamsError,))
+        if hparams["batch_size"] % world_size():
+            raise RunError(
+                f"--batch_size={hparams['batch_size']} is the global batch: it must be a multiple of the "
+                f"{world_size()} processes"
+            )
+        agree(check_writable, hparams["output_folder"])
+        torch.set_num_threads(hparams["threads"])
         fold = prepare_fold(hparams)
-    except (HparamsError, LogitStoreError, FoldError) as err:
-        # Bad input stops here, before training and before anything in output_folder is written.
-        # An output folder this run made (loading the hparams makes an empty save folder; caches
-        # of the inputs checked so far may follow) is removed again.
-        if fresh_output and if_main_process():
-            shutil.rmtree(fresh_output, ignore_errors=True)
-            try:  # and the parents it made, as long as they are empty
-                os.removedirs(fresh_output.parent)
-            except OSError:
+        fingerprint = make_fingerprint(hparams, fold)
+        agree(check_fingerprint, hparams["save_folder"], fingerprint, errors=(FingerprintError,))
+        lock = agree(lambda: OutputLock(hparams["output_folder"]).acquire(), on=if_main_process)
+        return base_file, fold_overrides, hparams, fold, lock, fingerprint
+    except INPUT_ERRORS as err:
+        # Nothing in output_folder was written. A folder this run made (loading the hparams makes
+        # an empty save folder) is removed again, unless another run holds it.
+        if fresh and if_main_process():
+            try:
+                OutputLock(hparams["output_folder"]).acquire().release()
+                remove(hparams["output_folder"])
+            except RunError:
                 pass
-        sys.exit(f"ERROR: {err}")
+        stop(str(err))
+
+
+def main(argv):
+    hparams_file, run_opts, overrides = parse_arguments(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)
+    base_file, fold_overrides, hparams, fold, lock, fingerprint = preflight(hparams_file, run_opts, overrides)
 
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"], hyperparams_to_save=base_file, overrides=fold_overrides
@@ -349,20 +424,17 @@ if __name__ == "__main__":
         fold.info["fusion"],
         *(len(fold.splits[s]) for s in ("train", "valid", "test")),
     )
-
     for name, table in (
         ("train/valid logits", fold.train_store),
         ("test logits", fold.test_store),
         ("KD targets", fold.targets),
     ):
-        logger.info(
-            "Packed %s: %d rows x %d, %s; %s",
-            name,
-            table.data.shape[0],
-            table.data.shape[1],
-            table.data.dtype,
-            "mapped from the cache" if table.from_cache else "built from the source files",
-        )
+        source = "mapped from the cache" if table.from_cache else "built from the source files"
+        logger.info("Packed %s: %d rows x %d, %s; %s", name, *table.data.shape, table.data.dtype, source)
+    if hparams["cache_folder"] is not None:
+        cache = Path(hparams["cache_folder"])
+        size = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+        logger.info("Cache folder %s: %.2f GiB (shared by the runs of this data tree)", cache.resolve(), size / 2**30)
     datasets, collate = dataio_prepare(fold)
     hparams["tokenizer"] = fold.tokenizer
     # What this run changed on top of the base hparams (fold file + command line), so that a
@@ -374,6 +446,7 @@ if __name__ == "__main__":
     hparams["ctc_scores"] = fold.ctc_scores
     student = hparams["student"](vocab_size=fold.train_store.vocab_size, n_identities=len(SPEAKERS))
     hparams["checkpointer"].add_recoverable("student", student)
+    hparams["checkpointer"].add_recoverable(FINGERPRINT, RunFingerprint(fingerprint))
     brain = FusionKD(
         modules={"student": student},
         opt_class=hparams["opt_class"],
@@ -382,27 +455,35 @@ if __name__ == "__main__":
         checkpointer=hparams["checkpointer"],
     )
 
-    trainable = any(p.requires_grad for p in student.parameters())
-    if not trainable:
-        logger.info("The %s fusion has no parameters: nothing to train, scoring it directly.", hparams["fusion"])
-    elif brain.test_only and not hparams["checkpointer"].find_checkpoints(min_key="loss"):
-        sys.exit(f"ERROR: --test_only but no checkpoint in {hparams['save_folder']}: train this fold first.")
-    else:
-        brain.fit(
-            brain.hparams.epoch_counter,
-            datasets["train"],
-            datasets["valid"],
-            train_loader_kwargs={
-                "batch_size": hparams["batch_size"],
-                "collate_fn": collate["train"],
-                "num_workers": hparams["num_workers"],
-                # Our own seeded sampler: under DDP SpeechBrain wraps it, and the order follows --seed.
-                "sampler": ReproducibleRandomSampler(datasets["train"], seed=hparams["seed"]),
-            },
-            valid_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["valid"]},
+    try:
+        trainable = any(p.requires_grad for p in student.parameters())
+        if not trainable:
+            logger.info("The %s fusion has no parameters: nothing to train, scoring it directly.", hparams["fusion"])
+        elif brain.test_only and not hparams["checkpointer"].find_checkpoints(min_key="loss"):
+            stop(f"--test_only but no checkpoint in {hparams['save_folder']}: train this fold first.")
+        else:
+            brain.fit(
+                brain.hparams.epoch_counter,
+                datasets["train"],
+                datasets["valid"],
+                train_loader_kwargs={
+                    "batch_sampler": GlobalBatchSampler(len(datasets["train"]), hparams["batch_size"], hparams["seed"]),
+                    "collate_fn": collate["train"],
+                    "num_workers": hparams["num_workers"],
+                },
+                valid_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["valid"]},
+            )
+        brain.evaluate(
+            datasets["test"],
+            min_key="loss",
+            test_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["test"]},
         )
-    brain.evaluate(
-        datasets["test"],
-        min_key="loss",
-        test_loader_kwargs={"batch_size": hparams["batch_size"], "collate_fn": collate["test"]},
-    )
+    except DiskFullError as err:
+        stop(str(err))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

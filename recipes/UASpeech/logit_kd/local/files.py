@@ -1,10 +1,32 @@
-"""Result files written atomically: a reader (or a crash) never sees a half-written file."""
+"""Result files written atomically: a reader (or a crash) never sees a half-written file; a full
+disk is reported as such, naming the file, and leaves the previous content in place."""
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
+
+
+class DiskFullError(OSError):
+    """No space left on the device of ``path``: one line that names it."""
+
+    def __init__(self, path, detail=""):
+        super().__init__(errno.ENOSPC, f"no space left on device: {path}" + (f" ({detail})" if detail else ""))
+        self.path = path
+
+    def __str__(self):
+        return self.strerror
+
+
+def is_disk_full(err):
+    """Whether an exception is a full disk (or quota), also when torch wrapped the OSError into a
+    RuntimeError ("unexpected pos ..." from a torch.save that could not write)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "unexpected pos" in text
 
 
 @contextlib.contextmanager
@@ -25,6 +47,10 @@ def atomic_file(path, mode="w"):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if is_disk_full(err):
+            raise DiskFullError(path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

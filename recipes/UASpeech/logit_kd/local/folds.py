@@ -121,6 +121,11 @@ def validation_groups(store, teachers, valid_fraction, seed):
         n_valid = int(round(valid_fraction * len(keys)))
         if valid_fraction > 0 and n_valid == 0:
             n_valid = 1
+        if n_valid >= len(keys):
+            raise FoldError(
+                f"valid_fraction {valid_fraction} puts all {len(keys)} words of teacher speaker {spk} in "
+                f"validation: nothing is left to train on"
+            )
         for i in torch.randperm(len(keys), generator=gen)[:n_valid].tolist():
             chosen.add(keys[i])
     return chosen

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 FUSIONS = ("mean", "weights", "attention", "transformer")
+MEAN_MODES = ("logit", "prob", "logprob")
 
 
 def stream_log_weights(scores, stream_mask):
@@ -46,8 +47,8 @@ class MeanFusion(nn.Module):
 
     def __init__(self, mode="prob"):
         super().__init__()
-        if mode not in ("logit", "prob", "logprob"):
-            raise ValueError(f"mean fusion mode must be logit, prob or logprob, not {mode!r}")
+        if mode not in MEAN_MODES:
+            raise ValueError(f"mean fusion mode must be one of {MEAN_MODES}, not {mode!r}")
         self.mode = mode
 
     def forward(self, logits, stream_mask, stream_ids=None):
@@ -101,6 +102,42 @@ class AttentionFusion(nn.Module):
         return mix_at_temperature(logits, stream_log_weights(scores, stream_mask), self.mix_temperature)
 
 
+def dropout(x, p, training, noise=None):
+    """Dropout whose mask comes from ``noise`` (``batch.StepNoise``: the numbers of the whole
+    global batch, so that N processes drop what one process drops), else from torch's generator."""
+    if not training or p <= 0:
+        return x
+    if noise is None:
+        return F.dropout(x, p, True)
+    return x * noise.keep(p, *x.shape[1:]).to(x.dtype)
+
+
+class EncoderLayer(nn.Module):
+    """A pre-norm transformer encoder layer (the math of ``nn.TransformerEncoderLayer`` with
+    ``norm_first=True``, ReLU), written out so that its four dropouts take their masks from the
+    step's noise rather than from torch's global generator."""
+
+    def __init__(self, d_model, n_heads, d_ffn, p):
+        super().__init__()
+        self.n_heads, self.p = n_heads, p
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.ffn1, self.ffn2 = nn.Linear(d_model, d_ffn), nn.Linear(d_ffn, d_model)
+
+    def forward(self, x, blocked, noise=None):
+        """x [B, L, d]; blocked [B, L, L]: True where a query may not see a key."""
+        B, L, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) / (d // self.n_heads) ** 0.5
+        weights = torch.softmax(scores.masked_fill(blocked[:, None], float("-inf")), -1)
+        weights = dropout(weights, self.p, self.training, noise)
+        attended = (weights @ v).transpose(1, 2).reshape(B, L, d)
+        x = x + dropout(self.out(attended), self.p, self.training, noise)
+        hidden = dropout(F.relu(self.ffn1(self.norm2(x))), self.p, self.training, noise)
+        return x + dropout(self.ffn2(hidden), self.p, self.training, noise)
+
+
 class TransformerFusion(nn.Module):
     """Stream encoder + a small transformer over positions and streams + a residual correction.
 
@@ -131,16 +168,14 @@ class TransformerFusion(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, d_model)
         self.evidence = nn.Linear(top_k + 1, d_model)
         self.position = nn.Embedding(max_positions, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, n_heads, d_ffn, dropout, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ffn, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)  # LayerNorm, not BatchNorm: SyncBatchNorm breaks CPU DDP
         self.stream_score = nn.Linear(d_model, 1)
         self.correction = nn.Sequential(nn.Linear(d_model, correction_rank), nn.Linear(correction_rank, vocab_size))
         nn.init.zeros_(self.correction[1].weight)
         nn.init.zeros_(self.correction[1].bias)
-        self.n_heads = n_heads
 
-    def forward(self, logits, stream_mask, stream_ids=None):
+    def forward(self, logits, stream_mask, stream_ids=None, noise=None):
         B, S, U, V = logits.shape
         logp = F.log_softmax(logits.float(), -1)
         top = logp.topk(self.top_k, dim=-1)
@@ -151,14 +186,16 @@ class TransformerFusion(nn.Module):
         h = (share * self.token_embedding(top.indices)).sum(-2)
         h = h + self.evidence(torch.cat([top.values, entropy], -1).to(dtype))
         h = h + self.position(torch.arange(U, device=logits.device))
-        # Attend over all cells (s', u') with u' <= u of present streams.
+        # Attend over all cells (s', u') with u' <= u of present streams (each cell sees itself).
         pos = torch.arange(U, device=logits.device).repeat(S)
         causal = pos[None, :] > pos[:, None]  # [SU, SU]
         absent = ~stream_mask.repeat_interleave(U, dim=1)  # [B, SU]
         blocked = causal[None] | absent[:, None, :]  # [B, SU, SU]
         blocked = blocked & ~torch.eye(S * U, dtype=torch.bool, device=logits.device)[None]
-        attn_mask = blocked.repeat_interleave(self.n_heads, dim=0)
-        h = self.norm(self.encoder(h.reshape(B, S * U, -1), mask=attn_mask)).reshape(B, S, U, -1)
+        h = h.reshape(B, S * U, -1)
+        for layer in self.layers:
+            h = layer(h, blocked, noise)
+        h = self.norm(h).reshape(B, S, U, -1)
         mixed = mix_at_temperature(
             logits, stream_log_weights(self.stream_score(h).squeeze(-1), stream_mask), self.mix_temperature
         )
@@ -210,21 +247,29 @@ class FusionStudent(nn.Module):
         else:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {fusion!r}")
 
-    def forward(self, logits, stream_mask, stream_ids):
+    def forward(self, logits, stream_mask, stream_ids, noise=None):
+        """``noise``: the training step's random numbers (``batch.StepNoise``), or None."""
+        if isinstance(self.fusion, TransformerFusion):
+            return self.fusion(logits, stream_mask, stream_ids, noise)
         return self.fusion(logits, stream_mask, stream_ids)
 
 
-def drop_streams(stream_mask, p, generator=None):
+def drop_streams(stream_mask, p, generator=None, noise=None):
     """Random stream subsets for training: with probability p an item keeps a uniformly drawn
-    number (1..S_i) of its S_i streams, so a student trained on many streams also works on one."""
+    number (1..S_i) of its S_i streams, so a student trained on many streams also works on one.
+    The numbers come from ``noise`` (``batch.StepNoise``) when given, else from ``generator``."""
     B, S = stream_mask.shape
     if S == 1 or p <= 0:
         return stream_mask
     device = stream_mask.device
-    noise = torch.rand(B, S, generator=generator).to(device).masked_fill(~stream_mask, 2.0)
-    rank = noise.argsort(1).argsort(1)
+
+    def uniform(*shape):
+        return noise.uniform(*shape) if noise is not None else torch.rand(B, *shape, generator=generator)
+
+    order = uniform(S).to(device).masked_fill(~stream_mask, 2.0)
+    rank = order.argsort(1).argsort(1)
     n = stream_mask.sum(1)
-    keep_n = (torch.rand(B, generator=generator).to(device) * n).floor().long() + 1
-    apply = torch.rand(B, generator=generator).to(device) < p
+    keep_n = (uniform().to(device) * n).floor().long() + 1
+    apply = uniform().to(device) < p
     keep_n = torch.where(apply, keep_n, n)
     return stream_mask & (rank < keep_n[:, None])

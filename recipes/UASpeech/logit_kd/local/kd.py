@@ -55,17 +55,19 @@ def ensemble_target(logits, temperature, aggregation="prob_mean", weights=None, 
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}, not {aggregation!r}")
 
 
-def kd_loss(student_logits, target_probs, tokens, mask, temperature, alpha):
+def kd_loss(student_logits, target_probs, tokens, mask, temperature, alpha, positions=None):
     """KD + CE loss of a batch and its two parts.
 
     student_logits: [B, U, V]; target_probs: [B, U, V] ensemble distribution at temperature T, or
     None (then only the CE term is computed: the test, where no teacher target exists);
-    tokens: [B, U] tokens_eos; mask: [B, U] real positions. Returns (loss, kd, ce), each a scalar
-    averaged over real positions (kd is None without a target).
+    tokens: [B, U] tokens_eos; mask: [B, U] real positions. Returns (loss, kd, ce), each a scalar:
+    a sum over the real positions divided by ``positions`` (default: their number, i.e. the mean;
+    in training, a share of the global batch's positions, see ``batch.py``). kd is None without
+    a target.
     """
     student_logits = student_logits.float()
     mask = mask.float()
-    n_pos = mask.sum().clamp(min=1.0)
+    n_pos = mask.sum().clamp(min=1.0) if positions is None else positions
     ce = F.cross_entropy(student_logits.transpose(1, 2), tokens, reduction="none")
     ce = (ce * mask).sum() / n_pos
     if target_probs is None:
@@ -150,16 +152,24 @@ class EnsembleTargets(PackedRows):
         return self.key_of.get(tuple(streams), -1) if streams else -1
 
 
-def teacher_quality(store, streams):
-    """Per teacher model: the word accuracy of its greedy teacher-forced decode on ``streams`` (its
-    training streams), the quality behind the ``weighted`` target. Never computed on held-out data."""
-    from local.scoring import greedy_ids
-
+def teacher_quality(store, streams, chunk=65536):
+    """Per teacher model: the exact-match accuracy of its greedy teacher-forced decode on ``streams``
+    (its training streams), the quality behind the ``weighted`` target and the tie-break of the vote
+    baseline. Never computed on held-out data. A stream is exactly right when its argmax sequence is
+    the reference's ``tokens_eos`` (right pieces, then ``</s>`` at the last position)."""
+    streams = torch.tensor(sorted(set(streams)), dtype=torch.long)
+    best = torch.cat([store.data[i : i + chunk].argmax(-1) for i in range(0, store.pad_row, chunk)])
+    lengths = store.lengths[streams]
+    rows = torch.repeat_interleave(store.offsets[streams], lengths) + (
+        torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    )
+    target = torch.tensor([t for j in streams.tolist() for t in store.tokens.tokens_eos(store.words[j])])
+    wrong = torch.zeros(len(streams)).index_add_(
+        0, torch.repeat_interleave(torch.arange(len(streams)), lengths), (best[rows] != target).float()
+    )
     correct, total = {}, {}
-    for j in streams:
+    for j, bad in zip(streams.tolist(), wrong.tolist()):
         model = store.stream_model[j]
-        tokens = store.tokens.tokens_eos(store.words[j])
-        hyp = greedy_ids(store.logits(j).unsqueeze(0), torch.tensor([len(tokens)]))[0]
-        correct[model] = correct.get(model, 0) + int(hyp == tokens[:-1])
+        correct[model] = correct.get(model, 0) + int(bad == 0)
         total[model] = total.get(model, 0) + 1
     return {m: correct[m] / total[m] for m in total}

@@ -1,4 +1,7 @@
-"""Fold files: a small yaml that names the shared base and the keys it changes.
+"""The recipe's options: loading a fold file onto the shared hparams, checking every value, and
+listing them for ``--help``.
+
+A fold file is a small yaml that names the shared base and the keys it changes::
 
     # hparams/fold_M01.yaml
     base_yaml: logit_kd.yaml
@@ -7,36 +10,362 @@
 
 The fold's keys and then the command line's are applied as overrides onto the base, so every key
 of the base can be overridden at the top level (``--temperature=2.0``) and a mistyped key is an
-error, not a silently ignored setting. A file without ``base_yaml`` is loaded as a plain hparams file.
+error (with the closest option suggested), not a silently ignored setting. A file without
+``base_yaml`` is loaded as a plain hparams file.
+
+Every plain option of the base is checked here, in one place (``CHECKS``), before anything is
+built or written: a bad value stops the run with one line that names the option.
 """
 
+import difflib
 import os
+from pathlib import Path
 
 import ruamel.yaml
-from hyperpyyaml import load_hyperpyyaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
 from hyperpyyaml.core import recursive_update
+
+from local.corpus import SPEAKERS
+from local.distributed import RunError
+from local.folds import INPUT_STREAMS, TEACHER_SETS
+from local.fusion import FUSIONS, MEAN_MODES
+from local.kd import AGGREGATIONS
+from local.run_folder import check_writable
+
+STORE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class HparamsError(ValueError):
-    """A fold file or an override that does not fit the base hparams."""
+    """A fold file, an option or a value that does not fit the recipe."""
 
 
-def load_fold_hparams(hparams_file, cli_overrides=""):
-    """Returns (base_file, overrides dict, hparams dict)."""
-    yaml = ruamel.yaml.YAML()
-    with open(hparams_file, encoding="utf-8") as f:
-        fold = yaml.load(f) or {}
-    cli = yaml.load(cli_overrides) if cli_overrides else None
+# ----------------------------------------------------------------------------- value checks
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def integer(low=None):
+    def check(value):
+        if not _is_int(value):
+            return "an integer"
+        if low is not None and value < low:
+            return f"an integer >= {low}"
+        return None
+
+    return check
+
+
+def number(low=None, high=None, low_open=False, high_open=False):
+    def check(value):
+        ok = _is_number(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if ok:
+            return None
+        lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
+        hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
+        return f"a number {lo}x{hi}".replace("a number x", "a number").strip() if lo or hi else "a number"
+
+    return check
+
+
+def choice(options):
+    def check(value):
+        return None if value in options else "one of " + ", ".join(str(o) for o in options)
+
+    return check
+
+
+def speakers(allow_null=False):
+    def check(value):
+        if value is None and allow_null:
+            return None
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            return "a list of speakers, e.g. [F02,M07]" + (" (or null)" if allow_null else "")
+        unknown = [s for s in value if s not in SPEAKERS]
+        if unknown:
+            return f"a list of UASpeech speakers ({' '.join(SPEAKERS)}); {unknown} is not"
+        repeated = sorted({s for s in value if value.count(s) > 1})
+        if repeated:
+            return f"a list without repeats; {repeated} is repeated"
+        return None
+
+    return check
+
+
+def path(allow_null=False):
+    def check(value):
+        if value is None and allow_null:
+            return None
+        return None if isinstance(value, (str, Path)) and str(value).strip() else "a path"
+
+    return check
+
+
+# Every plain option of hparams/logit_kd.yaml (a test keeps this in step with the yaml).
+CHECKS = {
+    "seed": integer(0),
+    "threads": integer(1),
+    "held_out": choice(SPEAKERS),
+    "teacher_set": choice(TEACHER_SETS),
+    "teachers": speakers(allow_null=True),
+    "exclude_speakers": speakers(),
+    "valid_fraction": number(0, 1, low_open=True, high_open=True),
+    "demo_folder": path(),
+    "logit_root": path(),
+    "tokenizer_file": path(),
+    "store_dtype": choice(STORE_DTYPES),
+    "cache_folder": path(allow_null=True),
+    "ctc_decode": choice((False, True, "auto")),
+    "output_folder": path(),
+    "save_folder": path(),
+    "train_log": path(),
+    "test_wer_file": path(),
+    "test_utterances_file": path(),
+    "test_results_file": path(),
+    "input_streams": choice(INPUT_STREAMS),
+    "target_aggregation": choice(AGGREGATIONS),
+    "temperature": number(0, low_open=True),
+    "alpha": number(0, 1),
+    "stream_dropout": number(0, 1),
+    "fusion": choice(FUSIONS),
+    "mean_mode": choice(MEAN_MODES),
+    "evidence_k": integer(1),
+    "attention_hidden": integer(1),
+    "top_k": integer(1),
+    "d_model": integer(1),
+    "n_heads": integer(1),
+    "n_layers": integer(1),
+    "d_ffn": integer(1),
+    "correction_rank": integer(1),
+    "dropout": number(0, 1, high_open=True),
+    "mix_temperature": number(0, low_open=True),
+    "number_of_epochs": integer(1),
+    "early_stop_patience": integer(1),
+    "batch_size": integer(1),
+    "lr": number(0, low_open=True),
+    "warmup_steps": integer(1),
+    "max_grad_norm": number(0, low_open=True),
+    "num_workers": integer(0),
+    "ckpt_interval_minutes": number(0),
+}
+
+
+def check_value(key, value):
+    """One line naming the option when ``value`` is not allowed for ``key``, else None."""
+    check = CHECKS.get(key)
+    if check is None:
+        return None
+    wanted = check(value)
+    return None if wanted is None else f"--{key}={_show(value)} is not allowed: {key} must be {wanted}"
+
+
+def _show(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def check_hparams(hparams):
+    """Checks every option of loaded hparams and the relations between them."""
+    for key in CHECKS:
+        if key in hparams:
+            problem = check_value(key, hparams[key])
+            if problem:
+                raise HparamsError(problem)
+    if "d_model" in hparams and hparams["d_model"] % hparams["n_heads"]:
+        raise HparamsError(
+            f"--n_heads={hparams['n_heads']} is not allowed: n_heads must divide d_model ({hparams['d_model']})"
+        )
+
+
+def check_run_options(run_opts):
+    """SpeechBrain's own run options (``--max_grad_norm``, ``--precision``, ...) that would give a
+    wrong result or a traceback: a negative max_grad_norm flips the gradients in SpeechBrain 1.1.2,
+    and fp16 is refused on a CPU only once the Brain is built."""
+    run_opts = dict(run_opts or {})
+    for key, check in (
+        ("max_grad_norm", number(0, low_open=True)),
+        ("grad_accumulation_factor", integer(1)),
+        ("ckpt_interval_minutes", number(0)),
+        ("ckpt_interval_steps", integer(0)),
+    ):
+        if run_opts.get(key) is not None:
+            wanted = check(run_opts[key])
+            if wanted:
+                raise HparamsError(f"--{key}={_show(run_opts[key])} is not allowed: {key} must be {wanted}")
+    device = str(run_opts.get("device") or "")
+    for key in ("precision", "eval_precision"):
+        if run_opts.get(key) == "fp16" and (device.startswith("cpu") or not _cuda_available()):
+            raise HparamsError(f"--{key}=fp16 is not allowed on a CPU: use --{key}=bf16 (or fp32)")
+
+
+def _cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _yaml_load(text, where):
+    try:
+        return ruamel.yaml.YAML().load(text)  # round trip: a fold file may hold !ref values
+    except ruamel.yaml.YAMLError as err:
+        first = " ".join(str(err).split())
+        if "duplicate key" in first:
+            key = first.split('found duplicate key "', 1)[-1].split('"', 1)[0]
+            raise HparamsError(f"{where} gives --{key} more than once") from None
+        raise HparamsError(f"{where} is not valid yaml: {first}") from None
+
+
+def base_keys(base_file):
+    """The top-level keys of a base hparams file (without building anything)."""
+    with open(base_file, encoding="utf-8") as handle:
+        doc = ruamel.yaml.YAML().load(handle)
+    return [k for k in doc if not str(k).startswith("__")]
+
+
+def unknown_option(key, known, hparams_file):
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean --{close[0]}?)" if close else ""
+    return HparamsError(f"unknown option --{key}{hint}; `python train.py {hparams_file} --help` lists the options")
+
+
+def read_fold_file(hparams_file):
+    """(base file, the fold's own overrides) of a fold file; (the file, {}) for a plain one."""
+    path_ = Path(hparams_file)
+    if not path_.is_file():
+        raise HparamsError(f"hparams file {hparams_file} does not exist")
+    fold = _yaml_load(path_.read_text(encoding="utf-8"), f"hparams file {hparams_file}") or {}
+    if not isinstance(fold, dict):
+        raise HparamsError(f"hparams file {hparams_file} is not a yaml mapping")
     if "base_yaml" not in fold:
-        base, overrides = hparams_file, dict(cli or {})
+        return str(hparams_file), {}
+    base = os.path.join(os.path.dirname(os.path.abspath(hparams_file)), fold.pop("base_yaml"))
+    if not Path(base).is_file():
+        raise HparamsError(f"hparams file {hparams_file} names base_yaml {base}, which does not exist")
+    return base, fold
+
+
+def load_fold_hparams(hparams_file, cli_overrides="", check=True):
+    """Returns (base_file, overrides dict, hparams dict); raises HparamsError with one line. With
+    ``check=False`` the relations between the loaded values are left to ``check_hparams``."""
+    base, overrides = read_fold_file(hparams_file)
+    if base == str(hparams_file):  # a plain hparams file: its own keys are the base
+        fold_file_keys = {}
     else:
-        base = os.path.join(os.path.dirname(os.path.abspath(hparams_file)), fold.pop("base_yaml"))
-        overrides = dict(fold)
-        if cli:
-            recursive_update(overrides, dict(cli))  # the command line wins over the fold file
-    with open(base, encoding="utf-8") as f:
+        fold_file_keys = dict(overrides)
+    cli = _yaml_load(cli_overrides, "the command line") if cli_overrides else None
+    if cli:
+        recursive_update(overrides, dict(cli))  # the command line wins over the fold file
+    known = base_keys(base)
+    for key in overrides:
+        if key not in known:
+            raise unknown_option(key, known, hparams_file)
+    for key, value in overrides.items():
+        # Literal values are checked before anything is built (a !ref is checked once resolved).
+        if not hasattr(value, "tag") or not str(getattr(value.tag, "value", value.tag) or "").startswith("!"):
+            problem = check_value(key, value)
+            if problem:
+                where = "" if cli and key in cli else f" (in {hparams_file})" if key in fold_file_keys else ""
+                raise HparamsError(problem + where)
+    if cli and "logit_root" in cli and "tokenizer_file" not in cli:
+        raise HparamsError(
+            "--logit_root is given without --tokenizer_file: a real logit tree needs the SA models' "
+            "SentencePiece model (--tokenizer_file=...); the default is the demo tree's"
+        )
+    # The output folder must be usable before anything is built (the Checkpointer creates its
+    # save folder when it is built): resolve the references without building objects.
+    with open(base, encoding="utf-8") as handle:
         try:
-            hparams = load_hyperpyyaml(f, overrides)
-        except KeyError as err:
-            raise HparamsError(f"{err.args[0] if err.args else err} (fold file {hparams_file}, base {base})") from None
+            resolved = ruamel.yaml.YAML().load(resolve_references(handle, overrides).getvalue())
+        except Exception:  # noqa: BLE001 - reported as one line below, by the real load
+            resolved = None
+    if resolved is not None and isinstance(resolved.get("output_folder"), str):
+        try:
+            check_writable(resolved["output_folder"])
+        except RunError as err:
+            raise HparamsError(str(err)) from None
+    with open(base, encoding="utf-8") as handle:
+        try:
+            hparams = load_hyperpyyaml(handle, overrides)
+        except Exception as err:  # noqa: BLE001 - any failure to build the hparams is one line
+            first = " ".join(str(err).split()) or type(err).__name__
+            raise HparamsError(f"cannot load {base} with the options given: {first}") from None
+    if check:
+        check_hparams(hparams)
     return base, overrides, hparams
+
+
+# ----------------------------------------------------------------------------- --help
+
+
+def describe_options(hparams_file):
+    """The recipe's options for ``--help``: name, default (of this fold) and the yaml's comment."""
+    base, fold = read_fold_file(hparams_file)
+    with open(base, encoding="utf-8") as handle:
+        doc = ruamel.yaml.YAML().load(handle)
+    keys = [k for k in doc if not str(k).startswith("__")]
+    comments = _comments(doc, list(doc))
+    lines = []
+    for key in keys:
+        value = fold.get(key, doc[key])
+        if hasattr(value, "items"):
+            continue  # objects (the student, the optimiser, ...) are built from the options
+        tag = getattr(getattr(value, "tag", None), "value", None)
+        if tag and not tag.startswith(("!ref", "!PLACEHOLDER")):
+            continue
+        shown = "(required)" if tag == "!PLACEHOLDER" else str(getattr(value, "value", value)) if tag else _show(value)
+        lines.append((key, shown, comments.get(key, "")))
+    width = max(len(k) for k, _, _ in lines) + 2
+    out = [
+        f"Recipe options ({Path(base).name}, with the values of {Path(hparams_file).name}); give any as --KEY=VALUE:"
+    ]
+    for key, shown, comment in lines:
+        out.append(f"  --{key:<{width}} {shown}")
+        if comment:
+            out.append(f"      {comment}")
+    return "\n".join(out)
+
+
+def _comments(doc, keys):
+    """key -> its comment in the yaml: the text after it on its line and the indented comment
+    lines under it (ruamel files a tagged value's comment under the next key, by its column)."""
+    found = {}
+
+    def texts(tokens):
+        for token in tokens or []:
+            for part in token if isinstance(token, list) else [token]:
+                if part is not None and getattr(part, "value", ""):
+                    yield part
+
+    for k, key in enumerate(keys):
+        item = doc.ca.items.get(key) or [None, None, None, None]
+        parts = list(texts([item[2]]))
+        if k + 1 < len(keys):  # indented comments filed before the next key belong to this one
+            after = doc.ca.items.get(keys[k + 1]) or [None, None, None, None]
+            parts += [p for p in texts([item_ for item_ in (after[1] or [])]) if p.column > 0]
+        lines = []
+        for part in parts:
+            for line in part.value.splitlines():
+                line = line.strip()
+                if line.startswith("#") and not line.startswith(("# ----", "# ####")):
+                    lines.append(line.lstrip("#").strip())
+                elif line:
+                    break
+        found[key] = " ".join(lines)
+    return found

@@ -5,25 +5,30 @@ many small ``[U_i, V]`` blocks. Packing them into one ``[P + 1, V]`` tensor (the
 the padding row) with an offset per block lets a batch be gathered in one indexing operation.
 
 The cache is a folder ``<cache_dir>/<kind>-<key>/`` holding ``data.bin`` (the raw packed tensor)
-and ``header.json``. The key hashes everything the content depends on (the source files' size and
-mtime, the tokenizer, the dtype, the fold's parameters), so a changed input gets a new folder.
-A cached folder is used only if its header matches the key, the file has the expected size, and a
-checksum of sampled rows matches; otherwise it is rebuilt. The folder appears under its final name
-only once complete (built under a temporary name, then renamed), so a crash never leaves a
-half-written cache that looks valid. ``data.bin`` is memory-mapped: a warm start reads nothing
-up front, and several DDP ranks on one node share the same pages.
+and ``header.json``. The key hashes everything the content depends on (the source files' size,
+mtime and inode change time, the tokenizer, the dtype, the fold's parameters), so a changed input
+gets a new folder. A cached folder is used only if its header matches the key, the file has the
+expected size, and the CRC-32 of every byte matches (about a second per GB); otherwise it is
+rebuilt. The folder appears under its final name only once complete (built under a temporary name,
+then renamed), so a crash never leaves a half-written cache that looks valid, and the temporary
+folder of a build whose process died is removed by the next build. ``data.bin`` is memory-mapped:
+several DDP ranks on one node, and several runs of one data tree, share the same pages.
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-CACHE_FORMAT = 2
-_CHECK_ROWS = 4096
+from local.files import DiskFullError, is_disk_full
+
+CACHE_FORMAT = 3
 
 
 def cache_key(*parts):
@@ -32,13 +37,14 @@ def cache_key(*parts):
 
 
 def file_signature(path):
-    """(path, size, mtime_ns): what a cache built from this file depends on (None if absent: the
-    reader then reports the missing file)."""
+    """(path, size, mtime_ns, ctime_ns): what a cache built from this file depends on (None if
+    absent: the reader then reports the missing file). The inode change time cannot be set back,
+    so a file rewritten with its size and mtime restored still gets a new key."""
     try:
         st = os.stat(path)
     except OSError:
-        return [str(path), None, None]
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+        return [str(path), None, None, None]
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
 class PackedRows:
@@ -70,25 +76,44 @@ class PackedRows:
         return self.data[self.rows(index, max_len)].float()
 
 
-def _checksum(path, shape, dtype):
-    """Sum (float64) of up to 4096 evenly spaced rows of a packed file: cheap, and catches a
-    truncated or garbled file. Read with pread, not through the mapping, so that checking a cache
-    does not make its pages resident in this process."""
-    rows, width = shape
-    row_bytes = width * _element_size(dtype)
-    step = max(1, rows // _CHECK_ROWS)
-    total = 0.0
+def file_crcs(path, chunk=64 * 2**20):
+    """CRC-32 of every ``chunk`` bytes of a file, the whole file read (two threads: zlib and
+    pread release the GIL, so this runs at the disk's or the page cache's speed). Read with pread,
+    not through a mapping, so that checking a cache does not make its pages resident here."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        for row in range(0, rows, step):
-            raw = os.pread(f.fileno(), row_bytes, row * row_bytes)
-            if len(raw) != row_bytes:
-                return None
-            total += float(torch.frombuffer(bytearray(raw), dtype=dtype).sum(dtype=torch.float64))
-    return total
+
+        def crc(start):
+            data = os.pread(f.fileno(), min(chunk, size - start), start)
+            return zlib.crc32(data)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            return list(pool.map(crc, range(0, size, chunk)))
 
 
 def _element_size(dtype):
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _lock(path):
+    """An exclusive, non-blocking lock on ``path`` (created): the open file, or None if held."""
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def remove_abandoned(cache_dir):
+    """Removes the temporary folders of builds whose process died (killed while building): a live
+    build holds the lock of its folder's ``.building`` file."""
+    for tmp in Path(cache_dir).glob(".*.tmp-*"):
+        lock = _lock(tmp / ".building") if tmp.is_dir() else None
+        if lock is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            lock.close()
 
 
 class PackedCache:
@@ -97,56 +122,82 @@ class PackedCache:
     def __init__(self, cache_dir, kind, key, shape, dtype):
         self.folder = Path(cache_dir) / f"{kind}-{key}"
         self.key, self.shape, self.dtype = key, tuple(int(s) for s in shape), dtype
-        self.tmp = None
+        self.nbytes = self.shape[0] * self.shape[1] * _element_size(dtype)
+        self.tmp = self.building = None
 
     def load(self):
-        """The cached tensor (memory-mapped), or None if absent or not trustworthy."""
+        """The cached tensor (memory-mapped), or None if absent or not trustworthy: the header must
+        match the key, shape and dtype, and the CRC of every byte of the file must match."""
         try:
             header = json.loads((self.folder / "header.json").read_text())
             data_file = self.folder / "data.bin"
-            numel = self.shape[0] * self.shape[1]
             if (
                 header.get("format") != CACHE_FORMAT
                 or header.get("key") != self.key
                 or header.get("shape") != list(self.shape)
                 or header.get("dtype") != str(self.dtype)
-                or data_file.stat().st_size != numel * _element_size(self.dtype)
+                or data_file.stat().st_size != self.nbytes
             ):
                 return None
-            if _checksum(data_file, self.shape, self.dtype) != header.get("checksum"):
+            if file_crcs(data_file) != header.get("crc32"):
                 return None
+            numel = self.shape[0] * self.shape[1]
             return torch.from_file(str(data_file), shared=False, size=numel, dtype=self.dtype).view(self.shape)
         except (OSError, ValueError, RuntimeError):
             return None
 
     def allocate(self):
-        """A zero tensor backed by a new file in a temporary folder: fill it, then ``commit``."""
+        """A zero tensor backed by a new file in a temporary folder: fill it, then ``commit``.
+        The file's blocks are reserved up front, so a full disk is an error here, not a SIGBUS
+        when the mapping is written."""
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned(self.folder.parent)
         self.tmp = self.folder.parent / f".{self.folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
+        self.building = _lock(self.tmp / ".building")
+        data_file = self.tmp / "data.bin"
+        with open(data_file, "wb") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, max(1, self.nbytes))
+            except OSError as err:
+                self.discard()
+                if is_disk_full(err):
+                    raise DiskFullError(data_file, f"the packed cache needs {self.nbytes / 2**30:.2f} GiB") from None
+                raise
         numel = self.shape[0] * self.shape[1]
-        return torch.from_file(str(self.tmp / "data.bin"), shared=True, size=numel, dtype=self.dtype).view(self.shape)
+        return torch.from_file(str(data_file), shared=True, size=numel, dtype=self.dtype).view(self.shape)
 
     def commit(self, data):
-        """Writes the header and moves the folder to its final name (atomically)."""
+        """Writes the header and moves the folder to its final name (atomically). If another run
+        committed the same cache meanwhile (a cache folder shared by several runs), that one is kept."""
         header = {
             "format": CACHE_FORMAT,
             "key": self.key,
             "shape": list(self.shape),
             "dtype": str(self.dtype),
-            "checksum": _checksum(self.tmp / "data.bin", self.shape, self.dtype),
+            "crc32": file_crcs(self.tmp / "data.bin"),
         }
         (self.tmp / "header.json").write_text(json.dumps(header))
-        if self.folder.exists():  # stale or corrupt (load() refused it), or made meanwhile by another run
-            shutil.rmtree(self.folder, ignore_errors=True)
+        (self.tmp / ".building").unlink(missing_ok=True)
+        if self.folder.exists():
+            if self.load() is not None:  # made meanwhile by another run: use it, drop ours
+                self.discard()
+                return
+            shutil.rmtree(self.folder, ignore_errors=True)  # stale or corrupt (load() refused it)
         try:
             os.replace(self.tmp, self.folder)
         except OSError:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.discard()
+        if self.building is not None:
+            self.building.close()
 
     def discard(self):
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.building is not None:
+            self.building.close()
+            self.building = None
 
 
 def build_packed(cache_dir, kind, key, shape, dtype, fill):

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from local.combine import majority_vote as vote
+from local.combine import pick, vote
 from local.corpus import WORD_CATEGORIES
 from local.files import atomic_write, write_json
 from local.store import EOS
@@ -48,6 +48,22 @@ def rates(edits, ref_words):
         "edits": total_edits,
         "ref_words": total_ref,
         "erroneous": wrong,
+    }
+
+
+def fractional_rates(edits, right, ref_words):
+    """``rates`` when utterances count fractionally (a vote tie broken at random, in expectation):
+    expected edits and expected exactness per utterance."""
+    n, total_edits, total_ref = len(edits), sum(edits), sum(ref_words)
+    wra = 100.0 * sum(right) / n if n else float("nan")
+    return {
+        "n": n,
+        "WER": 100.0 * total_edits / total_ref if total_ref else 0.0,
+        "SER": 100.0 - wra,
+        "WRA": wra,
+        "edits": total_edits,
+        "ref_words": total_ref,
+        "erroneous": n - sum(right),
     }
 
 
@@ -137,17 +153,23 @@ def write_utterances(path, systems):
     write_json(path, data, indent=None)
 
 
-def majority_vote(systems, tokenizer):
-    """Word-level majority vote of several systems on the same utterances: per utterance the most
-    frequent whole hypothesis wins (``combine.majority_vote``)."""
-    voted = SystemScores(tokenizer)
-    first = systems[0]
+def majority_vote(systems, tokenizer, accuracy):
+    """Word-level majority vote of several systems on the same utterances (``combine.vote``): per
+    utterance the most frequent whole hypothesis wins; a tie goes to the hypothesis of the system
+    with the highest ``accuracy`` (name -> accuracy on the teacher speakers, never on the test),
+    then the alphabetically first name. Returns (SystemScores, number of tied utterances)."""
+    names = sorted(systems)
+    rank = [accuracy.get(n, 0.0) for n in names]
+    voted, ties = SystemScores(tokenizer), 0
+    first = systems[names[0]]
     for utt_id in first.hypotheses:
-        texts = [s.hypotheses[utt_id] for s in systems]
-        winner = texts[vote([t.split(" ") for t in texts])]
+        texts = [systems[n].hypotheses[utt_id] for n in names]
+        top = vote([t.split(" ") for t in texts])
+        ties += len(top) > 1
+        winner = texts[pick(top, rank, names)]
         category, mic = first.groups[utt_id]
         voted.append_texts([utt_id], [winner], [first.references[utt_id]], [category], [mic])
-    return voted
+    return voted, ties
 
 
 def results_table(results):

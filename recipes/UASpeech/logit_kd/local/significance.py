@@ -165,3 +165,17 @@ def paired_test(err_a, err_b, groups, n_perm=10000, seed=0):
         "n_groups": n_groups,
         "n_perm": int(n_perm),
     }
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate):
+    the k-th smallest is multiplied by (m - k + 1), made monotone, capped at 1. Same order as given."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()

@@ -97,11 +97,13 @@ def read_metadata(logit_root, model, speaker, tokens):
         raise LogitStoreError(f"missing folder {folder} ({where}): is --logit_root right?")
     files = pair_files(logit_root, model, speaker)
     path = files["metadata"]
-    if not path.is_file():
-        raise LogitStoreError(f"missing metadata file {path} ({where})")
     try:
+        if not path.is_file():
+            raise LogitStoreError(f"missing metadata file {path} ({where})")
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except OSError as err:
+        raise LogitStoreError(f"cannot read metadata file {path} ({where}): {err.strerror or err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise LogitStoreError(f"unreadable metadata file {path} ({where}): {err}") from None
     if not isinstance(meta, dict) or any(k not in meta for k in REQUIRED_METADATA_KEYS):
         raise LogitStoreError(f"metadata file {path} ({where}) lacks one of the keys {REQUIRED_METADATA_KEYS}")
@@ -112,6 +114,10 @@ def read_metadata(logit_root, model, speaker, tokens):
         raise LogitStoreError(
             f"metadata file {path} ({where}): {len(utt_ids)} utterance_ids, {len(words)} target_words, "
             f"num_utterances {meta['num_utterances']}: they must agree"
+        )
+    if not utt_ids:
+        raise LogitStoreError(
+            f"metadata file {path} ({where}) lists no utterance: speaker {speaker} has nothing to read"
         )
     declared = meta.get("vocab_size_decoder")
     if declared is not None and declared != tokens.vocab_size:
@@ -146,9 +152,9 @@ def read_metadata(logit_root, model, speaker, tokens):
 
 def load_tensors(path, where):
     """``torch.load`` with weights_only (never unpickle arbitrary objects) and mmap when possible."""
-    if not path.is_file():
-        raise LogitStoreError(f"missing logit file {path} ({where})")
     try:
+        if not path.is_file():
+            raise LogitStoreError(f"missing logit file {path} ({where})")
         try:
             return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
         except RuntimeError as err:
@@ -156,9 +162,15 @@ def load_tensors(path, where):
                 raise
             # Files written with the legacy (non-zip) serialisation cannot be memory-mapped.
             return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # noqa: BLE001 - any failure to read is reported the same way
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LogitStoreError(f"unreadable logit file {path} ({where}): {first_line}") from None
+    except LogitStoreError:
+        raise
+    except OSError as err:
+        raise LogitStoreError(f"cannot read logit file {path} ({where}): {err.strerror or err}") from None
+    except Exception:  # noqa: BLE001 - torch's own message would suggest unpickling the file
+        raise LogitStoreError(
+            f"logit file {path} ({where}) is not a tensor file: refused, for safety (a file that holds "
+            f"other Python objects is never unpickled)"
+        ) from None
 
 
 def read_decoder_logits(info, vocab_size):
@@ -244,6 +256,7 @@ class LogitStore(PackedRows):
         optional = {tuple(p) for p in optional}
         self.pairs = [tuple(p) for p in pairs if tuple(p) not in optional or pair_folder(self.logit_root, *p).is_dir()]
         infos = [read_metadata(logit_root, m, s, tokens) for m, s in self.pairs]
+        self.infos = infos
         self.stream_model, self.stream_speaker, self.utt_ids, self.words = [], [], [], []
         self.pair_streams = {}  # (model, speaker) -> range of stream indices, in file order
         lengths = []
@@ -293,6 +306,10 @@ class LogitStore(PackedRows):
 
     def __len__(self):
         return len(self.utt_ids)
+
+    def source_files(self):
+        """The decoder logit and metadata files the store was read from."""
+        return [path for info in self.infos for path in (info.decoder_file, info.metadata_file)]
 
     def stream(self, model, utt_id):
         """Index of the stream of ``model`` on utterance ``utt_id`` (KeyError if absent)."""
