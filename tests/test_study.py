@@ -17,7 +17,9 @@ REPORT = RECIPE / "study_report.py"
 FAST = ["--number_of_epochs=1", "--d_model=16", "--d_ffn=32", "--n_layers=1"]
 FOLDS = ["M05", "M16"]
 FUSIONS = ["mean", "transformer"]
-RUNS = [f"{fold}_same_level_matched_{fusion}" for fold in FOLDS for fusion in FUSIONS]
+SEEDS = [1986, 1987]
+CELLS = [f"{fold}_same_level_matched_{fusion}" for fold in FOLDS for fusion in FUSIONS]
+RUNS = [f"{cell}/{seed}" for cell in CELLS for seed in SEEDS]
 STATS = ["--n_boot=300", "--n_perm=500"]  # enough to test; keeps the report fast
 
 
@@ -27,7 +29,17 @@ def run_driver(study, *args, cwd, extra=FAST):
 
 
 def tiny_study_args(demo_tree):
-    return [f"--demo_folder={demo_tree}", "--folds", *FOLDS, "--teacher_sets", "same_level", "--fusions", *FUSIONS]
+    return [
+        f"--demo_folder={demo_tree}",
+        "--folds",
+        *FOLDS,
+        "--teacher_sets",
+        "same_level",
+        "--fusions",
+        *FUSIONS,
+        "--seeds",
+        str(len(SEEDS)),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,54 +76,66 @@ def test_every_run_and_the_report_exist(study):
     text = (folder / "study.md").read_text()
     assert "SYNTHETIC" in text  # demo-tree numbers are labelled as such
     assert "## teacher_set=same_level, input_streams=matched, fusion=transformer" in text
-    assert "| mid | M05 | **student** |" in text and "| low | M16 | sa_self |" in text
+    assert "| mid (58–62 %) | M05 | **KD student (transformer)**" in text
+    assert "seeds 1986 1987" in text and "Holm-corrected over every test of the table" in text
     # the driver prints the report it wrote
     assert "| group | fold | system | D | L | C | CW | UW | all |" in proc.stdout
 
 
 def test_csv_numbers_are_those_of_the_runs(study):
+    """Every figure of study.csv is the mean over the seeds of the runs' own figures."""
     folder, _ = study
     rows = read_csv(folder / "study.csv")
-    per_run = [r for r in rows if r["scope"] == "run"]
-    assert sorted({r["run"] for r in per_run}) == sorted(RUNS)
-    expected = sum(1 + len(results_of(folder, run)["baselines"]) for run in RUNS)
+    per_fold = [r for r in rows if r["scope"] == "fold" and not r["system"].startswith("best_")]
     checked = 0
-    for row in per_run:
-        results = results_of(folder, row["run"])
-        system = results["student"] if row["system"] == "student" else results["baselines"][row["system"]]
-        assert row["fold"] == results["held_out"] and row["group"] == results["group"]
-        assert row["fusion"] == results["fusion"] and row["teacher_set"] == results["teacher_set"]
+    for row in per_fold:
+        cell = f"{row['fold']}_{row['teacher_set']}_{row['input_streams']}_{row['fusion']}"
+        runs = [results_of(folder, f"{cell}/{seed}") for seed in SEEDS]
+        assert row["seed_list"] == " ".join(str(seed) for seed in SEEDS) and int(row["seeds"]) == len(SEEDS)
+        systems = [r["student"] if row["system"] == "student" else r["baselines"][row["system"]] for r in runs]
+        assert row["fold"] == runs[0]["held_out"] and row["group"] == runs[0]["group"]
         assert row["synthetic_data"] == "true"
-        assert int(row["n"]) == system["n"] == results["n_utterances"]
+        assert int(row["n"]) == systems[0]["n"] == runs[0]["n_utterances"]
         for key in ("WER", "WRA", "CER"):
-            assert float(row[key]) == pytest.approx(system[key], abs=1e-9), (row["run"], row["system"], key)
-        for category, numbers in system["by_category"].items():
-            assert float(row[f"WRA_{category}"]) == pytest.approx(numbers["WRA"], abs=1e-9)
-            assert int(row[f"n_{category}"]) == numbers["n"]
+            mean = sum(s[key] for s in systems) / len(systems)
+            assert float(row[key]) == pytest.approx(mean, abs=1e-9), (cell, row["system"], key)
+        assert [float(v) for v in row["WRA_by_seed"].split()] == pytest.approx([s["WRA"] for s in systems], abs=0.01)
+        for category in systems[0]["by_category"]:
+            mean = sum(s["by_category"][category]["WRA"] for s in systems) / len(systems)
+            assert float(row[f"WRA_{category}"]) == pytest.approx(mean, abs=1e-9)
         for key in ("WER", "WRA"):
             low, point, high = (float(row[f"{key}_ci_low"]), float(row[key]), float(row[f"{key}_ci_high"]))
-            assert low <= point <= high, (row["run"], row["system"], key, low, point, high)
+            assert low <= point <= high, (cell, row["system"], key, low, point, high)
         # clusters: the microphones of one (speaker, word) are one group
         assert int(row["n_groups"]) < int(row["n"])
         checked += 1
-    assert checked == expected >= len(RUNS) * 3  # the student and every baseline (sa_self, mean, ...) of every run
+    assert checked >= len(CELLS) * 3  # the student and every baseline (sa_self, mean, ...) of every cell
     # the pooled rows pool the two folds of each configuration
     pooled = [r for r in rows if r["scope"] == "pooled" and r["system"] == "student"]
     assert len(pooled) == len(FUSIONS)
     for row in pooled:
-        runs = [results_of(folder, f"{fold}_same_level_matched_{row['fusion']}") for fold in FOLDS]
-        n = sum(r["n_utterances"] for r in runs)
+        runs = [
+            [results_of(folder, f"{fold}_same_level_matched_{row['fusion']}/{seed}") for fold in FOLDS]
+            for seed in SEEDS
+        ]
+        n = sum(r["n_utterances"] for r in runs[0])
         assert int(row["n"]) == n
-        wra = sum(r["student"]["WRA"] * r["n_utterances"] for r in runs) / n
+        wra = sum(sum(r["student"]["WRA"] * r["n_utterances"] for r in seed) / n for seed in runs) / len(SEEDS)
         assert float(row["WRA"]) == pytest.approx(wra, abs=1e-9)
+    # Holm: the adjusted p-values are never below the raw ones
+    for row in rows:
+        if row["p_WRA"]:
+            assert float(row["p_WRA_holm"]) >= float(row["p_WRA"])
 
 
 def test_paired_test_of_a_system_against_itself_gives_p_1(study):
-    from local.report import load_run, paired_stats
+    from local.report import cell_systems, load_run, paired_stats
 
     folder, _ = study
-    run = load_run(folder / "M05_same_level_matched_transformer", folder)
-    same = paired_stats(run.systems["student"], run.systems["student"], n_boot=200, n_perm=500)
+    runs = [load_run(folder / f"M05_same_level_matched_transformer/{seed}", folder) for seed in SEEDS]
+    systems = cell_systems(runs)
+    assert systems["student"].edits.shape == (len(SEEDS), runs[0].ref.size)  # one row per seed
+    same = paired_stats(systems["student"], systems["student"], n_boot=200, n_perm=500)
     assert same["p_WER"] == 1.0 and same["p_WRA"] == 1.0
     assert same["dWER"] == same["dWRA"] == 0.0
     # In the report: the `mean` fusion student *is* the untrained mean baseline.
@@ -122,8 +146,8 @@ def test_paired_test_of_a_system_against_itself_gives_p_1(study):
     # ... while a system that differs from the student everywhere is tested for real.
     from local.report import System
 
-    student = run.systems["student"]
-    worse = System(**{**student.__dict__, "name": "worse", "edits": student.edits + 1, "correct": student.correct * 0})
+    student = systems["student"]
+    worse = System(**{**student.__dict__, "name": "worse", "edits": student.edits + 1})
     assert paired_stats(student, worse, n_boot=200, n_perm=500)["p_WER"] < 0.01
 
 
@@ -156,7 +180,7 @@ def test_the_report_runs_alone_and_is_deterministic(study, tmp_path):
 def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, demo_tree, tmp_path):
     folder, _ = study
     results = {run: folder / run / "test_results.json" for run in RUNS}
-    logs = {run: folder / "logs" / f"{run}.err" for run in RUNS}
+    logs = {run: folder / "logs" / f"{run.replace('/', '_')}.err" for run in RUNS}
     mtimes = {run: path.stat().st_mtime_ns for run, path in results.items()}
     log_sizes = {run: path.stat().st_size for run, path in logs.items()}
 
@@ -166,9 +190,9 @@ def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, demo_tre
         assert f"{run}: skipped" in proc.stdout
         assert results[run].stat().st_mtime_ns == mtimes[run]
         assert logs[run].stat().st_size == log_sizes[run]  # train.py was not even started
-    assert "4 skipped" in proc.stdout
+    assert f"{len(RUNS)} skipped" in proc.stdout
 
-    redo = "M16_same_level_matched_transformer"
+    redo = "M16_same_level_matched_transformer/1987"
     results[redo].unlink()
     proc = run_driver(folder, *tiny_study_args(demo_tree), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -180,7 +204,7 @@ def test_rerun_skips_finished_runs_and_redoes_only_a_missing_one(study, demo_tre
             assert results[run].stat().st_mtime_ns == mtimes[run]
             assert logs[run].stat().st_size == log_sizes[run]
     assert logs[redo].stat().st_size > log_sizes[redo]
-    assert "1 run, 3 skipped" in proc.stdout
+    assert f"1 run, {len(RUNS) - 1} skipped" in proc.stdout
 
 
 def test_a_failing_run_is_reported_and_the_others_go_on(copy_tree, tmp_path):
@@ -199,34 +223,37 @@ def test_a_failing_run_is_reported_and_the_others_go_on(copy_tree, tmp_path):
         "same_level",
         "--fusions",
         "mean",
+        "--seeds",
+        "1",
         "--no_progress",
         cwd=tmp_path,
     )
     assert proc.returncode == 1
-    failed = "M16_same_level_matched_mean"
+    failed = "M16_same_level_matched_mean/1986"
     assert f"{failed}: FAILED" in proc.stdout
     assert "command: " in proc.stdout and f"--output_folder={folder / failed}" in proc.stdout
     assert "ERROR:" in proc.stdout and "M16" in proc.stdout  # train.py's own message, from its stderr
-    assert "M05_same_level_matched_mean: finished" in proc.stdout  # the next run still ran
-    assert (folder / "M05_same_level_matched_mean" / "test_results.json").is_file()
+    assert "M05_same_level_matched_mean/1986: finished" in proc.stdout  # the next run still ran
+    assert (folder / "M05_same_level_matched_mean" / "1986" / "test_results.json").is_file()
     assert "FAILED runs (1)" in proc.stderr
     text = (folder / "study.md").read_text()  # the report covers what finished and names what did not
-    assert "not finished: M16_same_level_matched_mean (failed)" in text
+    assert "not finished: M16_same_level_matched_mean/1986 (failed)" in text
     manifest = json.loads((folder / "study_runs.json").read_text())
     assert [(r["name"], r["status"]) for r in manifest["runs"]] == [
         (failed, "failed"),
-        ("M05_same_level_matched_mean", "finished"),
+        ("M05_same_level_matched_mean/1986", "finished"),
     ]
 
 
-def _fake_cross_run(study, tmp_path):
+def _fake_cross_run(study, tmp_path, accuracy=None):
     """A copy of a finished run with the baselines a `cross` run adds: two single teachers (copies of
-    sa_self's and of the student's per-utterance results) and a majority vote (a copy of the mean's)."""
+    sa_self's and of the student's per-utterance results), a majority vote (a copy of the mean's) and
+    the teachers' accuracy on the teacher speakers."""
     import shutil
 
     folder, _ = study
     run = tmp_path / "cross" / "M05_run"
-    shutil.copytree(folder / "M05_same_level_matched_transformer", run, ignore=shutil.ignore_patterns("save"))
+    shutil.copytree(folder / "M05_same_level_matched_transformer" / "1986", run, ignore=shutil.ignore_patterns("save"))
     results = json.loads((run / "test_results.json").read_text())
     utterances = json.loads((run / "test_utterances.json").read_text())
     for name, source, summary in (
@@ -236,38 +263,43 @@ def _fake_cross_run(study, tmp_path):
     ):
         utterances["systems"][name] = utterances["systems"][source]
         results["baselines"][name] = summary
+    results["teacher_accuracy"] = accuracy or {"F04": 0.3, "M11": 0.6}
     (run / "test_results.json").write_text(json.dumps(results))
     (run / "test_utterances.json").write_text(json.dumps(utterances))
     return run.parent, results
 
 
-def test_best_single_teacher_and_any_other_baseline(study, tmp_path):
+def test_best_single_teacher_is_chosen_on_the_teachers(study, tmp_path):
     from local.report import write_report
 
-    folder, results = _fake_cross_run(study, tmp_path)
-    write_report(folder, n_boot=200, n_perm=200)
-    rows = {r["system"]: r for r in read_csv(folder / "study.csv")}
-    assert set(rows) == {
-        "student",
-        "sa_self",
-        "mean",
-        "teacher_F04",
-        "teacher_M11",
-        "majority_vote",
-        "best_single_teacher",
-    }
-    teachers = {n: results["baselines"][n] for n in ("teacher_F04", "teacher_M11")}
-    best = max(teachers, key=lambda n: (teachers[n]["WRA"], -teachers[n]["WER"], n == "teacher_F04"))
-    row = rows["best_single_teacher"]
-    assert row["chosen"] == best
-    assert float(row["WRA"]) == pytest.approx(teachers[best]["WRA"], abs=1e-9)
-    assert float(row["WER"]) == pytest.approx(teachers[best]["WER"], abs=1e-9)
-    # teacher_M11 is a copy of the student: tested against the student it gives p = 1
-    assert float(rows["teacher_M11"]["p_WER"]) == 1.0 and float(rows["teacher_M11"]["p_WRA"]) == 1.0
-    assert float(rows["majority_vote"]["WRA"]) == pytest.approx(results["baselines"]["mean"]["WRA"], abs=1e-9)
-    text = (folder / "study.md").read_text()
-    assert f"best single teacher† ({best})" in text and "chosen on the test set" in text
-    assert "| majority_vote |" in text and "| teacher_F04 |" not in text  # single teachers: CSV only
+    for accuracy in ({"F04": 0.3, "M11": 0.6}, {"F04": 0.6, "M11": 0.3}):
+        folder, results = _fake_cross_run(study, tmp_path / str(accuracy["F04"]), accuracy)
+        write_report(folder, n_boot=200, n_perm=200)
+        rows = {r["system"]: r for r in read_csv(folder / "study.csv")}
+        assert set(rows) == {
+            "student",
+            "sa_self",
+            "mean",
+            "teacher_F04",
+            "teacher_M11",
+            "majority_vote",
+            "best_single_teacher",
+            "best_teacher_on_test",
+        }
+        chosen = max(accuracy, key=accuracy.get)  # on the teacher speakers, never the test
+        row = rows["best_single_teacher"]
+        assert row["chosen"] == chosen
+        assert float(row["WRA"]) == pytest.approx(results["baselines"][f"teacher_{chosen}"]["WRA"], abs=1e-9)
+        teachers = {n: results["baselines"][n] for n in ("teacher_F04", "teacher_M11")}
+        on_test = max(teachers, key=lambda n: (teachers[n]["WRA"], n == "teacher_F04"))
+        assert rows["best_teacher_on_test"]["chosen"] == on_test[len("teacher_") :]
+        # teacher_M11 is a copy of the student: tested against the student it gives p = 1
+        assert float(rows["teacher_M11"]["p_WER"]) == 1.0 and float(rows["teacher_M11"]["p_WRA"]) == 1.0
+        assert float(rows["majority_vote"]["WRA"]) == pytest.approx(results["baselines"]["mean"]["WRA"], abs=1e-9)
+        text = (folder / "study.md").read_text()
+        assert f"best teacher (chosen on the teachers) ({chosen})" in text
+        assert "best teacher (chosen on the test)†" in text and "oracle-like" in text
+        assert "| teacher_F04 |" not in text  # single teachers: CSV only
 
 
 def test_per_utterance_results_that_disagree_with_test_results_are_an_error(study, tmp_path):
@@ -291,6 +323,8 @@ def test_command_line_is_checked_before_anything_runs(tmp_path):
         parse_args(["--", "--output_folder=x"])  # set by the driver per run
     with pytest.raises(SystemExit):
         parse_args(["--logit_root=somewhere"])  # a real tree needs its tokenizer
+    with pytest.raises(SystemExit):
+        parse_args(["--", "--seed=3"])  # seeds are the driver's: --seeds / --first_seed
     args = parse_args(
         [
             f"--study_folder={tmp_path / 's'}",
@@ -300,21 +334,29 @@ def test_command_line_is_checked_before_anything_runs(tmp_path):
             "--fusions",
             "mean",
             "attention",
+            "--seeds",
+            "2",
+            "--first_seed",
+            "7",
+            "--threads",
+            "2",
             "--",
-            "--seed=3",
+            "--lr=0.001",
         ]
     )
     study, runs = plan(args)
     assert [r["name"] for r in runs] == [
-        f"{f}_{t}_matched_{u}"
+        f"{f}_{t}_matched_{u}/{seed}"
         for f in ("M08", "M01")
         for t in ("same_level", "all_others")
         for u in ("mean", "attention")
+        for seed in (7, 8)
     ]
-    command = runs[0]["command"]
+    command = runs[1]["command"]
     assert command[0] == sys.executable and command[1] == str(RECIPE / "train.py")
-    assert "--seed=3" in command and "--noprogressbar" in command
-    assert f"--output_folder={study / runs[0]['name']}" in command
+    assert "--seed=8" in command and "--threads=2" in command and "--lr=0.001" in command
+    assert "--noprogressbar" in command and f"--cache_folder={study / 'cache'}" in command
+    assert f"--output_folder={study / runs[1]['name']}" in command
     assert not (tmp_path / "s").exists()  # planning writes nothing
     from run_study import child_environment
 

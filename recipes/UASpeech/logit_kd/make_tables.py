@@ -41,8 +41,14 @@ def word_fusion(results):
     return (results / "word_fusion" / "word_fusion.md").read_text(encoding="utf-8")
 
 
+def calibration(results):
+    """The demo tree's decode statistics beside the real SA outputs'."""
+    return (results / "calibration" / "calibration.md").read_text(encoding="utf-8")
+
+
 # name -> (render function, command (list) that writes its result files, their folder under results/)
 TABLES = {
+    "calibration": (calibration, ["python", "calibrate_demo.py", "--out", "{results}/calibration"], "calibration"),
     "word_fusion": (
         word_fusion,
         ["python", "word_fusion.py", _shared("cross_testing"), "--out", "{results}/word_fusion"],

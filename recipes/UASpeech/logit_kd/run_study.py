@@ -5,10 +5,10 @@
     cd recipes/UASpeech/logit_kd
     python run_study.py                                    # the synthetic demo tree
     python run_study.py --logit_root=/data/logit_extraction --tokenizer_file=/data/tokenizer.model \\
-        --folds M08 M05 --teacher_sets same_level --fusions mean transformer \\
-        --study_folder=results/study -- --number_of_epochs=60 --seed=7
+        --folds M08 M05 --teacher_sets same_level --fusions mean transformer --seeds 5 \\
+        --study_folder=results/study -- --number_of_epochs=60
 
-Each run goes into ``<study_folder>/<fold>_<teacher_set>_<input_streams>_<fusion>/``. A run whose
+Each run goes into ``<study_folder>/<fold>_<teacher_set>_<input_streams>_<fusion>/<seed>/``. A run whose
 ``test_results.json`` exists is finished and skipped; any other run is (re)started, and train.py
 resumes it from its last checkpoint. So after a crash or Ctrl-C, run the same command again. The
 arguments after ``--`` go to every train.py run unchanged (a finished run is not re-run when they
@@ -16,8 +16,10 @@ change: use another study folder). train.py's output is kept in ``<study_folder>
 run is reported with its command and the tail of its stderr, the others go on, and the exit status
 is 1. Paths given here are taken relative to the current directory.
 
-Each run uses ``--threads`` CPU threads (default 1, or the environment's ``OMP_NUM_THREADS``): the
-students are small, and oversubscribed intra-op threads on a shared CPU made a run ~8x slower.
+Each configuration and fold is trained with ``--seeds`` seeds (default 3; 5 or more for real data),
+and the report averages over them. Each run uses ``--threads`` CPU threads (default 1; train.py pins
+them, since results depend on them): the students are small, and oversubscribed intra-op threads
+on a shared CPU made a run ~8x slower.
 ``--nproc_per_node=N`` launches every run with ``torchrun --standalone`` (DDP) instead; on CPU give
 train.py ``-- --device=cpu --distributed_backend=gloo``.
 """
@@ -53,6 +55,8 @@ RESERVED = (
     "logit_root",
     "tokenizer_file",
     "demo_folder",
+    "seed",
+    "threads",
 )
 TAIL_LINES = 25
 
@@ -92,12 +96,19 @@ def parse_args(argv):
         help="one folder per run and the report go here (default: %(default)s)",
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="training seeds per configuration and fold: the report averages over them and its intervals "
+        "hold their variance (default: %(default)s; 5 or more for real data)",
+    )
+    parser.add_argument("--first_seed", type=int, default=1986, help="the seeds are first_seed, first_seed + 1, ...")
+    parser.add_argument(
         "--threads",
         type=int,
-        default=None,
-        help="CPU threads of each run (OMP_NUM_THREADS, MKL_NUM_THREADS); default: the "
-        "environment's OMP_NUM_THREADS, else 1 (the students are small: more intra-op "
-        "threads gain little, and on a busy CPU they cost up to ~8x)",
+        default=1,
+        help="CPU threads of each run (train.py's --threads, pinned: results depend on it); default: "
+        "%(default)s (the students are small: more intra-op threads gain little)",
     )
     parser.add_argument(
         "--nproc_per_node",
@@ -115,8 +126,10 @@ def parse_args(argv):
     for fold in args.folds:
         if not (HPARAMS / f"fold_{fold}.yaml").is_file():
             parser.error(f"no fold file hparams/fold_{fold}.yaml for --folds {fold}")
-    if args.threads is not None and args.threads < 1:
+    if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     if args.nproc_per_node < 1:
         parser.error("--nproc_per_node must be at least 1")
     if args.logit_root and not args.tokenizer_file:
@@ -128,7 +141,7 @@ def parse_args(argv):
         if key in RESERVED:
             parser.error(
                 f"--{key} is set by the driver for every run: give it before '--' "
-                f"(or as --folds/--teacher_sets/--input_streams/--fusions/--study_folder)"
+                f"(or as --folds/--teacher_sets/--input_streams/--fusions/--seeds/--threads/--study_folder)"
             )
     if not any(item == "--noprogressbar" for item in extra):
         extra.append("--noprogressbar")  # train.py's own bars would only fill the log files
@@ -137,7 +150,7 @@ def parse_args(argv):
 
 
 def plan(args):
-    """The runs of the study, in order: fold, teacher set, input streams, fusion."""
+    """The runs of the study, in order: fold, teacher set, input streams, fusion, seed."""
     study = Path(args.study_folder).resolve()
     data = (
         [f"--logit_root={Path(args.logit_root).resolve()}", f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"]
@@ -155,29 +168,33 @@ def plan(args):
         for teacher_set in args.teacher_sets:
             for streams in args.input_streams:
                 for fusion in args.fusions:
-                    name = f"{fold}_{teacher_set}_{streams}_{fusion}"
-                    command = [
-                        *launch,
-                        str(TRAIN),
-                        str(HPARAMS / f"fold_{fold}.yaml"),
-                        *data,
-                        f"--teacher_set={teacher_set}",
-                        f"--input_streams={streams}",
-                        f"--fusion={fusion}",
-                        f"--output_folder={study / name}",
-                        *args.extra,
-                    ]
-                    runs.append(
-                        {
-                            "name": name,
-                            "fold": fold,
-                            "teacher_set": teacher_set,
-                            "input_streams": streams,
-                            "fusion": fusion,
-                            "command": command,
-                            "status": "pending",
-                        }
-                    )
+                    for seed in range(args.first_seed, args.first_seed + args.seeds):
+                        name = f"{fold}_{teacher_set}_{streams}_{fusion}/{seed}"
+                        command = [
+                            *launch,
+                            str(TRAIN),
+                            str(HPARAMS / f"fold_{fold}.yaml"),
+                            *data,
+                            f"--teacher_set={teacher_set}",
+                            f"--input_streams={streams}",
+                            f"--fusion={fusion}",
+                            f"--seed={seed}",
+                            f"--threads={args.threads}",
+                            f"--output_folder={study / name}",
+                            *args.extra,
+                        ]
+                        runs.append(
+                            {
+                                "name": name,
+                                "fold": fold,
+                                "teacher_set": teacher_set,
+                                "input_streams": streams,
+                                "fusion": fusion,
+                                "seed": seed,
+                                "command": command,
+                                "status": "pending",
+                            }
+                        )
     return study, runs
 
 
@@ -189,8 +206,9 @@ def finished(study, run):
         return False
     with open(path, encoding="utf-8") as handle:
         info = json.load(handle)
-    found = (info.get("held_out"), info.get("teacher_set"), info.get("input_streams"), info.get("fusion"))
-    wanted = (run["fold"], run["teacher_set"], run["input_streams"], run["fusion"])
+    keys = ("held_out", "teacher_set", "input_streams", "fusion", "seed")
+    found = tuple(info.get(k) for k in keys)
+    wanted = (run["fold"], run["teacher_set"], run["input_streams"], run["fusion"], run["seed"])
     if found[1] == "explicit":  # --teachers=[...] among the overrides replaces the teacher set
         found = (found[0], wanted[1], *found[2:])
     if found != wanted:
@@ -207,10 +225,9 @@ def tail(path, lines=TAIL_LINES):
 
 
 def child_environment(threads):
-    """The environment of the train.py processes: this one, with the CPU thread count set."""
+    """The environment of the train.py processes: this one, with the thread count of the native
+    libraries set too (train.py pins torch's own with --threads)."""
     env = dict(os.environ)
-    if threads is None:
-        threads = env.get("OMP_NUM_THREADS") or 1
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
 
@@ -219,7 +236,8 @@ def execute(study, run, env):
     """One train.py process; its stdout/stderr are appended to logs/<run>.{out,err}. Returns rc."""
     logs = study / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    out_path, err_path = logs / f"{run['name']}.out", logs / f"{run['name']}.err"
+    stem = run["name"].replace("/", "_")
+    out_path, err_path = logs / f"{stem}.out", logs / f"{stem}.err"
     stamp = f"==== {datetime.datetime.now().isoformat(timespec='seconds')} {shlex.join(run['command'])}\n"
     with open(out_path, "a", encoding="utf-8") as out, open(err_path, "a", encoding="utf-8") as err:
         out.write(stamp)

@@ -179,3 +179,34 @@ def holm(p_values):
         running = max(running, min(1.0, (m - rank) * p[index]))
         adjusted[index] = running
     return adjusted.tolist()
+
+
+def hierarchical_ci(num, den, groups, n_boot=2000, seed=0, level=0.95):
+    """Bootstrap percentile interval of a figure averaged over training seeds:
+    ``mean_k 100 * sum(num[k]) / sum(den)``, resampling both the seeds (with replacement) and whole
+    groups, so that the interval holds the seed-to-seed variance as well as the sampling of the
+    test words. ``num``: [seeds, utterances]; ``den``: [utterances]. With one seed it is
+    ``bootstrap_ci``'s interval. Returns (point, low, high) in percent."""
+    num = np.atleast_2d(np.asarray(num, dtype=np.float64))
+    den = _as_vector(den, "den")
+    if num.shape[1] != den.size:
+        raise ValueError(f"num has {num.shape[1]} utterances, den {den.size}")
+    index, n_groups = _group_index(groups, den.size)
+    n_seeds = num.shape[0]
+    num_g = np.stack([np.bincount(index, weights=row, minlength=n_groups) for row in num])  # [K, G]
+    den_g = np.bincount(index, weights=den, minlength=n_groups)
+    point = float(np.mean(100.0 * num.sum(1) / den.sum()))
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    rows = max(1, _CHUNK_CELLS // (n_groups * n_seeds))
+    for start in range(0, n_boot, rows):
+        stop = min(n_boot, start + rows)
+        seeds = rng.integers(0, n_seeds, size=(stop - start, n_seeds))
+        draw = rng.integers(0, n_groups, size=(stop - start, n_groups))
+        d_sum = den_g[draw].sum(axis=1)  # [B]
+        n_sum = num_g[seeds[:, :, None], draw[:, None, :]].sum(axis=2)  # [B, K]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stats[start:stop] = np.where(d_sum > 0, 100.0 * n_sum.mean(axis=1) / d_sum, np.nan)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.nanpercentile(stats, [100.0 * alpha, 100.0 * (1.0 - alpha)])
+    return point, float(low), float(high)

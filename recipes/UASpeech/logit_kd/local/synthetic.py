@@ -11,15 +11,28 @@ default of every fold (``demo`` scale, generated on first use) and the input of 
     <out>/logit_extraction/extraction_summary.json
     <out>/SYNTHETIC.json                                      # what made it; marks it as synthetic
 
-How the teacher-forced logits are made, per position u of an utterance (target token t_u):
-the SA model's top token is t_u with a probability that grows with the speaker's intelligibility
-(and is higher after the first position: teacher forcing feeds the reference prefix). When it is
-wrong, the top token is the *shared* confusion partner of t_u (the same for every speaker, so the
-ensemble does not fix it), <unk> (id 0, which decodes to " ⁇ "), an early </s>, a *distractor*
-piece that no word of the closed list uses (a LibriSpeech-sized tokenizer has many; a student can
-learn they are never right), or another piece. The true token keeps a secondary boost of random
-size, so it is often, not always, second. Errors are otherwise drawn independently per speaker,
-which is why an ensemble of speakers beats one of them.
+How the logits are made. Each SA model first *decodes* each utterance, and its teacher-forced
+logits are then written so that their greedy decode is that hypothesis:
+
+- the hypothesis is the reference with the pair's accuracy: the speaker's accuracy under the other
+  SA models, measured on the real cross-testing files (``CROSS_ACCURACY``), spread over the models
+  as the real ones are (``MODEL_SPREAD``); a model on its own speaker's audio is better
+  (``OWN_BONUS``, not calibrated: the real files hold no such decode);
+- errors are correlated across models through each utterance's shared difficulty (its production's
+  and its own), tuned so that the models' errors correlate as in the real files (phi, by group);
+- a wrong hypothesis is, with the real shares of the speaker's intelligibility group, a near miss
+  (a multi-piece word whose first piece is right), no word of the list (empty, <unk>, pieces no
+  word uses), or one of the word's confusable words, shared by all models (so that, as on the real
+  files, a vote adds little over the best single model);
+- in the logits the hypothesis' pieces are on top (by a larger margin when it is right) and the
+  pieces of *its* confusable words are the runner-ups; nothing singles out the reference when the
+  model is wrong (an earlier generator boosted it, which flattered the student).
+
+``calibrate_demo.py`` prints these statistics of the demo tree beside the real ones, and a test
+keeps them within stated tolerances. What the demo cannot show: how confident real SA models are,
+and what their runner-up pieces hold (the real files keep only the final words), so the size of a
+student's gain on it says little about its gain on real logits; it shows that the recipe runs, that
+the students learn, and the direction of the comparisons, on data shaped like the real decodes.
 
 Command line: ``make_demo_tree.py``.
 """
@@ -27,17 +40,18 @@ Command line: ``make_demo_tree.py``.
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from local.corpus import HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS
+from local.corpus import HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS, intelligibility_group
 from local.files import write_json
 from local.layout import SUMMARY_FILE, pair_files
 
-GENERATOR_VERSION = 6
+GENERATOR_VERSION = 7
 DEMO_SEED = 2026
 
 # Word lists of the synthetic corpus (block B3). Keys follow UASpeech: D0-D9, LA-LZ, C1-C19,
@@ -137,18 +151,51 @@ def train_tokenizer(path, words, vocab_size, seed):
     Path(path).write_bytes(model.getvalue())
 
 
-def _speaker_accuracy(speaker):
-    """Top-token accuracy of a speaker's SA model on its own audio, ordered by intelligibility."""
-    return 0.4 + 0.55 * INTELLIGIBILITY[speaker] / 100.0
+# Calibration to the real SA outputs (the SA project's cross-testing files: every SA model decoding
+# every other speaker with beam search + CTC + LM), measured by calibrate_demo.py:
+# - the mean word accuracy of the other 14 SA models on each speaker's audio;
+CROSS_ACCURACY = {
+    "F02": 0.114, "F03": 0.062, "F04": 0.469, "F05": 0.716, "M01": 0.070, "M04": 0.029, "M05": 0.369,
+    "M07": 0.207, "M08": 0.774, "M09": 0.740, "M10": 0.800, "M11": 0.323, "M12": 0.025, "M14": 0.680,
+    "M16": 0.499,
+}  # fmt: skip
+# - the spread (log-odds) of the 14 other models' accuracies on one speaker: they take the evenly
+#   spaced normal quantiles of this spread, in an order that mixes a model's own quality (a model
+#   good on one speaker tends to be good on the others) with the pair's;
+MODEL_SPREAD = 0.3
+# - by the audio speaker's intelligibility group: the share of wrong decodes that are no word of the
+#   list, and of wrong multi-piece words whose first piece is right (errors are closer to the
+#   reference for intelligible speakers).
+NOT_A_WORD = {"high": 0.15, "mid": 0.2, "low": 0.27, "very_low": 0.47}
+FIRST_PIECE_RIGHT = {"high": 0.28, "mid": 0.064, "low": 0.039, "very_low": 0.019}
+# - the latent correlation of two models' errors on one utterance, by group, tuned so that the mean
+#   phi of the models' errors matches the real files (calibrate_demo.py prints both).
+ERROR_CORRELATION = {"high": 0.8, "mid": 0.7, "low": 0.7, "very_low": 0.45}
+MIC_SHARE = 0.8  # of an utterance's shared difficulty, the part common to the microphones of its production
+# Not in the real files, so not calibrated: an SA model on its *own* speaker's audio (the diagonal)
+# is better than the others by OWN_BONUS log-odds.
+OWN_BONUS = 1.5
 
 
-def _pair_accuracy(model, speaker):
-    """An SA model is best on its own speaker; on another one it degrades with the distance in
-    intelligibility (off-diagonal pairs, used by ``input_streams: cross``)."""
+def pair_accuracy(model, speaker, seed=DEMO_SEED):
+    """Expected word accuracy of SA model ``model`` on ``speaker``'s audio: the speaker's calibrated
+    cross-model accuracy, shifted by the model's place among the speaker's other models (see
+    MODEL_SPREAD), plus OWN_BONUS on the diagonal."""
+    from statistics import NormalDist
+
+    logit = math.log(CROSS_ACCURACY[speaker] / (1.0 - CROSS_ACCURACY[speaker]))
     if model == speaker:
-        return _speaker_accuracy(speaker)
-    gap = abs(INTELLIGIBILITY[model] - INTELLIGIBILITY[speaker]) / 100.0
-    return _speaker_accuracy(speaker) * (0.85 - 0.5 * gap)
+        return 1.0 / (1.0 + math.exp(-(logit + OWN_BONUS)))
+    others = [m for m in SPEAKERS if m != speaker]
+
+    def score(m):
+        quality = float(torch.randn(1, generator=_rng(seed, "model", m)))
+        return quality + float(torch.randn(1, generator=_rng(seed, "pair", m, speaker)))
+
+    order = sorted(others, key=score)
+    rank = order.index(model) if model in order else len(order) // 2
+    logit += MODEL_SPREAD * NormalDist().inv_cdf((rank + 0.5) / len(order))
+    return 1.0 / (1.0 + math.exp(-logit))
 
 
 def _utterances(speaker, words, scale, seed, metadata_dir):
@@ -176,69 +223,134 @@ def _utterances(speaker, words, scale, seed, metadata_dir):
 
 
 class _Confusions:
-    """Token-level structure shared by all SA models: which pieces the closed list uses, and the
-    shared confusion partner of each of them."""
+    """What the SA models confuse, shared by all of them (so that an ensemble does not undo it):
+    for each word of the list, a few confusable words with decreasing weights; the pieces that no
+    word of the list uses (distractors: a LibriSpeech-sized tokenizer has many); and, per word, the
+    words that share its first piece."""
 
     def __init__(self, sp, words, seed):
+        self.sp = sp
         self.vocab = sp.vocab_size()
-        self.word_tokens = [sp.encode_as_ids(w) for w in words]
-        used = sorted({t for w in words for t in sp.encode_as_ids(w)} | {2})
-        self.in_list = torch.tensor(used)
+        self.words = sorted(words)
+        self.pieces = {w: sp.encode_as_ids(w) for w in self.words}
+        used = sorted({t for p in self.pieces.values() for t in p} | {2})
         mask = torch.ones(self.vocab, dtype=torch.bool)
-        mask[self.in_list] = False
+        mask[torch.tensor(used)] = False
         mask[:3] = False
-        self.distractors = torch.nonzero(mask).flatten()
-        if len(self.distractors) == 0:
-            self.distractors = self.in_list
+        self.distractors = torch.nonzero(mask).flatten().tolist() or used
         gen = _rng(seed, "confusions")
-        partner = self.in_list[torch.randperm(len(self.in_list), generator=gen)]
-        same = partner == self.in_list
-        partner[same] = self.in_list[(torch.nonzero(same).flatten() + 1) % len(self.in_list)]
-        self.partner = torch.zeros(self.vocab, dtype=torch.long)
-        self.partner[self.in_list] = partner
+        self.confusable = {}
+        for w in self.words:
+            others = [o for o in self.words if o != w]
+            order = torch.randperm(len(others), generator=gen)[:5].tolist()
+            self.confusable[w] = [others[k] for k in order]
+        self.same_first = {
+            w: [o for o in self.words if o != w and self.pieces[o][0] == self.pieces[w][0]] for w in self.words
+        }
 
-
-def _decoder_logits(target, first, accuracy, conf, gen):
-    """Teacher-forced logits [P, V] of all positions of a pair at once (see the module docstring).
-
-    target: [P] the token each position predicts; first: [P] whether it is an utterance's first
-    position; accuracy: [P] the SA model's top-token accuracy on that utterance's first position.
-    """
-    P, V = len(target), conf.vocab
-    logits = 1.5 * torch.randn(P, V, generator=gen)
-    acc = torch.where(first, accuracy, 1.0 - 0.5 * (1.0 - accuracy))  # teacher forcing helps later
-    correct = torch.rand(P, generator=gen) < acc
-    # A wrong top token is the shared partner (35 %), <unk> (5 %, decodes to " ⁇ "), an early </s>
-    # (5 %: at the first position, an empty hypothesis), a distractor piece (35 %) or another
-    # piece of the closed list (20 %).
-    candidates = torch.stack(
-        [
-            conf.partner[target],
-            torch.zeros(P, dtype=torch.long),
-            torch.full((P,), 2, dtype=torch.long),
-            conf.distractors[torch.randint(0, len(conf.distractors), (P,), generator=gen)],
-            conf.in_list[torch.randint(0, len(conf.in_list), (P,), generator=gen)],
+    def wrong_word(self, word, near_miss, not_a_word, gen):
+        """A wrong hypothesis for ``word``: a word sharing its first piece (``near_miss``, when the
+        word has several pieces), else no word of the list (``not_a_word``: empty, <unk> or made of
+        distractor pieces), else a confusable word of the list whose first piece differs."""
+        first = self.pieces[word][0]
+        if near_miss and len(self.pieces[word]) >= 2:
+            if self.same_first[word] and float(torch.rand(1, generator=gen)) < 0.5:
+                return self.pieces[
+                    self.same_first[word][int(torch.randint(0, len(self.same_first[word]), (1,), generator=gen))]
+                ]
+            return [first] + self._distractors(1, gen)
+        if not_a_word:
+            kind = float(torch.rand(1, generator=gen))
+            if kind < 0.25:
+                return []  # an empty hypothesis
+            if kind < 0.4:
+                return [0]  # <unk>, which decodes to " ⁇ "
+            pieces = self._distractors(1 + int(torch.randint(0, 3, (1,), generator=gen)), gen)
+            return pieces if pieces[0] != first else pieces[::-1]
+        # a confusable word that a teacher-forced decode can spell out (no more pieces than the
+        # reference's positions) and, for a multi-piece word, whose first piece differs
+        allowed = [
+            (o, w)
+            for o, w in zip(self.confusable[word], (0.45, 0.25, 0.15, 0.1, 0.05))
+            if len(self.pieces[o]) <= len(self.pieces[word]) + 1
+            and (len(self.pieces[word]) < 2 or self.pieces[o][0] != first)
         ]
-    )
-    kind = torch.bucketize(torch.rand(P, generator=gen), torch.tensor([0.35, 0.4, 0.45, 0.8]))
-    rows = torch.arange(P)
-    top = torch.where(correct, target, candidates[kind, rows])
-    logits[rows, conf.partner[target]] += 3.0 * torch.rand(P, generator=gen)  # shared "dark knowledge"
-    # When the model is wrong, the evidence left for the true token varies: often second, not always.
-    logits[rows, target] += torch.where(correct, torch.zeros(P), 7.5 * torch.rand(P, generator=gen))
-    logits[rows, top] += 9.0 + torch.randn(P, generator=gen)
-    return logits, top
+        if not allowed:
+            return self._distractors(1, gen)
+        weights = torch.tensor([w for _, w in allowed])
+        return self.pieces[allowed[int(torch.multinomial(weights, 1, generator=gen))][0]]
+
+    def _distractors(self, n, gen):
+        return [self.distractors[int(k)] for k in torch.randint(0, len(self.distractors), (n,), generator=gen)]
+
+    def neighbours(self, pieces):
+        """The confusable words of a hypothesis (none for a non-word): the runner-ups of its logits."""
+        text = self.sp.decode_ids(pieces) if pieces else ""
+        return self.confusable.get(text, [])
 
 
-def _ctc_logits(tokens, accuracy, frames, conf, gen):
-    """Frame-level CTC logits [T, V]: blank everywhere, the pieces the model heard spread over the
-    frames. It hears the right word with probability ``accuracy``, else another word of the list
-    (a free-running decode has no reference prefix to lean on)."""
+def _latents(speaker, utts, seed):
+    """Each utterance's shared difficulty (the same for every SA model): a part common to the
+    microphones of its production (speaker, word) and a part of its own."""
+    gen = _rng(seed, "latent", speaker)
+    keys = sorted({u[0].rsplit("_", 1)[0] for u in utts})
+    production = dict(zip(keys, torch.randn(len(keys), generator=gen).tolist()))
+    mic = dict(zip(sorted(u[0] for u in utts), torch.randn(len(utts), generator=gen).tolist()))
+    return {
+        u[0]: math.sqrt(MIC_SHARE) * production[u[0].rsplit("_", 1)[0]] + math.sqrt(1 - MIC_SHARE) * mic[u[0]]
+        for u in utts
+    }
+
+
+def hypotheses(model, speaker, utts, conf, seed):
+    """The SA model's decode of each utterance (token ids): the reference with the pair's accuracy
+    (errors correlated across models through the utterance's shared difficulty), else a wrong word
+    drawn from the shared confusions with the calibrated shares of near misses and non-words."""
+    from statistics import NormalDist
+
+    gen = _rng(seed, "hypotheses", model, speaker)
+    threshold = NormalDist().inv_cdf(pair_accuracy(model, speaker, seed))
+    latent = _latents(speaker, utts, seed)
+    group = intelligibility_group(speaker)
+    out = []
+    for utt_id, word, _ in utts:
+        y = math.sqrt(ERROR_CORRELATION[group]) * latent[utt_id]
+        y += math.sqrt(1 - ERROR_CORRELATION[group]) * float(torch.randn(1, generator=gen))
+        if y < threshold:
+            out.append(conf.pieces[word])
+            continue
+        near = float(torch.rand(1, generator=gen)) < FIRST_PIECE_RIGHT[group]
+        not_a_word = float(torch.rand(1, generator=gen)) < NOT_A_WORD[group]
+        out.append(conf.wrong_word(word, near, not_a_word, gen))
+    return out
+
+
+def _decoder_logits(hyp, reference, conf, gen):
+    """Teacher-forced logits [U, V] of one utterance (U = reference pieces + 1) whose greedy decode is
+    ``hyp`` (cut at U: a teacher-forced decode cannot run longer). The top piece of each position
+    is the hypothesis' (then </s>), with a margin that is larger when the decode is right; the
+    pieces of the hypothesis' confusable words are the runner-ups. Nothing singles out the reference
+    when the decode is wrong."""
+    U, V = len(reference) + 1, conf.vocab
+    top = (list(hyp) + [2] + [0] * U)[:U]
+    logits = 1.5 * torch.randn(U, V, generator=gen)
+    right = list(hyp) == list(reference)
+    for neighbour in conf.neighbours(hyp):
+        pieces = conf.pieces[neighbour] + [2]
+        for t in range(min(U, len(pieces))):
+            logits[t, pieces[t]] += 1.0 + 3.0 * float(torch.rand(1, generator=gen))
+    margin = (7.0 if right else 5.0) + torch.randn(U, generator=gen)
+    rows = torch.arange(U)
+    logits[rows, torch.tensor(top)] = logits.max(-1).values + margin.clamp(min=0.5)
+    return logits
+
+
+def _ctc_logits(hyp, frames, conf, gen):
+    """Frame-level CTC logits [T, V]: blank everywhere, the pieces of the same decode spread over
+    the frames (a free-running decode of the same audio)."""
     logits = torch.randn(frames, conf.vocab, generator=gen)
     logits[:, 0] += 6.0
-    if float(torch.rand(1, generator=gen)) >= accuracy:
-        tokens = conf.word_tokens[int(torch.randint(0, len(conf.word_tokens), (1,), generator=gen))]
-    pieces = [int(t) for t in tokens if int(t) != 2]
+    pieces = [int(t) for t in hyp if int(t) not in (0, 2)]
     for i, piece in enumerate(pieces):
         frame = min(frames - 1, int((i + 0.5) * frames / max(1, len(pieces))))
         logits[frame, piece] += 9.0
@@ -249,16 +361,9 @@ def _write_pair(pair_dir, model, speaker, utts, sp, conf, seed, form, ctc):
     """Writes one (SA model, audio speaker) pair into ``pair_dir``; its content depends only on
     (seed, model, speaker), so pairs can be added to a tree later with the same result."""
     gen = _rng(seed, "logits", model, speaker)
-    tokens = [sp.encode_as_ids(word) + [2] for _, word, _ in utts]
-    lengths = [len(t) for t in tokens]
-    # the array's centre microphones are a bit better
-    quality = torch.tensor([1.0 - 0.02 * abs(int(utt_id.rsplit("_", 1)[1][1]) - 5) for utt_id, _, _ in utts])
-    per_position = torch.tensor(lengths)
-    target = torch.tensor([t for seq in tokens for t in seq], dtype=torch.long)
-    first = torch.tensor([u == 0 for n in lengths for u in range(n)])
-    utt_accuracy = _pair_accuracy(model, speaker) * quality
-    logits, _ = _decoder_logits(target, first, utt_accuracy.repeat_interleave(per_position), conf, gen)
-    decoder = [t.clone() for t in logits.split(lengths)]
+    hyps = hypotheses(model, speaker, utts, conf, seed)
+    decoder = [_decoder_logits(h, conf.pieces[word], conf, gen) for h, (_, word, _) in zip(hyps, utts)]
+    lengths = [len(d) for d in decoder]
     pair_dir.mkdir(parents=True)
     files = {kind: pair_dir / path.name for kind, path in pair_files(pair_dir, model, speaker).items()}
     if form == "stacked":
@@ -268,10 +373,7 @@ def _write_pair(pair_dir, model, speaker, utts, sp, conf, seed, form, ctc):
     else:
         torch.save(decoder, files["decoder"])
     if ctc:
-        ctc_list = [
-            _ctc_logits(t, float(a), frames, conf, gen) for t, a, (_, _, frames) in zip(tokens, utt_accuracy, utts)
-        ]
-        torch.save(ctc_list, files["ctc"])
+        torch.save([_ctc_logits(h, frames, conf, gen) for h, (_, _, frames) in zip(hyps, utts)], files["ctc"])
     meta = {
         "model_name": model,
         "num_utterances": len(utts),

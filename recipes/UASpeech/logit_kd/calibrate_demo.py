@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""The synthetic demo tree against the real SA outputs: the statistics that decide how much an
+ensemble or a student can gain (``local/calibration.py``), side by side, on the four held-out
+speakers' audio decoded by the 14 other SA models.
+
+The real statistics come from the SA project's cross-testing files (beam search + CTC + LM decodes)
+and the SA tokenizer; they are written to ``docs/calibration_real.json``, which the demo side is
+compared with when the real files are absent (a fresh clone, CI). The demo statistics come from a
+demo tree holding those 56 pairs (generated into ``--tree`` when it lacks them) and its teacher-
+forced greedy decodes. Each statistic must lie within its tolerance (``TOLERANCE``) of the real one.
+
+Usage (from recipes/UASpeech/logit_kd)::
+
+    python calibrate_demo.py                                    # demo vs docs/calibration_real.json
+    python calibrate_demo.py --cross_testing ../../../../shared/uaspeech/cross_testing \\
+        --tokenizer_file ../../../../shared/uaspeech/sa_tokenizer.model --write_real
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from local.calibration import STATISTICS, FirstPiece, real_hypotheses, speaker_statistics, tree_hypotheses
+from local.corpus import HELD_OUT, SPEAKERS
+from local.files import write_json
+from local.store import load_tokenizer
+from local.synthetic import DEMO_SEED, ensure_demo_tree
+from local.tables import markdown_table
+
+RECIPE = Path(__file__).resolve().parent
+REAL = RECIPE / "docs" / "calibration_real.json"
+FOLDS = ("M08", "M05", "M16", "M01")
+# How far each demo statistic may lie from the real one (percentage points; phi: absolute).
+TOLERANCE = {
+    "WRA mean": 6.0,
+    "WRA best": 8.0,
+    "vote - best": 4.0,
+    "phi": 0.12,
+    "not a list word": 12.0,
+    "first piece right": 8.0,
+}
+
+
+def real_statistics(cross_testing, tokenizer_file):
+    from word_fusion import read_cross_testing
+
+    files, _ = read_cross_testing(cross_testing)
+    sp = load_tokenizer(tokenizer_file)
+    words = {" ".join(u.ref) for f in files.values() for u in f.utterances}
+    out = {}
+    for speaker in FOLDS:
+        hyps, refs = real_hypotheses(files, speaker)
+        out[speaker] = speaker_statistics(hyps, refs, words, FirstPiece(sp))
+    return out
+
+
+def demo_statistics(tree, seed=DEMO_SEED):
+    """The statistics of a demo tree (generated or extended under ``tree`` with the 56 pairs)."""
+    pairs = [(m, s) for s in FOLDS for m in SPEAKERS if m != s]
+    logit_root, tokenizer_file, _ = ensure_demo_tree(tree, seed=seed, pairs=pairs)
+    sp = load_tokenizer(tokenizer_file)
+    out = {}
+    words = None
+    for speaker in FOLDS:
+        hyps, refs = tree_hypotheses(logit_root, sp, [m for m in SPEAKERS if m != speaker], speaker)
+        words = words or set(refs.values())
+        out[speaker] = speaker_statistics(hyps, refs, set(refs.values()), FirstPiece(sp))
+    return out
+
+
+def comparison(demo, real):
+    """Rows (speaker, statistic, demo, real, difference, tolerance, within) and whether all hold."""
+    rows, ok = [], True
+    for speaker in FOLDS:
+        for name in STATISTICS:
+            d, r = demo[speaker][name], real[speaker][name]
+            within = abs(d - r) <= TOLERANCE[name]
+            ok &= within
+            rows.append((speaker, name, d, r, d - r, TOLERANCE[name], within))
+    return rows, ok
+
+
+def table(rows):
+    """One row per statistic: demo and real per held-out speaker, the tolerance; a statistic out of
+    its tolerance is marked with ✗."""
+
+    def fmt(value, name):
+        return f"{value:.2f}" if name == "phi" else f"{value:.1f}"
+
+    cells = {(s, n): (d, r, w) for s, n, d, r, _, _, w in rows}
+    header = ["statistic", *(f"{s} demo / real" for s in FOLDS), "tolerance"]
+    body = []
+    for name in STATISTICS:
+        line = [name]
+        for speaker in FOLDS:
+            d, r, within = cells[(speaker, name)]
+            line.append(f"{fmt(d, name)} / {fmt(r, name)}" + ("" if within else " ✗"))
+        body.append(line + [f"± {fmt(TOLERANCE[name], name)}"])
+    return markdown_table(header, body, right=list(range(1, len(header))))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--cross_testing", help="the SA project's cross_testing folder (else docs/calibration_real.json)"
+    )
+    parser.add_argument("--tokenizer_file", help="the SA tokenizer (with --cross_testing)")
+    parser.add_argument(
+        "--write_real", action="store_true", help="write the real statistics to docs/calibration_real.json"
+    )
+    parser.add_argument("--tree", help="the demo tree to measure (default: a temporary one)")
+    parser.add_argument("--out", help="write calibration.json and calibration.md here")
+    args = parser.parse_args(argv)
+    if args.cross_testing:
+        if not args.tokenizer_file:
+            parser.error("--cross_testing needs --tokenizer_file (the SA tokenizer)")
+        real = real_statistics(args.cross_testing, args.tokenizer_file)
+        if args.write_real:
+            write_json(
+                REAL,
+                {
+                    "source": "the SA project's cross_testing files, all 14 other SA models per speaker",
+                    "held_out": HELD_OUT,
+                    "statistics": real,
+                },
+            )
+    else:
+        real = json.loads(REAL.read_text())["statistics"]
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = demo_statistics(Path(args.tree) if args.tree else Path(tmp) / "demo_data")
+    rows, ok = comparison(demo, real)
+    text = table(rows)
+    print(text)
+    print("\nevery statistic within its tolerance" if ok else "\nNOT every statistic within its tolerance")
+    if args.out:
+        out = Path(args.out)
+        write_json(out / "calibration.json", {"demo": demo, "real": real, "tolerance": TOLERANCE, "ok": ok})
+        (out / "calibration.md").write_text(text + "\n", encoding="utf-8")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
