@@ -348,7 +348,7 @@ def test_cli_on_three_real_m08_files(tmp_path, shared_uaspeech):
     files = [shared_uaspeech / "cross_testing" / sa / "wer_M08.txt" for sa in ("F02", "M11", "M04")]
     out = tmp_path / "out" / "cmp.json"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, files), "--json", str(out), "--n-perm", "2000", "--n-boot", "200"],
+        [sys.executable, str(SCRIPT), *map(str, files), "--json", str(out), "--n_perm", "2000", "--n_boot", "200"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -387,3 +387,79 @@ def test_mean_and_best_single_of_the_14_real_m08_files(shared_uaspeech):
     assert result["best_single"]["name"] == result["names"][best]
     assert result["best_single"]["WRA"] == pytest.approx(wras[best], abs=0.01)
     assert result["oracle"]["WRA"] >= result["best_single"]["WRA"] >= result["mean_of_systems"]["WRA"]
+
+
+def _recipe_output(folder, rows, synthetic, decoding="teacher-forced greedy", name="wer_test.txt"):
+    """A wer file with the test_results.json the recipe writes beside it."""
+    folder.mkdir(parents=True)
+    write_sb_file(folder / name, rows)
+    results = {"synthetic_data": synthetic, "decoding": decoding, "wer_files": {name: {"decoding": decoding}}}
+    (folder / "test_results.json").write_text(json.dumps(results))
+    return folder / name
+
+
+def _cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args), "--n_perm", "200", "--n_boot", "50"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_synthetic_and_real_are_never_compared(tmp_path):
+    """A synthetic recipe output beside a real SpeechBrain file: refused, one line naming both files,
+    nothing written; two synthetic outputs compare (and say SYNTHETIC)."""
+    rows = [(u, REFS[u], REFS[u]) for u in REFS]
+    synthetic = _recipe_output(tmp_path / "demo" / "M08", rows, synthetic=True)
+    real = tmp_path / "sb" / "wer_M08.txt"
+    real.parent.mkdir()
+    write_sb_file(real, rows)
+    with pytest.raises(ValueError, match="refusing to compare SYNTHETIC with real data"):
+        compare([real, synthetic])
+    out = tmp_path / "cmp.json"
+    proc = _cli(real, synthetic, "--json", out, cwd=tmp_path)
+    assert proc.returncode == 2 and not out.exists()
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("ERROR: refusing") and str(synthetic) in line and str(real) in line
+    other = _recipe_output(tmp_path / "demo2" / "M08", rows, synthetic=True)
+    proc = _cli(synthetic, other, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "SYNTHETIC" in proc.stdout
+    # a file under a synthetic tree (its SYNTHETIC.json) counts as synthetic without a results file
+    tree = tmp_path / "tree"
+    (tree / "cross_testing" / "F02").mkdir(parents=True)
+    (tree / "SYNTHETIC.json").write_text("{}")
+    write_sb_file(tree / "cross_testing" / "F02" / "wer_M08.txt", rows)
+    with pytest.raises(ValueError, match="refusing"):
+        compare([real, tree / "cross_testing" / "F02" / "wer_M08.txt"])
+
+
+def test_decodings_are_printed_and_a_mix_is_warned_about(tmp_path):
+    rows = [(u, REFS[u], REFS[u]) for u in REFS]
+    student = _recipe_output(tmp_path / "kd" / "M08", rows, synthetic=False)
+    real = tmp_path / "sb" / "wer_M08.txt"
+    real.parent.mkdir()
+    write_sb_file(real, rows)
+    same = compare([real, tmp_path / "sb" / "wer_M08.txt"], names=["a", "b"])
+    assert same["warnings"] == []
+    mixed = compare([student, real])
+    assert len(mixed["warnings"]) == 1 and "decoded differently" in mixed["warnings"][0]
+    assert mixed["systems"][mixed["names"][0]]["decoding"] == "teacher-forced greedy"
+    proc = _cli(student, real, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("WARNING") and lines[-1].startswith("WARNING")  # first and last
+    assert "teacher-forced greedy" in proc.stdout and "not recorded in the file" in proc.stdout
+
+
+def test_reference_mismatch_names_both_files(tmp_path):
+    rows = [(u, REFS[u], REFS[u]) for u in REFS]
+    first = _recipe_output(tmp_path / "a", rows, synthetic=False)
+    changed = [(u, ["OTHER"] if k == 0 else REFS[u], REFS[u]) for k, u in enumerate(REFS)]
+    second = _recipe_output(tmp_path / "b", changed, synthetic=False)
+    with pytest.raises(ValueError) as err:
+        compare([first, second])
+    message = str(err.value)
+    assert str(first) in message and str(second) in message and "OTHER" in message

@@ -135,3 +135,68 @@ def test_mixing_at_the_kd_temperature(fusion):
     single = model(logits[:, :1], mask[:, :1], ids[:, :1])
     assert torch.equal(single.argmax(-1), logits[:, 0].argmax(-1))
     assert torch.allclose(torch.log_softmax(single, -1), torch.log_softmax(logits[:, 0], -1), atol=1e-4)
+
+
+def _reference_mix(logits, log_weights, T):
+    """The mixture written with autograd: T * logsumexp_s(log_softmax(z_s / T) + log w_s)."""
+    return T * torch.logsumexp(torch.log_softmax(logits / T, -1) + log_weights[..., None], 1)
+
+
+@pytest.mark.parametrize("tempered", [False, True])
+@pytest.mark.parametrize("scale", [3.0, 400.0])  # 400: every stream's w_s p_s underflows somewhere
+def test_tempered_mix_matches_autograd(tempered, scale):
+    """The hand-written forward and backward of the mix equal autograd's, with absent streams, on
+    the raw logits and on the store's tempered ones, and where the probabilities underflow."""
+    from local.features import tempered as temper
+    from local.fusion import TemperedMix, stream_log_weights
+
+    T = 3.0
+    logits, mask, _ = _batch()
+    logits = logits * scale / 3
+    scores = torch.randn(mask.shape + (logits.shape[2],), generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(logits.shape[0], logits.shape[2], V, generator=torch.Generator().manual_seed(6))
+    ref_scores = scores.clone().requires_grad_()
+    ref = _reference_mix(logits, stream_log_weights(ref_scores, mask), T)
+    ref.backward(grad)
+    ours_scores = scores.clone().requires_grad_()
+    inputs = temper(logits, T) if tempered else logits
+    ours = TemperedMix.apply(inputs, stream_log_weights(ours_scores, mask), T, tempered)
+    ours.backward(grad)
+    if scale > 100:  # the case the fallback exists for
+        share = torch.exp(torch.log_softmax(logits / T, -1) + stream_log_weights(scores, mask)[..., None])
+        assert (share.sum(1) == 0).any()
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(ours_scores.grad, ref_scores.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_precomputed_streams_give_the_raw_logits_output(fusion):
+    """What the store packs (tempered logits and evidence, once per fold) gives the student the
+    output, and the gradients, it computes from the raw logits."""
+    from local.features import Streams, evidence, tempered
+
+    T = 3.0
+    torch.manual_seed(0)
+    outputs, grads = [], []
+    logits, mask, ids = _batch()
+    for packed in (False, True):
+        torch.manual_seed(0)
+        model = FusionStudent(
+            fusion, V, n_identities=15, top_k=4, d_model=16, n_heads=2, n_layers=1, d_ffn=32, correction_rank=4,
+            dropout=0.0, mix_temperature=T,
+        )  # fmt: skip
+        if fusion != "mean":
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.1 * torch.randn_like(p))  # a trained-looking student, not the zero correction
+        streams = Streams(tempered(logits, T), evidence(logits, model.evidence_k), T) if packed else logits
+        out = model(streams, mask, ids)
+        outputs.append(out.detach())
+        if fusion != "mean":
+            out.logsumexp(-1).sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    shift = outputs[0] - outputs[1]  # a per-position constant at most (the same softmax)
+    assert torch.allclose(shift, shift[..., :1].expand_as(shift), atol=1e-4)
+    assert torch.allclose(torch.log_softmax(outputs[0], -1), torch.log_softmax(outputs[1], -1), atol=1e-4)
+    if grads:
+        assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-5)

@@ -83,6 +83,24 @@ def test_outputs_of_a_fold(m16_run):
     assert wer_header(out / "wer_test_sa_self.txt") == pytest.approx(results["baselines"]["sa_self"]["WER"], abs=0.005)
 
 
+def test_console_ends_with_the_answer(m16_run):
+    """The last lines of a run: synthetic or real, fold, setting, decoding, the student and its
+    baselines with the figures of test_results.json, and the output folder; no import noise."""
+    out, proc = m16_run
+    results = json.loads((out / "test_results.json").read_text())
+    lines = proc.stdout.rstrip().splitlines()
+    assert lines[-1].startswith("====")
+    start = max(i for i, line in enumerate(lines[:-1]) if line.startswith("===="))
+    block = "\n".join(lines[start:])
+    assert "fold M16 (low intelligibility), SYNTHETIC" in block
+    assert "OWN speaker-adaptive model" in block  # the matched setting is said to be speaker-adaptive
+    assert f"decoding: {results['decoding']}" in block
+    assert f"results: {out.resolve()}" in block
+    for system, r in [("student", results["student"]), *results["baselines"].items()]:
+        assert re.search(rf"^{system}\s+{r['WER']:.2f}\s+{r['CER']:.2f}\s+{r['WRA']:.2f}", block, re.M), system
+    assert "torchvision" not in proc.stdout + proc.stderr
+
+
 def test_sa_self_is_reproducible_from_the_files_on_disk(m16_run, demo_tree):
     """Parity: decode M16's own SA logits straight from the .pt file with the greedy rule and
     score with a plain edit distance: WER and WRA equal the recipe's sa_self exactly."""

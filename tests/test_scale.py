@@ -95,6 +95,51 @@ def test_second_run_maps_the_cache_and_gives_the_same_results(demo_tree, tmp_pat
     assert a["student"] == b["student"] and a["baselines"] == b["baselines"]
 
 
+def test_precomputed_features_train_the_fold_as_the_raw_logits_do(demo_tree, tmp_path):
+    """The features packed once per fold (tempered logits, evidence) train the student the raw
+    logits train it at every step: the same losses up to float rounding, the same figures."""
+    runs = {}
+    for precompute in ("true", "false"):
+        out = tmp_path / precompute
+        run_recipe(
+            "M16",
+            f"--output_folder={out}",
+            "--number_of_epochs=2",
+            f"--precompute_features={precompute}",
+            *FAST,
+            demo_tree=demo_tree,
+        )
+        runs[precompute] = (read_train_log(out / "train_log.txt"), json.loads((out / "test_results.json").read_text()))
+    (log_a, res_a), (log_b, res_b) = runs["true"], runs["false"]
+    assert len(log_a) == len(log_b) == 2
+    for a, b in zip(log_a, log_b):  # the validation figures of each epoch
+        assert a.keys() == b.keys() and "loss" in a
+        assert all(abs(a[k] - b[k]) <= 1e-4 * max(1.0, abs(b[k])) for k in a), (a, b)
+    assert res_a["student"] == res_b["student"] and res_a["baselines"] == res_b["baselines"]
+    assert res_a["overrides"]["precompute_features"] is True and res_b["overrides"]["precompute_features"] is False
+
+
+def test_packed_fold_does_not_depend_on_the_threads(copy_tree):
+    """The cache is shared by runs with any ``threads``: what it holds is the same bit for bit."""
+    tree = copy_tree(speakers=["F02", "M07"])
+    tokens = TokenTable(load_tokenizer(tree / "tokenizer.model"))
+    built = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            store = LogitStore(
+                tree / "logit_extraction", tokens, PAIRS, torch.float32, None, mix_temperature=3.0, evidence_k=8
+            )
+            sets = [[store.stream("F02", u), store.stream("M07", u.replace("F02", "M07"))] for u in store.utt_ids[:40]]
+            targets = EnsembleTargets(store, [s for s in sets if s[1] >= 0], 3.0, "prob_mean")
+            built.append((store.data, store.evidence, targets.data))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*built):
+        assert torch.equal(one, two)
+
+
 def test_bf16_on_cpu(demo_tree, tmp_path):
     run_recipe(
         "M05",

@@ -2,20 +2,25 @@
 """Line several SpeechBrain ``wer_*.txt`` files up on the same utterances.
 
 Reads any files written by ``ErrorRateStats.write_stats`` (the user's SpeechBrain results, this
-recipe's ``wer_test*.txt``), checks each against its own header (``local/wer_files.py``), and
-compares them on their shared utterance ids: WER, SER and WRA with 95 % intervals (bootstrap over
+recipe's ``wer_test*.txt``), checks each against its own header (``local/wer_files.py``), says how
+each was made (the ``test_results.json`` beside a recipe output: synthetic or real data, how it was
+decoded; a SpeechBrain file does not record its decoding), refuses to line synthetic data up with
+real data, warns when the systems were decoded differently, and compares them on their shared
+utterance ids: WER, SER and WRA with 95 % intervals (bootstrap over
 (speaker, word) productions), the mean of the systems, the best single one, a word-level majority
 vote and an oracle, paired tests against a reference system, and the utterances where the
 systems disagree.
 
 Usage (from recipes/UASpeech/logit_kd)::
 
-    python compare.py WER_FILE... [--names N1 N2 ...] [--reference NAME] [--json OUT]
+    python compare.py WER_FILE... [--names N1 N2 ...] [--reference NAME] [--json OUT] [--n_perm N] [--n_boot N]
     python compare.py results/.../wer_test.txt /data/cross_testing/*/wer_M08.txt --json compare_M08.json
 """
 
 import argparse
 import collections
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -26,6 +31,61 @@ from local.scoring import fractional_rates, rates
 from local.significance import bootstrap_ci, paired_test
 from local.tables import RULE, text_table
 from local.wer_files import WerFile, read_wer_file
+
+# ----------------------------------------------------------------------------- provenance
+
+SPEECHBRAIN_DECODING = "not recorded in the file (the decoding of the SpeechBrain recipe that wrote it)"
+_CTC_FILE = re.compile(r"^wer_test_ctc_(?P<decoder>[a-z_]+?)_(?P<system>.+)\.txt$")
+
+
+def provenance(path):
+    """What can be known of how a ``wer_*.txt`` file was made: ``{"synthetic", "decoding", "source"}``.
+
+    A recipe output has a ``test_results.json`` beside it (whether its logits were the synthetic
+    demo tree, and how each of its files was decoded); a file under a folder holding
+    ``SYNTHETIC.json`` is synthetic; any other file is taken for a SpeechBrain result on real data,
+    whose decoding the file does not record."""
+    path = Path(path)
+    results = path.parent / "test_results.json"
+    if results.is_file():
+        try:
+            info = json.loads(results.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{results} (beside {path}) is unreadable: {err}") from None
+        entry = info.get("wer_files", {}).get(path.name)
+        if entry is not None:
+            decoding = entry["decoding"]
+        elif _CTC_FILE.match(path.name):
+            decoding = f"free-running CTC ({_CTC_FILE.match(path.name)['decoder']}) of the audio"
+        else:
+            decoding = info.get("decoding", "unknown (no decoding in test_results.json)")
+        synthetic = bool(info.get("synthetic_data"))
+        return {"synthetic": synthetic, "decoding": decoding, "source": f"recipe output ({results})"}
+    for parent in path.resolve().parents:
+        if (parent / "SYNTHETIC.json").is_file():
+            return {"synthetic": True, "decoding": "unknown", "source": f"a synthetic tree ({parent})"}
+    return {"synthetic": False, "decoding": SPEECHBRAIN_DECODING, "source": "a SpeechBrain wer file"}
+
+
+def check_comparable(paths, origins):
+    """Refuses synthetic and real data in one comparison (ValueError naming a file of each); returns
+    the warnings: one when the systems were decoded differently."""
+    synthetic = [p for p, o in zip(paths, origins) if o["synthetic"]]
+    real = [p for p, o in zip(paths, origins) if not o["synthetic"]]
+    if synthetic and real:
+        raise ValueError(
+            f"refusing to compare SYNTHETIC with real data: {synthetic[0]} comes from the synthetic demo "
+            f"tree ({origins[paths.index(synthetic[0])]['source']}) but {real[0]} does not "
+            f"({len(synthetic)} synthetic, {len(real)} real files): compare each kind on its own"
+        )
+    decodings = sorted({o["decoding"] for o in origins})
+    if len(decodings) > 1:
+        return [
+            "WARNING: these systems were decoded differently (" + "; ".join(decodings) + "): their "
+            "differences mix the decoding with the model, and the vote and the oracle mix decodings"
+        ]
+    return []
+
 
 # ----------------------------------------------------------------------------- comparison
 
@@ -78,6 +138,8 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
     if not parsed:
         raise ValueError("no files to compare")
     paths = [p.path for p in parsed]
+    origins = [provenance(p) for p in paths]
+    warnings = check_comparable(paths, origins)
     names = list(names) if names is not None else default_names(paths)
     if len(names) != len(parsed):
         raise ValueError(f"{len(names)} names for {len(parsed)} files")
@@ -97,11 +159,17 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
         common &= set(table)
     shared = [i for i in parsed[ref_idx].ids if i in common]
     if not shared:
-        raise ValueError("the files share no utterance ids")
+        firsts = "; ".join(f"{wf.path}: {wf.n} utterances, e.g. {wf.ids[0] if wf.ids else '-'}" for wf in parsed)
+        raise ValueError(f"the files share no utterance ids ({firsts})")
     for i in shared:
-        refs = {tuple(t[i].ref) for t in tables}
-        if len(refs) > 1:
-            raise ValueError(f"utterance {i} has different references across the files: {sorted(refs)}")
+        refs = [tuple(t[i].ref) for t in tables]
+        other = next((k for k, r in enumerate(refs) if r != refs[ref_idx]), None)
+        if other is not None:
+            raise ValueError(
+                f"utterance {i} has the reference {' '.join(refs[ref_idx])!r} in {paths[ref_idx]} "
+                f"({origins[ref_idx]['source']}) but {' '.join(refs[other])!r} in {paths[other]} "
+                f"({origins[other]['source']}): these files are not of the same test"
+            )
     groups = [production_of(i) for i in shared]
 
     def _edits(t):
@@ -111,7 +179,7 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
         return [int(t[i].edits > 0) for i in shared]
 
     systems = {}
-    for name, wf, table in zip(names, parsed, tables):
+    for name, wf, table, origin in zip(names, parsed, tables, origins):
         full = wf.metrics()
         utts = [table[i] for i in shared]
         part = wf.metrics(shared)
@@ -123,6 +191,8 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
         )
         systems[name] = {
             "path": wf.path,
+            "synthetic": origin["synthetic"],
+            "decoding": origin["decoding"],
             **{k: full[k] for k in ("n", "WER", "SER", "WRA", "edits", "ref_words", "erroneous")},
             "shared": part,
         }
@@ -189,6 +259,8 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
     return {
         "reference": names[ref_idx],
         "names": names,
+        "synthetic_data": origins[0]["synthetic"],
+        "warnings": warnings,
         "n_shared": len(shared),
         "mean_of_systems": {"n_systems": len(names), **mean_of_systems},
         "best_single": best_single,
@@ -265,7 +337,12 @@ def comparison_table(result):
     rows.append(
         ["oracle (any system right)", o["n"], f"{o['WER']:.2f}", "", f"{o['SER']:.2f}", f"{o['WRA_any_right']:.2f}"]
     )
-    lines = [
+    lines = list(result["warnings"])
+    if result["synthetic_data"]:
+        lines.append("SYNTHETIC data (the demo tree): these figures only show that the tools run")
+    lines.append("how each system was decoded:")
+    lines.append(text_table(["system", "decoding"], [[n, result["systems"][n]["decoding"]] for n in result["names"]]))
+    lines += [
         f"utterances shared by all {len(result['names'])} files: {result['n_shared']} "
         f"({result['n_groups']} speaker+word groups); reference system: {result['reference']}",
         text_table(header, rows),
@@ -283,8 +360,9 @@ def comparison_table(result):
     lines.append(
         "p: paired sign-flip test vs the reference, clustered by speaker+word "
         f"({result['paired_test_settings']['n_perm']} permutations); CI: cluster bootstrap; "
-        "vote ties go to the earliest system given"
+        "vote ties count fractionally (1/k credit to each of the k tied hypotheses)"
     )
+    lines += result["warnings"]
     return "\n".join(lines)
 
 
@@ -300,8 +378,8 @@ def main(argv=None):
         help="name (or 0-based index) of the system the others are tested against (default: the first file)",
     )
     parser.add_argument("--json", dest="json_out", help="write the full comparison as JSON here")
-    parser.add_argument("--n-perm", type=int, default=10000)
-    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--n_perm", type=int, default=10000, help="permutations of each paired test")
+    parser.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples of each interval")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
@@ -314,7 +392,7 @@ def main(argv=None):
             seed=args.seed,
         )
     except (OSError, ValueError) as err:
-        parser.exit(2, f"error: {err}\n")
+        parser.exit(2, f"ERROR: {err}\n")
     print(comparison_table(result))
     if args.json_out:
         write_json(args.json_out, result, indent=1)

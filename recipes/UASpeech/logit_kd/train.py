@@ -18,6 +18,7 @@ See README.md for the folds and docs/scoring.md for what each figure means.
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,9 +30,10 @@ from speechbrain.utils.distributed import ddp_all_reduce, if_main_process
 
 from local.batch import OUTPUT_KEYS, FoldBatch, GlobalBatchSampler, StepNoise
 from local.checkpoints import FINGERPRINT, RunFingerprint
+from local.console import closing_block
 from local.corpus import SPEAKERS, intelligibility_group
 from local.ctc import ctc_systems, score_ctc
-from local.distributed import RunError, agree, is_distributed, local_rank, stop, world_size
+from local.distributed import RunError, agree, is_distributed, local_rank, release_at_exit, stop, world_size
 from local.files import DiskFullError, write_json
 from local.fingerprint import FingerprintError, check_fingerprint, make_fingerprint
 from local.folds import (
@@ -55,6 +57,14 @@ logger = logging.getLogger(__name__)
 
 # What stops a run before it starts, with one line.
 INPUT_ERRORS = (RunError, HparamsError, LogitStoreError, FoldError, FingerprintError, DiskFullError)
+# How the recipe's figures were decoded: said in test_results.json, in the closing block, and read
+# by compare.py. Teacher-forced: position u saw the reference's tokens before u, which a decode of
+# the audio (beam search + CTC + LM) does not; the two are not comparable figures.
+TEACHER_FORCED = "teacher-forced greedy (argmax of the decoder logits given the reference prefix, cut at </s>)"
+CTC_DECODINGS = {
+    "greedy": "free-running CTC greedy of the audio",
+    "closed_list": "free-running CTC of the audio, best word of the teachers' closed word list",
+}
 
 
 class FusionKD(sb.Brain):
@@ -68,7 +78,7 @@ class FusionKD(sb.Brain):
         if stage == sb.Stage.TRAIN:
             noise = self.step_noise(batch)
             streams = drop_streams(streams, self.hparams.stream_dropout, noise=noise)
-        return self.modules.student(batch.logits, streams, batch.stream_ids, noise=noise)
+        return self.modules.student(batch.streams, streams, batch.stream_ids, noise=noise)
 
     def step_noise(self, batch):
         """Every random number of this training step (stream subsets, dropout), drawn for the whole
@@ -173,15 +183,20 @@ class FusionKD(sb.Brain):
         """wer_test.txt (student), wer_test_<baseline>.txt, test_utterances.json (every system on
         every utterance), test_results.json (last: it marks a finished run); written atomically."""
         out = Path(self.hparams.output_folder)
+        # How each file was decoded, beside it (compare.py reads it: it warns across decodings).
+        wer_files = {Path(self.hparams.test_wer_file).name: {"system": "student", "decoding": TEACHER_FORCED}}
         self.scores["student"].write_stats(self.hparams.test_wer_file)
         for name in results:
             if name != "student":
                 self.scores[name].write_stats(out / f"wer_test_{name}.txt")
+                wer_files[f"wer_test_{name}.txt"] = {"system": name, "decoding": TEACHER_FORCED}
         ctc = {}
         for system, decoders in self.hparams.ctc_scores.items():
             ctc[system] = {decoder: scores.summary() for decoder, scores in decoders.items()}
             for decoder, scores in decoders.items():
-                scores.write_stats(out / f"wer_test_ctc_{decoder}_{system}.txt")
+                name = f"wer_test_ctc_{decoder}_{system}.txt"
+                scores.write_stats(out / name)
+                wer_files[name] = {"system": system, "decoding": CTC_DECODINGS[decoder]}
         write_utterances(self.hparams.test_utterances_file, self.scores)
         write_json(
             self.hparams.test_results_file,
@@ -191,7 +206,8 @@ class FusionKD(sb.Brain):
                 "processes": world_size(),
                 "n_utterances": results["student"]["n"],
                 "epoch_loaded": self.hparams.epoch_counter.current,
-                "decoding": "teacher-forced greedy (argmax, cut at the first </s>), decode_ids(...).split(' ')",
+                "decoding": TEACHER_FORCED,
+                "wer_files": wer_files,
                 "student": results["student"],
                 "baselines": {name: r for name, r in results.items() if name != "student"},
                 # Free-running CTC decodes of the held-out audio: they do not see the reference.
@@ -278,7 +294,15 @@ def load_fold(hparams):
     train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
     dtype = getattr(torch, hparams["store_dtype"])
     cache = hparams["cache_folder"]
-    train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache)
+    # What the students read of the teacher streams is computed once here, when the files are packed
+    # (features.py), unless precompute_features is off (then at every step, from the raw logits).
+    packing = {}
+    if hparams["precompute_features"]:
+        packing = {
+            "mix_temperature": hparams["mix_temperature"],
+            "evidence_k": max(hparams["top_k"], hparams["evidence_k"]),
+        }
+    train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache, **packing)
     test_store = LogitStore(
         hparams["logit_root"],
         tokens,
@@ -286,6 +310,7 @@ def load_fold(hparams):
         dtype,
         cache,
         optional=optional_pairs(held_out, hparams["input_streams"]),
+        **packing,
     )
     valid_groups = validation_groups(train_store, teachers, hparams["valid_fraction"], hparams["seed"])
     splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
@@ -383,8 +408,11 @@ def preflight(hparams_file, run_opts, overrides):
                 f"{world_size()} processes"
             )
         agree(check_writable, hparams["output_folder"])
-        torch.set_num_threads(hparams["threads"])
+        # Reading and packing the fold uses every core (row by row, its results do not depend on the
+        # thread count: tested); training and the test use the pinned `threads`.
+        torch.set_num_threads(os.cpu_count() or 1)
         fold = prepare_fold(hparams)
+        torch.set_num_threads(hparams["threads"])
         fingerprint = make_fingerprint(hparams, fold)
         agree(check_fingerprint, hparams["save_folder"], fingerprint, errors=(FingerprintError,))
         lock = agree(lambda: OutputLock(hparams["output_folder"]).acquire(), on=if_main_process)
@@ -404,6 +432,7 @@ def preflight(hparams_file, run_opts, overrides):
 def main(argv):
     hparams_file, run_opts, overrides = parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)
+    release_at_exit()
     base_file, fold_overrides, hparams, fold, lock, fingerprint = preflight(hparams_file, run_opts, overrides)
 
     sb.create_experiment_directory(
@@ -444,6 +473,14 @@ def main(argv):
     }
     hparams["fold_info"] = fold.info
     hparams["ctc_scores"] = fold.ctc_scores
+    if hparams["device_resident"] and not str(run_opts.get("device") or sb.utils.distributed.infer_device()).startswith(
+        "cpu"
+    ):
+        # The packed fold on the accelerator: batches are gathered there, nothing crosses the bus per step.
+        device = run_opts.get("device") or sb.utils.distributed.infer_device()
+        for table in (fold.train_store, fold.test_store, fold.targets):
+            table.to(device)
+        logger.info("Packed fold resident on %s", device)
     student = hparams["student"](vocab_size=fold.train_store.vocab_size, n_identities=len(SPEAKERS))
     hparams["checkpointer"].add_recoverable("student", student)
     hparams["checkpointer"].add_recoverable(FINGERPRINT, RunFingerprint(fingerprint))
@@ -483,6 +520,9 @@ def main(argv):
     finally:
         if lock is not None:
             lock.release()
+    if if_main_process():
+        # The answer last, where the eye lands: log.txt keeps everything above it.
+        print(closing_block(hparams["test_results_file"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ no item runs one padding item of weight 0.
 
 A batch holds:
 
-    logits      [B, S, U, V]  float32 teacher logits (zeros where padded)
+    logits      [B, S, U, V]  float32 teacher logits (zeros where padded), tempered at the store's
+                              mixing temperature when it packs the evidence
+    evidence    [B, S, U, 2k+1]  what the students read of each stream (features.py), or None
     stream_mask [B, S]        which streams are present
     stream_ids  [B, S]        teacher identity of each stream (index in corpus.SPEAKERS)
     lengths     [B]           real positions U_i;  pos_mask [B, U] (all False for a padding item)
@@ -27,6 +29,8 @@ A batch holds:
 """
 
 import torch
+
+from local.features import Streams
 
 OUTPUT_KEYS = ["id", "streams", "target_index", "self_stream", "word", "category", "mic"]
 
@@ -72,7 +76,9 @@ class FoldBatch:
 
     ``examples`` are the items of the whole global batch; this process keeps its share."""
 
-    _TENSORS = ("logits", "stream_mask", "stream_ids", "lengths", "pos_mask", "tokens", "targets", "self_logits")
+    _TENSORS = (
+        "logits", "evidence", "stream_mask", "stream_ids", "lengths", "pos_mask", "tokens", "targets", "self_logits"
+    )  # fmt: skip
 
     def __init__(self, examples, store, targets=None, rank=0, world_size=1):
         streams_all = [e["streams"] for e in examples]
@@ -95,6 +101,8 @@ class FoldBatch:
         self.lengths = store.lengths[streams[:, 0]]
         self.pos_mask = (torch.arange(U)[None, :] < self.lengths[:, None]) & (torch.tensor(weight)[:, None] > 0)
         self.logits = store.gather(streams, U)
+        self.evidence = store.gather_evidence(streams, U) if store.evidence is not None else None
+        self.temperature = store.temperature
         self.stream_ids = torch.where(self.stream_mask, store.model_ids[streams.clamp(min=0)], -1)
         self.tokens = _padded([store.tokens.tokens_eos(w) for w in self.word], 0, U)
         target_index = [e["target_index"] for e in examples]
@@ -118,6 +126,14 @@ class FoldBatch:
 
     def __len__(self):
         return len(self.id)
+
+    @property
+    def streams(self):
+        """The batch's streams as the students read them: precomputed evidence when the store
+        packs it, else raw logits (the students then compute their evidence)."""
+        if self.evidence is None:
+            return self.logits
+        return Streams(self.logits, self.evidence, self.temperature)
 
 
 class StepNoise:

@@ -30,6 +30,22 @@ def local_rank():
     return int(os.environ.get("LOCAL_RANK", 0))
 
 
+def release_at_exit():
+    """Destroys the process group when this process exits, while the interpreter is still whole.
+
+    Without it, gloo's worker threads can still hold tensors when the interpreter is torn down, and
+    the process then dies with "terminate called without an active exception" (SIGABRT) after its
+    work is done: one torchrun run in tens failed that way, its results already written. Called
+    once the group exists; a no-op where it was destroyed already."""
+    import atexit
+
+    def release():
+        if is_distributed():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(release)
+
+
 class RunError(Exception):
     """A reason to stop the run: one line, shown as it is."""
 

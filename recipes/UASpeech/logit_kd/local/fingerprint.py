@@ -29,6 +29,8 @@ NOT_THE_MODEL = {
     "ckpt_interval_minutes",
     "ctc_decode",
     "threads",
+    "precompute_features",  # the same model either way, up to float rounding (tested)
+    "device_resident",
     "demo_folder",
     "logit_root",  # replaced by the data's identity below
     "tokenizer_file",

@@ -37,8 +37,8 @@ def ensemble_target(logits, temperature, aggregation="prob_mean", weights=None, 
     else:
         w = present.float()
     w = (w / w.sum(-1, keepdim=True))[..., None, None]  # [..., S, 1, 1], sums to 1
-    if aggregation in ("prob_mean", "weighted"):
-        return (w * F.softmax(logits / temperature, -1)).sum(-3)
+    if aggregation in ("prob_mean", "weighted"):  # sum_s w_s p_s, one product over the streams
+        return torch.einsum("...s,...suv->...uv", w[..., 0, 0], F.softmax(logits / temperature, -1))
     if aggregation == "logprob_mean":
         return F.softmax((w * F.log_softmax(logits / temperature, -1)).sum(-3), -1)
     if aggregation == "logit_mean":
@@ -108,9 +108,10 @@ class EnsembleTargets(PackedRows):
         )
         offsets = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0) - torch.tensor(lengths, dtype=torch.long)
 
-        def fill(data, chunk=16):
+        def fill(tensors, chunk=16):
             # Sets of similar size together, a chunk at a time: a few large tensor operations
             # instead of one small one per target set.
+            data = tensors["data"]
             order = sorted(range(len(sets)), key=lambda k: (len(sets[k]), lengths[k]))
             for c in range(0, len(order), chunk):
                 ks = order[c : c + chunk]
@@ -142,10 +143,9 @@ class EnsembleTargets(PackedRows):
                     start = int(offsets[k])
                     data[start : start + lengths[k]] = target[row, : lengths[k]]
 
-        data, self.from_cache = build_packed(
-            cache_dir, "targets", cache, (sum(lengths) + 1, store.vocab_size), dtype, fill
-        )
-        super().__init__(data, lengths)
+        arrays = {"data": ((sum(lengths) + 1, store.vocab_size), dtype)}
+        tensors, self.from_cache = build_packed(cache_dir, "targets", cache, arrays, fill)
+        super().__init__(tensors["data"], lengths)
 
     def index(self, streams):
         """Index of the target of a set of streams (-1 for none)."""

@@ -123,6 +123,8 @@ CHECKS = {
     "logit_root": path(),
     "tokenizer_file": path(),
     "store_dtype": choice(STORE_DTYPES),
+    "precompute_features": choice((True, False)),
+    "device_resident": choice((True, False)),
     "cache_folder": path(allow_null=True),
     "ctc_decode": choice((False, True, "auto")),
     "output_folder": path(),

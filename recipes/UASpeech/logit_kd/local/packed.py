@@ -28,7 +28,7 @@ import torch
 
 from local.files import DiskFullError, is_disk_full
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 
 def cache_key(*parts):
@@ -72,8 +72,14 @@ class PackedRows:
         return torch.where(inside, rows, torch.full_like(rows, self.pad_row))
 
     def gather(self, index, max_len):
-        """``[..., max_len, V]`` float32 blocks in one indexing operation (zeros where padded)."""
-        return self.data[self.rows(index, max_len)].float()
+        """``[..., max_len, V]`` float32 blocks in one indexing operation (zeros where padded), on
+        the device the data is on (a fold made resident on the GPU is gathered there)."""
+        return self.data[self.rows(index, max_len).to(self.data.device)].float()
+
+    def to(self, device):
+        """Moves the packed data to ``device`` (the index stays on the CPU)."""
+        self.data = self.data.to(device)
+        return self
 
 
 def file_crcs(path, chunk=64 * 2**20):
@@ -83,9 +89,11 @@ def file_crcs(path, chunk=64 * 2**20):
     size = os.path.getsize(path)
     with open(path, "rb") as f:
 
-        def crc(start):
-            data = os.pread(f.fileno(), min(chunk, size - start), start)
-            return zlib.crc32(data)
+        def crc(start, piece=4 * 2**20):
+            value, end = 0, min(start + chunk, size)
+            for at in range(start, end, piece):  # small reads: little memory held at a time
+                value = zlib.crc32(os.pread(f.fileno(), min(piece, end - at), at), value)
+            return value
 
         with ThreadPoolExecutor(max_workers=2) as pool:
             return list(pool.map(crc, range(0, size, chunk)))
@@ -117,68 +125,79 @@ def remove_abandoned(cache_dir):
 
 
 class PackedCache:
-    """Builds or reuses the packed tensor of one ``kind`` (``store``, ``targets``) and ``key``."""
+    """Builds or reuses the packed tensors of one ``kind`` (``store``, ``targets``) and ``key``: one
+    file ``<name>.bin`` per array of ``arrays`` ({name: (shape, dtype)}; the main one is ``data``)."""
 
-    def __init__(self, cache_dir, kind, key, shape, dtype):
+    def __init__(self, cache_dir, kind, key, arrays):
         self.folder = Path(cache_dir) / f"{kind}-{key}"
-        self.key, self.shape, self.dtype = key, tuple(int(s) for s in shape), dtype
-        self.nbytes = self.shape[0] * self.shape[1] * _element_size(dtype)
+        self.key = key
+        self.arrays = {name: (tuple(int(s) for s in shape), dtype) for name, (shape, dtype) in arrays.items()}
+        self.nbytes = {name: _numel(shape) * _element_size(dtype) for name, (shape, dtype) in self.arrays.items()}
         self.tmp = self.building = None
 
+    def _header(self, crcs):
+        return {
+            "format": CACHE_FORMAT,
+            "key": self.key,
+            "arrays": {
+                n: {"shape": list(s), "dtype": str(d), "crc32": crcs.get(n)} for n, (s, d) in self.arrays.items()
+            },
+        }
+
     def load(self):
-        """The cached tensor (memory-mapped), or None if absent or not trustworthy: the header must
-        match the key, shape and dtype, and the CRC of every byte of the file must match."""
+        """The cached tensors (memory-mapped), or None if absent or not trustworthy: the header must
+        match the key, shapes and dtypes, and the CRC of every byte of every file must match."""
         try:
             header = json.loads((self.folder / "header.json").read_text())
-            data_file = self.folder / "data.bin"
-            if (
-                header.get("format") != CACHE_FORMAT
-                or header.get("key") != self.key
-                or header.get("shape") != list(self.shape)
-                or header.get("dtype") != str(self.dtype)
-                or data_file.stat().st_size != self.nbytes
-            ):
+            expected = self._header({})
+            if header.get("format") != CACHE_FORMAT or header.get("key") != self.key:
                 return None
-            if file_crcs(data_file) != header.get("crc32"):
+            found = header.get("arrays", {})
+            if set(found) != set(expected["arrays"]):
                 return None
-            numel = self.shape[0] * self.shape[1]
-            return torch.from_file(str(data_file), shared=False, size=numel, dtype=self.dtype).view(self.shape)
-        except (OSError, ValueError, RuntimeError):
+            tensors = {}
+            for name, (shape, dtype) in self.arrays.items():
+                path = self.folder / f"{name}.bin"
+                entry = found[name]
+                if entry.get("shape") != list(shape) or entry.get("dtype") != str(dtype):
+                    return None
+                if path.stat().st_size != self.nbytes[name] or file_crcs(path) != entry.get("crc32"):
+                    return None
+                tensors[name] = torch.from_file(str(path), shared=False, size=_numel(shape), dtype=dtype).view(shape)
+            return tensors
+        except (OSError, ValueError, RuntimeError, AttributeError):
             return None
 
     def allocate(self):
-        """A zero tensor backed by a new file in a temporary folder: fill it, then ``commit``.
-        The file's blocks are reserved up front, so a full disk is an error here, not a SIGBUS
-        when the mapping is written."""
+        """Zero tensors backed by new files in a temporary folder: fill them, then ``commit``. The
+        files' blocks are reserved up front, so a full disk is an error here, not a SIGBUS when the
+        mapping is written."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned(self.folder.parent)
         self.tmp = self.folder.parent / f".{self.folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.building = _lock(self.tmp / ".building")
-        data_file = self.tmp / "data.bin"
-        with open(data_file, "wb") as handle:
-            try:
-                os.posix_fallocate(handle.fileno(), 0, max(1, self.nbytes))
-            except OSError as err:
-                self.discard()
-                if is_disk_full(err):
-                    raise DiskFullError(data_file, f"the packed cache needs {self.nbytes / 2**30:.2f} GiB") from None
-                raise
-        numel = self.shape[0] * self.shape[1]
-        return torch.from_file(str(data_file), shared=True, size=numel, dtype=self.dtype).view(self.shape)
+        tensors = {}
+        for name, (shape, dtype) in self.arrays.items():
+            path = self.tmp / f"{name}.bin"
+            with open(path, "wb") as handle:
+                try:
+                    os.posix_fallocate(handle.fileno(), 0, max(1, self.nbytes[name]))
+                except OSError as err:
+                    self.discard()
+                    if is_disk_full(err):
+                        total = sum(self.nbytes.values()) / 2**30
+                        raise DiskFullError(path, f"the packed cache needs {total:.2f} GiB") from None
+                    raise
+            tensors[name] = torch.from_file(str(path), shared=True, size=_numel(shape), dtype=dtype).view(shape)
+        return tensors
 
-    def commit(self, data):
+    def commit(self):
         """Writes the header and moves the folder to its final name (atomically). If another run
         committed the same cache meanwhile (a cache folder shared by several runs), that one is kept."""
-        header = {
-            "format": CACHE_FORMAT,
-            "key": self.key,
-            "shape": list(self.shape),
-            "dtype": str(self.dtype),
-            "crc32": file_crcs(self.tmp / "data.bin"),
-        }
-        (self.tmp / "header.json").write_text(json.dumps(header))
+        crcs = {name: file_crcs(self.tmp / f"{name}.bin") for name in self.arrays}
+        (self.tmp / "header.json").write_text(json.dumps(self._header(crcs)))
         (self.tmp / ".building").unlink(missing_ok=True)
         if self.folder.exists():
             if self.load() is not None:  # made meanwhile by another run: use it, drop ours
@@ -200,22 +219,30 @@ class PackedCache:
             self.building = None
 
 
-def build_packed(cache_dir, kind, key, shape, dtype, fill):
-    """The packed tensor of ``shape``: from the cache when valid, else made by ``fill(tensor)``
-    (and cached when ``cache_dir`` is set). Returns (tensor, from_cache)."""
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def build_packed(cache_dir, kind, key, arrays, fill):
+    """The packed tensors ``{name: tensor}`` of ``arrays`` ({name: (shape, dtype)}): from the cache
+    when valid, else made by ``fill(tensors)`` (and cached when ``cache_dir`` is set). Returns
+    (tensors, from_cache)."""
     if cache_dir is None:
-        data = torch.zeros(shape, dtype=dtype)
-        fill(data)
-        return data, False
-    cache = PackedCache(cache_dir, kind, key, shape, dtype)
-    data = cache.load()
-    if data is not None:
-        return data, True
-    data = cache.allocate()
+        tensors = {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in arrays.items()}
+        fill(tensors)
+        return tensors, False
+    cache = PackedCache(cache_dir, kind, key, arrays)
+    tensors = cache.load()
+    if tensors is not None:
+        return tensors, True
+    tensors = cache.allocate()
     try:
-        fill(data)
+        fill(tensors)
     except BaseException:
         cache.discard()
         raise
-    cache.commit(data)
-    return data, False
+    cache.commit()
+    return tensors, False

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from local.corpus import SPEAKERS, parse_utterance_id
+from local.features import evidence, evidence_width, tempered
 from local.layout import REQUIRED_METADATA_KEYS, describe_pair, pair_files, pair_folder
 from local.packed import PackedRows, build_packed, cache_key, file_signature
 
@@ -215,22 +216,46 @@ def read_decoder_logits(info, vocab_size):
     return items
 
 
-def copy_decoder_logits(info, items, dest):
-    """Copies a pair's tensors into ``dest`` (its rows of the packed store, in order) and checks
-    that every value is finite, in one pass over the packed rows rather than per utterance."""
-    start = 0
-    for logits in items:
-        dest[start : start + logits.shape[0]] = logits
-        start += logits.shape[0]
-    finite = torch.isfinite(dest).all(-1)
-    if bool(finite.all()):
+def pack_pair(info, items, dest, evidence_dest=None, temperature=None, chunk=1024):
+    """Packs a pair's tensors into ``dest`` (its rows of the packed store, in order), some
+    utterances at a time so that each value is read from the file once and then worked on while in
+    cache: the logits (tempered at ``temperature`` when given, ``features.tempered``) are written,
+    every written value checked finite (a NaN or Inf logit stays one when tempered), and, with
+    ``evidence_dest``, each row's evidence (``features.evidence``)."""
+    k = None if evidence_dest is None else (evidence_dest.shape[1] - 1) // 2
+    row, n = 0, 0
+    while n < len(items):
+        end, rows = n, 0
+        while end < len(items) and rows < chunk:
+            rows, end = rows + items[end].shape[0], end + 1
+        group = items[n:end]
+        block = torch.cat(group).float() if len(group) > 1 else group[0].float()
+        out = block if temperature is None else tempered(block, temperature)
+        _check_finite(info, row, out, "NaN or Inf logits")
+        if out.dtype != dest.dtype:  # a value the store's dtype cannot hold
+            out = out.to(dest.dtype)
+            _check_finite(info, row, out, f"logits too large for the store's {dest.dtype}")
+        dest[row : row + block.shape[0]] = out
+        if evidence_dest is not None:
+            evidence_dest[row : row + block.shape[0]] = evidence(block, k)
+        row, n = row + block.shape[0], end
+
+
+def _check_finite(info, row, values, what):
+    # A row with a NaN or an Inf has a sum that is not finite: one fast reduction checks the block;
+    # the element-wise test runs only where a sum is not finite (or overflowed: then it passes).
+    sums = values.sum(-1, dtype=torch.float32)
+    if bool(torch.isfinite(sums).all()):
         return
-    row = int(torch.nonzero(~finite)[0, 0])
+    finite = torch.isfinite(values).all(-1)
+    if not bool(finite.all()):
+        _not_finite(info, row + int(torch.nonzero(~finite)[0, 0]), what)
+
+
+def _not_finite(info, row, what):
     ends = torch.cumsum(torch.tensor(info.lengths), 0)
     i = int(torch.searchsorted(ends, torch.tensor(row), right=True))
     pos = row - (int(ends[i]) - info.lengths[i])
-    source_finite = bool(torch.isfinite(items[i]).all())
-    what = "NaN or Inf logits" if not source_finite else f"logits too large for the store's {dest.dtype}"
     raise LogitStoreError(
         f"logit file {info.decoder_file} ({describe_pair(info.model, info.speaker)}), "
         f"utterance {info.utt_ids[i]}: {what} at position {pos}"
@@ -242,15 +267,29 @@ class LogitStore(PackedRows):
     ``[positions + 1, V]`` tensor (the last row is zeros, the padding row) with a stream index.
 
     All metadata is read and checked first (cheap), which gives every length, so the packed tensor
-    is allocated once; then each decoder file is read once (memory-mapped) and copied in, every
-    utterance checked. With ``cache_dir``, the packed tensor is kept on disk (see ``packed.py``),
-    keyed by the source files' size and mtime: the next run of the fold maps it instead.
+    is allocated once; then each decoder file is read once (memory-mapped) and packed, every
+    utterance checked. With ``mix_temperature``, the packed logits are tempered at it and each
+    row's evidence (``features.py``: top-``evidence_k`` pieces and entropy) is packed beside them in
+    ``self.evidence``: what the students read of a stream is then computed once per fold, not at
+    every step. With ``cache_dir``, both are kept on disk (see ``packed.py``), keyed by the source
+    files' size, mtime and inode change time and by these settings: the next run maps them.
     """
 
-    def __init__(self, logit_root, tokens, pairs, store_dtype=torch.float32, cache_dir=None, optional=()):
+    def __init__(
+        self,
+        logit_root,
+        tokens,
+        pairs,
+        store_dtype=torch.float32,
+        cache_dir=None,
+        optional=(),
+        mix_temperature=None,
+        evidence_k=None,
+    ):
         self.logit_root = Path(logit_root)
         self.tokens = tokens
         self.vocab_size = tokens.vocab_size
+        self.temperature = mix_temperature
         # ``optional`` pairs are read when their folder exists (e.g. the held-out speaker's own SA
         # model, a baseline only, which a truly new speaker does not have).
         optional = {tuple(p) for p in optional}
@@ -274,35 +313,50 @@ class LogitStore(PackedRows):
         # for the per-teacher `weights` fusion.
         identity = {m: i for i, m in enumerate(SPEAKERS)}
         self.model_ids = torch.tensor([identity.get(m, len(SPEAKERS)) for m in self.stream_model], dtype=torch.long)
-        shape = (sum(lengths) + 1, self.vocab_size)
+        positions = sum(lengths) + 1
+        arrays = {"data": ((positions, self.vocab_size), store_dtype)}
+        k = None
+        if mix_temperature is not None:
+            k = min(evidence_k or 1, self.vocab_size)
+            arrays["evidence"] = ((positions, evidence_width(k)), torch.float32)
         self.key = cache_key(
             "store",
             str(store_dtype),
             tokens.signature,
+            mix_temperature,
+            k,
             [
                 [m, s, file_signature(i.decoder_file), file_signature(i.metadata_file)]
                 for (m, s), i in zip(self.pairs, infos)
             ],
         )
 
-        def fill(data):
-            # Each file is read once, straight into its rows of the packed tensor. The next file is
-            # opened (unpickled: Python-bound) in a thread while this one is copied and checked
+        def fill(tensors):
+            # Each file is read once, straight into its rows of the packed tensors. The next file is
+            # opened (unpickled: Python-bound) in a thread while this one is packed and checked
             # (tensor operations, which release the GIL).
+            data, ev = tensors["data"], tensors.get("evidence")
             with ThreadPoolExecutor(max_workers=1) as reader:
                 pending = reader.submit(read_decoder_logits, infos[0], self.vocab_size) if infos else None
                 row = 0
-                for k, info in enumerate(infos):
+                for n, info in enumerate(infos):
                     items = pending.result()
-                    if k + 1 < len(infos):
-                        pending = reader.submit(read_decoder_logits, infos[k + 1], self.vocab_size)
+                    if n + 1 < len(infos):
+                        pending = reader.submit(read_decoder_logits, infos[n + 1], self.vocab_size)
                     rows = sum(info.lengths)
-                    copy_decoder_logits(info, items, data[row : row + rows])
-                    del items  # unmap this file before the next one is copied
+                    pack_pair(
+                        info,
+                        items,
+                        data[row : row + rows],
+                        None if ev is None else ev[row : row + rows],
+                        mix_temperature,
+                    )
+                    del items  # unmap this file before the next one is packed
                     row += rows
 
-        data, self.from_cache = build_packed(cache_dir, "store", self.key, shape, store_dtype, fill)
-        super().__init__(data, lengths)
+        tensors, self.from_cache = build_packed(cache_dir, "store", self.key, arrays, fill)
+        self.evidence = tensors.get("evidence")
+        super().__init__(tensors["data"], lengths)
 
     def __len__(self):
         return len(self.utt_ids)
@@ -316,5 +370,15 @@ class LogitStore(PackedRows):
         return self.index[(model, utt_id)]
 
     def logits(self, stream):
-        """``[U, V]`` float32 logits of one stream."""
+        """``[U, V]`` float32 logits of one stream (tempered at ``self.temperature`` when set)."""
         return self.block(stream)
+
+    def gather_evidence(self, index, max_len):
+        """``[..., max_len, 2k + 1]`` evidence rows of blocks ``index`` (-1 = none), like ``gather``."""
+        return self.evidence[self.rows(index, max_len).to(self.evidence.device)]
+
+    def to(self, device):
+        super().to(device)
+        if self.evidence is not None:
+            self.evidence = self.evidence.to(device)
+        return self

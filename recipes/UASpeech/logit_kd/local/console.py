@@ -1,0 +1,52 @@
+"""What a run shows on the console: a closing block with the answer.
+
+SpeechBrain keeps its progress bars and its log file (``log.txt`` has everything); the console
+ends with a short block read back from the ``test_results.json`` the run wrote: synthetic or real
+data, the fold, the setting, how it was decoded, the student and its baselines, and where the
+results are.
+"""
+
+import json
+from pathlib import Path
+
+from local.corpus import intelligibility_group
+from local.scoring import results_table
+
+RULE = "=" * 78
+
+
+def setting(input_streams):
+    """One line on what the student reads at test time, for the block and the tables' captions."""
+    if input_streams == "cross":
+        return "cross: other speakers' SA models only (the unseen-speaker setting)"
+    return (
+        f"{input_streams}: reads the held-out speaker's OWN speaker-adaptive model, adapted on that "
+        f"speaker's other recordings: not a speaker-independent figure (cross is)"
+    )
+
+
+def closing_block(results_file):
+    """The lines that end a run, from the results file it wrote."""
+    results_file = Path(results_file)
+    info = json.loads(results_file.read_text(encoding="utf-8"))
+    kind = (
+        "SYNTHETIC demo data: the figures only show that the recipe runs"
+        if info.get("synthetic_data")
+        else "real logits"
+    )
+    systems = {"student": info["student"], **info.get("baselines", {})}
+    lines = [
+        RULE,
+        f"fold {info['held_out']} ({intelligibility_group(info['held_out'])} intelligibility), {kind}",
+        f"teachers: {len(info['teachers'])} ({info['teacher_set']}); fusion {info['fusion']}; "
+        f"best checkpoint: epoch {info['epoch_loaded']}",
+        f"setting: {setting(info['input_streams'])}",
+        f"decoding: {info['decoding']}; not comparable with decodes of the audio (beam search + CTC + LM)",
+        results_table(systems),
+    ]
+    for system, decoders in info.get("free_running_ctc", {}).items():
+        for decoder, r in decoders.items():
+            lines.append(f"free-running CTC ({decoder}) of {system}: WER {r['WER']:.2f}, WRA {r['WRA']:.2f}")
+    lines.append(f"results: {results_file.parent.resolve()} (test_results.json, wer_test*.txt, log.txt)")
+    lines.append(RULE)
+    return "\n".join(lines)
