@@ -255,3 +255,19 @@ def test_bad_input_stops_before_anything_is_overwritten(copy_tree, tmp_path, dem
     proc = run_recipe("M16", *args[:2], f"--output_folder={fresh}", *FAST, check=False)
     _assert_clean_failure(proc, "ERROR:", "NaN")
     assert not fresh.exists()  # a failed run leaves no trace
+
+
+def test_readme_fold_table_reproduces(demo_tree, tmp_path):
+    """The README's fold table is written by make_tables.py from the runs of the command under it:
+    a fresh run of that command for M16 (default options, one thread pinned) gives the README's M16
+    row, digit for digit."""
+    import make_tables
+
+    out = tmp_path / "demo_folds" / "M16"
+    run_recipe("M16", f"--output_folder={out}", "--noprogressbar", demo_tree=demo_tree)
+    row = make_tables.fold_row(json.loads((out / "test_results.json").read_text()))
+    readme = (RECIPE / "README.md").read_text()
+    block = readme.split("<!-- table: demo_folds ")[1].split("<!-- end table: demo_folds -->")[0]
+    assert row in block, (row, block)
+    command = "python train.py hparams/fold_M16.yaml --output_folder=results/demo_folds/M16 --noprogressbar"
+    assert command in block  # the command printed under the table is the one run here

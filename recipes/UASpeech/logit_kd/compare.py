@@ -318,7 +318,6 @@ def comparison_table(result):
             "",
             f"{b['SER']:.2f}",
             f"{b['WRA']:.2f}",
-            f"({b['name']}, chosen on these utterances)",
         ]
     )
     rows.append(
@@ -356,6 +355,7 @@ def comparison_table(result):
                 [[name, s["n"], f"{s['WER']:.2f}", f"{s['SER']:.2f}", f"{s['WRA']:.2f}"] for name, s in full],
             )
         )
+    lines.append(f"best single: {b['name']}, chosen on these utterances (an upper bound, not a system)")
     lines.append(f"utterances where the systems disagree: {len(result['disagreements'])}")
     lines.append(
         "p: paired sign-flip test vs the reference, clustered by speaker+word "

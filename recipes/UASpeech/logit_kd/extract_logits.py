@@ -75,13 +75,31 @@ float32), ``--device`` (default cuda when available, else cpu), ``--overrides "{
 (applied to every model's hparams), ``--ckpt_select auto|latest|max:KEY|min:KEY``, ``--force``
 (redo finished pairs).
 
-Resuming: a pair whose three files are present and consistent (the metadata lists the CSV's
-utterances in order, the logit files hold one tensor per utterance with the expected lengths and
-vocabulary) is skipped, so a crashed or interrupted run is resumed by running it again. Every file
-is written to a temporary name and renamed into place; a pair's metadata is removed before its
-logits are rewritten and written last, so a half-written pair never looks finished. A failed pair
-is reported (and recorded in the summary) and the other pairs still run; the exit status is 1 if
-any pair failed.
+Existing output is never overwritten without ``--force``. A pair whose three files are present and
+consistent (the metadata lists the CSV's utterances in order, the logit files hold one tensor per
+utterance, or one stacked ``[N, U, V]`` tensor, with the expected lengths and vocabulary) is
+finished and skipped: this script's files and the SA project's ``extract_sa_logits.py``'s (no
+legacy ``vocab_size`` key, another key order) alike. A pair with logits but no metadata is an
+interrupted extraction (the metadata is written last) and is redone, so a crashed run is resumed
+by running it again. A pair with metadata that does not match (another CSV, tokenizer or model)
+is refused with one line, and counts as failed. Every file is written to a temporary name and
+renamed into place. ``extraction_summary.json`` is merged, never replaced (the SA script's keys
+are kept); an unreadable one stops the run before anything is extracted. A failed pair is
+reported (and recorded in the summary) and the other pairs still run; the exit status is 1 if any
+pair failed.
+
+SA experiment folders as they are: the ``hyperparams.yaml`` of the SA project's fork passes
+``freeze_encoder_layers`` / ``freeze_decoder_layers`` to ``TransformerASR``, which SpeechBrain 1.1.2
+does not accept: such arguments are dropped from the in-memory copy (never from the file), one
+log line each. Checkpoint keys spelt ``mutihead_attn`` (SpeechBrain 1.0) are renamed by
+SpeechBrain's own load hooks. In ``save/``, the Pretrainer's ``lm.ckpt`` / ``tokenizer.ckpt``
+symlinks are ignored, and a symlink to the control model's ``CKPT+`` folder competes with the
+others (highest WRA, ties to the most recent, as the SA pipeline chose); the log says which
+checkpoint was loaded and warns when it is a symlink out of the folder.
+
+Numerics: TF32 is off unless ``--allow_tf32`` (SpeechBrain 1.1.2 turns it on at import; the fork
+did not). One difference remains: the fork computes Swish as ``x * sigmoid(x)``, SpeechBrain 1.1.2
+as ``nn.SiLU``; the logits differ by about 1e-5.
 
 Memory: the logits of one pair are kept in memory until they are saved (for a full UASpeech
 speaker and a 5000-piece vocabulary, about 0.1 GB of decoder and a few GB of CTC logits).
@@ -91,17 +109,23 @@ import argparse
 import hashlib
 import json
 import logging
-import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from local.files import atomic_file
 from local.layout import METADATA_KEYS, SUMMARY_FILE, pair_files
-from local.sa_models import ExtractionError, SAModel, read_speaker_csv, read_wav
+from local.sa_models import (
+    ExtractionError,
+    ModelSpec,
+    SAModel,
+    parse_model_arg,
+    read_speaker_csv,
+    read_wav,
+    set_tf32,
+)
 from local.store import LogitStoreError, load_tokenizer
 
 logger = logging.getLogger("extract_logits")
@@ -131,16 +155,30 @@ def _load_mmap(path):
 # --------------------------------------------------------------------------------------------
 
 
+# The metadata keys a finished pair must have. ``vocab_size`` (the legacy key of the first
+# extraction) is optional: the SA project's current script no longer writes it, and writes the keys
+# in another order; both are finished pairs.
+FINISHED_KEYS = tuple(k for k in METADATA_KEYS if k != "vocab_size")
+
+
 def pair_status(logit_root, model, speaker, utts, tokenizer):
-    """``None`` if the pair is finished and consistent, else why it is not."""
-    try:
-        return _pair_status(logit_root, model, speaker, utts, tokenizer)
-    except (TypeError, KeyError, AttributeError, IndexError) as err:
-        return f"inconsistent files ({type(err).__name__}: {err})"
-
-
-def _pair_status(logit_root, model, speaker, utts, tokenizer):
+    """``(state, why)`` of a pair's files: ``("absent", ...)`` nothing there or an interrupted
+    extraction (logits without metadata: the metadata is written last, here and by the SA project's
+    script); ``("finished", None)`` three consistent files; ``("different", why)`` a finished-looking
+    pair that does not match the CSV, the tokenizer or its own files: never overwritten without
+    ``--force``."""
     files = pair_files(logit_root, model, speaker)
+    if not files["metadata"].is_file():
+        present = [p.name for p in files.values() if p.is_file()]
+        return "absent", ("interrupted (no metadata; " + ", ".join(present) + ")") if present else "no files"
+    try:
+        why = _pair_difference(files, model, utts, tokenizer)
+    except (TypeError, KeyError, AttributeError, IndexError, ValueError) as err:
+        why = f"inconsistent files ({type(err).__name__}: {err})"
+    return ("finished", None) if why is None else ("different", why)
+
+
+def _pair_difference(files, model, utts, tokenizer):
     absent = [p.name for p in files.values() if not p.is_file()]
     if absent:
         return f"missing {', '.join(absent)}"
@@ -148,8 +186,8 @@ def _pair_status(logit_root, model, speaker, utts, tokenizer):
         meta = json.loads(files["metadata"].read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return f"unreadable metadata ({err})"
-    if not isinstance(meta, dict) or list(meta) != list(METADATA_KEYS):
-        return "metadata keys differ from the real files'"
+    if not isinstance(meta, dict) or any(k not in meta for k in FINISHED_KEYS):
+        return f"metadata lacks {[k for k in FINISHED_KEYS if k not in meta] if isinstance(meta, dict) else 'keys'}"
     if meta["model_name"] != model:
         return f"metadata model_name is {meta['model_name']!r}"
     if meta["utterance_ids"] != [u.id for u in utts] or meta["target_words"] != [u.word for u in utts]:
@@ -158,12 +196,15 @@ def _pair_status(logit_root, model, speaker, utts, tokenizer):
         meta["num_utterances"] != len(utts)
         or len(meta["ctc_frame_lens"]) != len(utts)
         or meta["vocab_size_decoder"] != tokenizer.vocab_size()
+        or meta.get("vocab_size", meta["vocab_size_decoder"]) != meta["vocab_size_decoder"]
     ):
         return "metadata counts differ"
     try:
         decoder, ctc = _load_mmap(files["decoder"]), _load_mmap(files["ctc"])
     except Exception as err:  # noqa: BLE001 - any unreadable file means "not finished"
         return f"unreadable logit file ({type(err).__name__})"
+    if isinstance(decoder, torch.Tensor) and decoder.dim() == 3:
+        decoder = list(decoder)  # the SA script stacks [N, U, V] when every word has U positions
     if not (isinstance(decoder, list) and isinstance(ctc, list) and len(decoder) == len(ctc) == len(utts)):
         return "logit files do not hold one tensor per utterance"
     for u, dec, frames, c in zip(utts, decoder, meta["ctc_frame_lens"], ctc):
@@ -215,18 +256,28 @@ def extract_pair(model, speaker, utts, tokenizer, logit_root):
     return time.time() - start
 
 
+def read_summary(logit_root):
+    """``<logit_root>/extraction_summary.json`` as a dict ({} when absent). Its keys are kept as
+    they are when it is updated, those of the SA project's script too (``successful_extractions``,
+    ``failed_extractions``, ``total_models``, ``output_directory``); an unreadable one stops the run
+    before anything is extracted, rather than being replaced."""
+    path = Path(logit_root) / SUMMARY_FILE
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ExtractionError(f"{path} is unreadable ({err}): not replaced; move it away to start a new one") from None
+    if not isinstance(summary, dict):
+        raise ExtractionError(f"{path} is not a JSON object: not replaced; move it away to start a new one")
+    return summary
+
+
 def update_summary(logit_root, records, tokenizer_info, keep_existing=False):
     """Merges ``records`` ({"MODEL/SPK": entry}) into ``<logit_root>/extraction_summary.json``
     (with ``keep_existing``, only the pairs it does not describe yet)."""
     path = Path(logit_root) / SUMMARY_FILE
-    summary = {}
-    if path.is_file():
-        try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            logger.warning("%s is unreadable: it is rewritten", path)
-        if not isinstance(summary, dict):
-            summary = {}
+    summary = read_summary(logit_root)
     extractions = summary.get("extractions")
     if not isinstance(extractions, dict):
         extractions = {}
@@ -248,21 +299,6 @@ def update_summary(logit_root, records, tokenizer_info, keep_existing=False):
 # --------------------------------------------------------------------------------------------
 # Jobs and command line
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSpec:
-    hparams: Path
-    checkpoint: Path
-    overrides: dict = field(default_factory=dict)
-
-
-def parse_model_arg(text):
-    """``NAME=HPARAMS.yaml:CHECKPOINT`` -> (name, ModelSpec)."""
-    match = re.fullmatch(r"([^=]+)=(.+?\.ya?ml):(.+)", text)
-    if match is None:
-        raise ExtractionError(f"--models item {text!r} is not NAME=HPARAMS.yaml:CHECKPOINT_FOLDER")
-    return match[1], ModelSpec(Path(match[2]), Path(match[3]))
 
 
 def parse_speaker_arg(text):
@@ -357,7 +393,14 @@ def build_parser():
     parser.add_argument("--ckpt_select", default="auto", help="auto (default), latest, max:KEY or min:KEY")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--force", action="store_true", help="redo finished pairs")
+    parser.add_argument(
+        "--force", action="store_true", help="re-extract pairs that are finished, or that hold another extraction"
+    )
+    parser.add_argument(
+        "--allow_tf32",
+        action="store_true",
+        help="keep TensorFloat-32 matmuls on (SpeechBrain 1.1.2 turns them on; the SA models' fork did not)",
+    )
     return parser
 
 
@@ -391,6 +434,14 @@ def run(args):
     common = {**jobs["overrides"], **_parse_mapping(args.overrides, "--overrides")}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    summary = read_summary(logit_root)  # an unreadable summary stops the run here, not midway
+    if "successful_extractions" in summary:
+        logger.info(
+            "%s was written by the SA project's script (%d models listed as extracted): its keys are kept",
+            Path(logit_root) / SUMMARY_FILE,
+            len(summary["successful_extractions"] or []),
+        )
+    tf32 = set_tf32(args.allow_tf32)
     tokenizer = load_tokenizer(tokenizer_file)  # checks <unk>=0, <s>=1, </s>=2
     tokenizer_info = {
         "file": str(tokenizer_file),
@@ -404,10 +455,10 @@ def run(args):
 
     failed = 0
     for name in dict.fromkeys(m for m, _ in pairs):
-        todo, skipped = [], {}
+        todo, skipped, refused = [], {}, []
         for _, spk in [p for p in pairs if p[0] == name]:
-            why = "--force" if args.force else pair_status(logit_root, name, spk, utts[spk], tokenizer)
-            if why is None:
+            state, why = pair_status(logit_root, name, spk, utts[spk], tokenizer)
+            if state == "finished" and not args.force:
                 logger.info("%s on %s: finished, skipped", name, spk)
                 skipped[f"{name}/{spk}"] = {
                     "model": name,
@@ -416,14 +467,32 @@ def run(args):
                     "num_utterances": len(utts[spk]),
                 }
                 continue
-            logger.info("%s on %s: to extract (%s)", name, spk, why)
+            if state == "different" and not args.force:
+                # Someone's extraction (perhaps another tokenizer or CSV): never replaced silently.
+                logger.error(
+                    "%s on %s: %s holds an extraction that differs (%s): not overwritten; --force re-extracts it",
+                    name,
+                    spk,
+                    pair_files(logit_root, name, spk)["metadata"].parent,
+                    why,
+                )
+                refused.append(spk)
+                continue
+            logger.info("%s on %s: to extract (%s)", name, spk, "--force" if args.force else why)
             todo.append(spk)
         if skipped:
             update_summary(logit_root, skipped, tokenizer_info, keep_existing=True)
+        failed += len(refused)
         if not todo:
             continue
         spec = models[name]
-        record_base = {"model": name, "hparams": str(spec.hparams), "precision": args.precision, "device": device}
+        record_base = {
+            "model": name,
+            "hparams": str(spec.hparams),
+            "precision": args.precision,
+            "device": device,
+            "tf32": tf32,
+        }
         try:
             model = SAModel(
                 name,

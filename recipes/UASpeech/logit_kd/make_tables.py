@@ -21,6 +21,7 @@ Usage (from recipes/UASpeech/logit_kd)::
 """
 
 import argparse
+import json
 import re
 import shlex
 import subprocess
@@ -36,6 +37,16 @@ def _shared(*parts):
     return str(Path("../../../../shared/uaspeech", *parts))
 
 
+FOLDS = ("M08", "M05", "M16", "M01")
+# The cross-stream runs of docs/results.md: (label, options)
+CROSS_RUNS = (
+    ("transformer", ["--fusion=transformer"]),
+    ("attention", ["--fusion=attention"]),
+    ("weights", ["--fusion=weights"]),
+    ("weights_mix1", ["--fusion=weights", "--mix_temperature=1.0"]),
+)
+
+
 def word_fusion(results):
     """The real-data, word-level combinations of the SA models' decodes."""
     return (results / "word_fusion" / "word_fusion.md").read_text(encoding="utf-8")
@@ -46,16 +57,176 @@ def calibration(results):
     return (results / "calibration" / "calibration.md").read_text(encoding="utf-8")
 
 
-# name -> (render function, command (list) that writes its result files, their folder under results/)
+def _run(folder):
+    return json.loads((folder / "test_results.json").read_text(encoding="utf-8"))
+
+
+def _data_line(runs):
+    """What the figures are computed on, from the runs themselves (never typed)."""
+    kinds = {bool(r["synthetic_data"]) for r in runs}
+    if kinds == {True}:
+        return "SYNTHETIC demo tree: these figures show that the recipe runs, nothing about UASpeech."
+    if kinds == {False}:
+        return "Real logits."
+    raise ValueError("synthetic and real runs in one table")
+
+
+def _decoding(runs):
+    decodings = {r["decoding"] for r in runs}
+    if len(decodings) != 1:
+        raise ValueError(f"runs decoded differently in one table: {sorted(decodings)}")
+    return decodings.pop().split(" (")[0]
+
+
+def fold_row(r):
+    """One row of the README's fold table, from a run's test_results.json."""
+    group = r["group"].replace("_", " ")
+    return (
+        f"| `fold_{r['held_out']}.yaml` | {r['held_out']} ({group}) | {r['student']['WER']:.2f} | "
+        f"{r['student']['WRA']:.2f} | {r['baselines']['sa_self']['WRA']:.2f} | {r['epoch_loaded']} | "
+        f"{_decoding([r])} |"
+    )
+
+
+def demo_folds(results):
+    """The README's table: the four folds with the default options."""
+    from local.console import setting
+
+    runs = [_run(results / "demo_folds" / spk) for spk in FOLDS]
+    streams = {r["input_streams"] for r in runs}
+    lines = [
+        f"{_data_line(runs)} `input_streams` {'; '.join(setting(s) for s in sorted(streams))}. "
+        f"`fusion: {runs[0]['fusion']}`, seed {runs[0]['seed']}, {runs[0]['threads']} thread(s).",
+        "",
+        "| hparams | held out | student WER | student WRA | `sa_self` WRA | epoch kept | decoding |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    lines += [fold_row(r) for r in runs]
+    return "\n".join(lines)
+
+
+def demo_folds_detail(results):
+    """docs/results.md: the same runs, every figure."""
+    runs = [_run(results / "demo_folds" / spk) for spk in FOLDS]
+    lines = [
+        f"{_data_line(runs)} Decoding: {_decoding(runs)}.",
+        "",
+        "| fold (group) | teachers | n | student WER | CER | WRA | sa_self WER | CER | WRA | epoch kept |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in runs:
+        s, b = r["student"], r["baselines"]["sa_self"]
+        group = r["group"].replace("_", " ")
+        lines.append(
+            f"| {r['held_out']} ({group}) | {len(r['teachers'])}, {r['teacher_set']} | {r['n_utterances']} | "
+            f"{s['WER']:.2f} | {s['CER']:.2f} | {s['WRA']:.2f} | {b['WER']:.2f} | {b['CER']:.2f} | {b['WRA']:.2f} | "
+            f"{r['epoch_loaded']} |"
+        )
+    return "\n".join(lines)
+
+
+def demo_cross(results):
+    """docs/results.md: M08 with cross streams, one run per fusion, and the free-running CTC decodes."""
+    runs = {label: _run(results / "demo_cross" / label) for label, _ in CROSS_RUNS}
+    first = runs["transformer"]
+    lines = [
+        f"{_data_line(list(runs.values()))} Held out {first['held_out']}, teachers "
+        f"{' '.join(first['teachers'])} ({first['teacher_set']}), `input_streams: cross` (the unseen-speaker setting).",
+        "",
+        f"| system ({_decoding(list(runs.values()))}) | WER | WRA |",
+        "| --- | ---: | ---: |",
+    ]
+    for label, options in CROSS_RUNS:
+        lines.append(
+            f"| student, `{' '.join(o.lstrip('-') for o in options)}` | "
+            f"{runs[label]['student']['WER']:.2f} | {runs[label]['student']['WRA']:.2f} |"
+        )
+    base = first["baselines"]
+    names = {
+        "mean": "`mean` (= the untrained `fusion=mean` student)",
+        "majority_vote": "`majority_vote` of the teachers",
+        "sa_self": "`sa_self` (the held-out speaker's own SA model; not an input of the student)",
+    }
+    for name in ("mean", "majority_vote", *sorted(n for n in base if n.startswith("teacher_")), "sa_self"):
+        if name in base:
+            lines.append(
+                f"| {names.get(name, f'`{name}` alone')} | {base[name]['WER']:.2f} | {base[name]['WRA']:.2f} |"
+            )
+    ctc = first.get("free_running_ctc", {})
+    if ctc:
+        decoders = sorted({d for v in ctc.values() for d in v})
+        lines += [
+            "",
+            "| free-running CTC | " + " | ".join(f"{d} WER | {d} WRA" for d in decoders) + " |",
+            "| --- |" + " ---: | ---: |" * len(decoders),
+        ]
+        for system, by_decoder in ctc.items():
+            cells = " | ".join(f"{by_decoder[d]['WER']:.2f} | {by_decoder[d]['WRA']:.2f}" for d in decoders)
+            lines.append(f"| `{system}` | {cells} |")
+    return "\n".join(lines)
+
+
+def demo_study(results):
+    """docs/study.md: the demo study's report (its study.md without its title and file list; its
+    sections as bold lines)."""
+    text = (results / "demo_study" / "study.md").read_text(encoding="utf-8")
+    lines = []
+    for line in text.splitlines()[1:]:
+        if line.startswith("Files: "):
+            break
+        lines.append(f"**{line[3:]}**" if line.startswith("## ") else line)
+    return "\n".join(lines).strip()
+
+
+def compare_m08(results):
+    """docs/study.md: compare.py on the SA project's real decodes of M08."""
+    return "```\n" + (results / "compare_M08" / "compare.txt").read_text(encoding="utf-8").rstrip() + "\n```"
+
+
+def _train(folder, spk, *options):
+    return [
+        "python",
+        "train.py",
+        f"hparams/fold_{spk}.yaml",
+        f"--output_folder={{results}}/{folder}",
+        "--noprogressbar",
+        *options,
+    ]
+
+
+# name -> (render function, commands (lists) that write its result files, their folder under results/)
 TABLES = {
-    "calibration": (calibration, ["python", "calibrate_demo.py", "--out", "{results}/calibration"], "calibration"),
+    "calibration": (calibration, [["python", "calibrate_demo.py", "--out", "{results}/calibration"]], "calibration"),
     "word_fusion": (
         word_fusion,
-        ["python", "word_fusion.py", _shared("cross_testing"), "--out", "{results}/word_fusion"],
+        [["python", "word_fusion.py", _shared("cross_testing"), "--out", "{results}/word_fusion"]],
         "word_fusion",
     ),
+    "demo_folds": (demo_folds, [_train(f"demo_folds/{spk}", spk) for spk in FOLDS], "demo_folds"),
+    "demo_folds_detail": (demo_folds_detail, [_train(f"demo_folds/{spk}", spk) for spk in FOLDS], "demo_folds"),
+    "demo_cross": (
+        demo_cross,
+        [
+            _train(f"demo_cross/{label}", "M08", "--input_streams=cross", "--ctc_decode=true", *options)
+            for label, options in CROSS_RUNS
+        ],
+        "demo_cross",
+    ),
+    "demo_study": (demo_study, [["python", "run_study.py", "--study_folder={results}/demo_study"]], "demo_study"),
+    "compare_M08": (
+        compare_m08,
+        [
+            [
+                "sh",
+                "-c",
+                f"mkdir -p {{results}}/compare_M08 && python compare.py {_shared('cross_testing')}/*/wer_M08.txt"
+                " > {results}/compare_M08/compare.txt",
+            ]
+        ],
+        "compare_M08",
+    ),
 }
-FILES = ("README.md", "docs/results.md")
+FILES = ("README.md", "docs/results.md", "docs/study.md")
 _BLOCK = re.compile(
     r"(<!-- table: (?P<name>\w+) \(generated by make_tables.py; do not edit\) -->\n)(?P<body>.*?)"
     r"(<!-- end table: (?P=name) -->)",
@@ -64,8 +235,15 @@ _BLOCK = re.compile(
 
 
 def command_line(name, results="results"):
-    _, command, _ = TABLES[name]
-    return shlex.join(part.format(results=results) for part in command)
+    """The commands that write a table's result files, as one shell line."""
+    _, commands, _ = TABLES[name]
+    lines = []
+    for command in commands:
+        if command[0] == "sh":
+            lines.append(command[2].format(results=results))
+        else:
+            lines.append(shlex.join(part.format(results=results) for part in command))
+    return "; ".join(lines)
 
 
 def render(name, results):
@@ -103,8 +281,11 @@ def main(argv=None):
         for name in args.only or TABLES:
             if not (results / TABLES[name][2]).exists():
                 print(f"running: {command_line(name, args.results)}", flush=True)
-                command = [sys.executable if p == "python" else p.format(results=args.results) for p in TABLES[name][1]]
-                subprocess.run(command, cwd=RECIPE, check=True)
+                for command in TABLES[name][1]:
+                    command = [sys.executable if p == "python" else p.format(results=args.results) for p in command]
+                    if command[0] == "sh":  # a shell line (a redirection): its python is this one
+                        command[2] = command[2].replace("python ", f"{shlex.quote(sys.executable)} ")
+                    subprocess.run(command, cwd=RECIPE, check=True)
     stale = []
     for file in FILES:
         path = RECIPE / file

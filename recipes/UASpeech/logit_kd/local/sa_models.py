@@ -9,9 +9,12 @@ conformer encoder, transformer decoder) -> ``seq_lin`` / ``ctc_lin`` (Linear). U
 """
 
 import contextlib
+import inspect
 import io
+import logging
+import pydoc
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +27,8 @@ OPTIONAL_KEYS = ("normalize", "model", "pad_index", "bos_index", "eos_index", "s
 # The module order of the SA recipe's `model` ModuleList (its model.ckpt).
 MODEL_LIST = ("CNN", "Transformer", "seq_lin", "ctc_lin")
 BOS, EOS = 1, 2
+
+logger = logging.getLogger(__name__)
 
 
 class ExtractionError(RuntimeError):
@@ -96,6 +101,24 @@ def read_speaker_csv(csv_path, speaker, data_root=None):
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class ModelSpec:
+    """An SA model as the user gives it: its hparams file, a checkpoint (a ``CKPT+`` folder, or a
+    ``save`` folder to choose in), and hparams overrides."""
+
+    hparams: Path
+    checkpoint: Path
+    overrides: dict = field(default_factory=dict)
+
+
+def parse_model_arg(text):
+    """``NAME=HPARAMS.yaml:CHECKPOINT`` -> (name, ModelSpec)."""
+    match = re.fullmatch(r"([^=]+)=(.+?\.ya?ml):(.+)", text)
+    if match is None:
+        raise ExtractionError(f"--models item {text!r} is not NAME=HPARAMS.yaml:CHECKPOINT_FOLDER")
+    return match[1], ModelSpec(Path(match[2]), Path(match[3]))
+
+
 def _tag(node):
     tag = getattr(node, "tag", None)
     tag = getattr(tag, "value", tag)
@@ -118,9 +141,62 @@ def _references(node, found):
     return found
 
 
-def load_model_hparams(hparams_file, overrides=None):
-    """Builds only the objects of ``hparams_file`` that the forward pass needs (REQUIRED_KEYS,
-    OPTIONAL_KEYS when present, the override keys, and everything they reference)."""
+def _accepted(cls):
+    """The keyword arguments ``cls`` accepts (None: any, it takes **kwargs; or it is unknown)."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def drop_unaccepted_arguments(doc, hparams_file):
+    """Removes, from the round-trip yaml ``doc`` (never from the user's file), the arguments of its
+    ``!new:`` objects that the installed SpeechBrain does not accept, and logs one line for each.
+
+    The SA models were trained with the SA project's fork of SpeechBrain 1.0.0, whose
+    ``TransformerASR`` takes ``freeze_encoder_layers`` / ``freeze_decoder_layers`` (which layers to
+    freeze while fine-tuning: nothing that changes the forward pass). SpeechBrain 1.1.2 refuses
+    them, so an experiment folder's ``hyperparams.yaml`` would not build as written."""
+    dropped = []
+
+    def visit(node, where):
+        if isinstance(node, dict):
+            tag = _tag(node)
+            if tag.startswith("!new:"):
+                cls = pydoc.locate(tag[len("!new:") :])
+                accepted = _accepted(cls) if cls is not None else None
+                if accepted is not None:
+                    for key in [k for k in node if k not in accepted]:
+                        del node[key]
+                        dropped.append(f"{where}.{key}")
+                        logger.warning(
+                            "%s: dropped the argument %s of %s (%s): not an argument of it in "
+                            "SpeechBrain 1.1.2 (the SA project's fork only)",
+                            hparams_file,
+                            key,
+                            where,
+                            tag[len("!new:") :],
+                        )
+            for key, value in node.items():
+                visit(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                visit(value, f"{where}[{i}]")
+
+    for key in list(doc):
+        visit(doc[key], key)
+    return dropped
+
+
+def load_model_hparams(
+    hparams_file, overrides=None, extra_keys=(), required=REQUIRED_KEYS, optional=OPTIONAL_KEYS, what=None
+):
+    """Builds only the objects of ``hparams_file`` that the forward pass needs (``required``,
+    ``optional`` when present, ``extra_keys``, the override keys, and everything they reference).
+    ``what`` names the file's kind in errors (default: an SA model's hparams)."""
     import ruamel.yaml
     from hyperpyyaml import load_hyperpyyaml
 
@@ -133,16 +209,16 @@ def load_model_hparams(hparams_file, overrides=None):
         doc = yaml.load(handle)
     if not isinstance(doc, dict):
         raise ExtractionError(f"hparams file {hparams_file} is not a yaml mapping")
-    missing = [k for k in REQUIRED_KEYS if k not in doc]
+    missing = [k for k in (*required, *extra_keys) if k not in doc]
     if missing:
         raise ExtractionError(
-            f"hparams file {hparams_file} lacks {missing}: not an SA model of the "
-            f"LibriSpeech transformer/conformer recipe family"
+            f"hparams file {hparams_file} lacks {missing}: not "
+            f"{what or 'an SA model of the LibriSpeech transformer/conformer recipe family'}"
         )
     unknown = [k for k in overrides if k not in doc]
     if unknown:
         raise ExtractionError(f"overrides {unknown} are not keys of {hparams_file}")
-    wanted = set(REQUIRED_KEYS) | {k for k in OPTIONAL_KEYS if k in doc} | set(overrides)
+    wanted = set(required) | set(extra_keys) | {k for k in optional if k in doc} | set(overrides)
     todo = list(wanted)
     while todo:
         key = todo.pop()
@@ -156,6 +232,7 @@ def load_model_hparams(hparams_file, overrides=None):
     for key in doc:
         if key in wanted:
             subset[key] = doc[key]
+    drop_unaccepted_arguments(subset, hparams_file)
     text = io.StringIO()
     yaml.dump(subset, text)
     try:
@@ -168,7 +245,27 @@ def load_model_hparams(hparams_file, overrides=None):
 
 def resolve_checkpoint(path, select="auto"):
     """The ``CKPT+...`` folder to load: ``path`` itself, or the one ``select`` picks in a save
-    folder. Returns (folder, meta of its CKPT.yaml, how it was chosen)."""
+    folder. Returns (folder, meta of its CKPT.yaml, how it was chosen).
+
+    A save folder of the SA pipeline also holds the Pretrainer's ``lm.ckpt`` / ``tokenizer.ckpt``
+    symlinks (not checkpoints: ignored) and may hold a symlink to the control model's ``CKPT+``
+    folder it started from; that one competes like the others, as it did when the SA pipeline
+    chose its checkpoint (highest WRA, ties to the most recent), and a warning says when it wins."""
+    folder, meta, how = _resolve_checkpoint(path, select)
+    if Path(path).is_dir() and folder != Path(path):
+        target = folder.resolve()
+        if folder.is_symlink() and Path(path).resolve() not in target.parents:
+            logger.warning(
+                "the checkpoint chosen in %s (%s) is a symlink to %s, outside that folder "
+                "(the control model the SA model started from?)",
+                path,
+                how,
+                target,
+            )
+    return folder, meta, how
+
+
+def _resolve_checkpoint(path, select):
     import ruamel.yaml
     from speechbrain.utils.checkpoints import Checkpointer
 
@@ -267,6 +364,19 @@ class SAModel:
         self.vocab_size = int(self.modules["seq_lin"].w.out_features)
         self.vocab_size_ctc = int(self.modules["ctc_lin"].w.out_features)
 
+    @torch.no_grad()
+    def encode(self, wav):
+        """[1, T, D]: the encoder output on one waveform ``[samples]``, as the SA pipeline's test
+        computed it before its search (a batch of one)."""
+        m = self.modules
+        wavs = wav.to(self.device).unsqueeze(0)
+        wav_lens = torch.ones(1, device=self.device)
+        with self._autocast():
+            feats = m["compute_features"](wavs)
+            if self.normalize is not None:
+                feats = self.normalize(feats, wav_lens)
+            return m["Transformer"].encode(m["CNN"](feats), wav_lens, pad_idx=self.pad_index).float()
+
     def _autocast(self):
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -289,6 +399,38 @@ class SAModel:
             ctc_logits = m["ctc_lin"](enc_out)
             decoder_logits = m["seq_lin"](pred)
         return decoder_logits[0].float().cpu().clone(), ctc_logits[0].float().cpu().clone()
+
+
+def load_language_model(hparams_file, lm_file, device="cpu"):
+    """The TransformerLM of an SA model's hparams (its ``lm_model``), loaded from ``lm_file`` (the
+    Pretrainer's ``save/lm.ckpt``, or any path the user gives; never fetched from a hub) with
+    SpeechBrain's state-dict loader (its key renames included), strictly: a file of another LM is
+    an error, not a warning per missing key. Eval mode."""
+    from speechbrain.utils.checkpoints import torch_patched_state_dict_load
+
+    lm_file = Path(lm_file)
+    if not lm_file.is_file():
+        raise ExtractionError(f"language model file {lm_file} does not exist (give --lm_file, or --lm_file=none)")
+    lm = load_model_hparams(hparams_file, extra_keys=("lm_model",))["lm_model"]
+    try:
+        lm.load_state_dict(torch_patched_state_dict_load(lm_file, "cpu"), strict=True)
+    except Exception as err:  # noqa: BLE001 - name the files
+        raise ExtractionError(f"cannot load {lm_file} into the lm_model of {hparams_file}: {err}") from err
+    return lm.to(device).eval()
+
+
+def set_tf32(allow):
+    """TensorFloat-32 matmuls and convolutions on or off; returns the setting.
+
+    Importing SpeechBrain 1.1.2 turns TF32 on for CUDA matmuls (its ``allow_tf32`` quirk); the SA
+    project's fork (1.0.0) did not, so on an Ampere or newer GPU the logits would differ from the
+    SA pipeline's by more than float rounding. Off by default here (after SpeechBrain is imported,
+    which is when the quirk is applied); ``SB_DISABLE_QUIRKS=allow_tf32`` has the same effect."""
+    import speechbrain  # noqa: F401  (applies SpeechBrain's quirks first)
+
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow)
+    torch.backends.cudnn.allow_tf32 = bool(allow)
+    return bool(allow)
 
 
 def read_wav(utt, model):

@@ -1,0 +1,269 @@
+"""Free-running decoding with the student in the loop (decode.py, local/free_running.py).
+
+Parity: with one stream and a student that passes it through (or the recipe's `mean` fusion), the
+recipe's greedy and beam searches are SpeechBrain's own searches of that SA model (the fixture's
+`test_search`: beam 66, CTC 0.4, a TransformerLM at 0.6, temperature 1.15), token for token, on
+real speech (four words spoken by espeak-ng, tests/fixtures/audio). And for a causal student, an
+exact match under teacher-forced greedy decoding is the same event as an exact match under
+free-running greedy decoding. The SA model is the fixture of test_sa_experiment.py (the SA
+project's yaml, its experiment folder layout), with random weights.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_sa_experiment import _build, _fixture_text, make_experiment
+
+from conftest import RECIPE
+
+AUDIO = Path(__file__).parent / "fixtures" / "audio"
+# (utterance id, word): the espeak-ng recordings, as utterances of speaker M08
+UTTERANCES = [
+    ("M08_B3_D3_M5", "THREE"),
+    ("M08_B3_LA_M5", "ALPHA"),
+    ("M08_B3_C1_M5", "COMMAND"),
+    ("M08_B3_CW7_M5", "YOU"),
+]
+
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _variant(root, tokenizer, sp, eos_bias):
+    from local.sa_models import SAModel, load_language_model
+
+    exp, ckpts = make_experiment(root, "M08", sp.vocab_size(), tokenizer, [0.8], 0.1, seed=4, eos_bias=eos_bias)
+    model = SAModel("M08", exp / "hyperparams.yaml", exp / "save")
+    assert model.ckpt_dir == ckpts["own0"]
+    lm = load_language_model(exp / "hyperparams.yaml", exp / "save" / "lm.ckpt")
+    return dict(root=root, exp=exp, model=model, lm=lm)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two fixture models on the espeak-ng words: ``plain`` (random weights: long hypotheses, which
+    test the searches' every step) and ``ending`` (its </s> output raised: hypotheses of a few
+    pieces that end, like a trained model's)."""
+    from local.sa_models import read_speaker_csv
+    from local.store import load_tokenizer
+    from local.synthetic import train_tokenizer
+
+    root = tmp_path_factory.mktemp("decode")
+    tokenizer = root / "tokenizer.model"
+    train_tokenizer(tokenizer, [w for _, w in UTTERANCES], 120, seed=3)
+    sp = load_tokenizer(tokenizer)
+    csv = root / "M08.csv"
+    rows = [f"{u},1.0,{AUDIO / (w + '.wav')},M08,{w}" for u, w in UTTERANCES]
+    csv.write_text("ID,duration,wav,spk_id,wrd\n" + "\n".join(rows) + "\n")
+    utts = read_speaker_csv(csv, "M08")
+    plain = _variant(root / "plain", tokenizer, sp, 0.0)
+    ending = _variant(root / "ending", tokenizer, sp, 2.0)
+    return dict(tokenizer=tokenizer, sp=sp, csv=csv, utts=utts, plain=plain, ending=ending)
+
+
+def _speechbrain_reference(world, variant):
+    """SpeechBrain's own searches of the SA model, as the SA pipeline ran its test: the fixture's
+    test_search (and a greedy searcher) on the encoder output of the model's forward pass."""
+    from speechbrain.decoders import S2STransformerGreedySearcher
+
+    hp = _build(_fixture_text(variant["root"] / "results", world["sp"].vocab_size()))
+    model = variant["model"]
+    chosen = model.ckpt_dir  # checked against the expected one in the fixture
+    checkpointer = type(hp["checkpointer"])(chosen.parent, recoverables=hp["checkpointer"].recoverables)
+    checkpointer.load_checkpoint(checkpointer.find_checkpoint(ckpt_predicate=lambda c: c.path == chosen))
+    for key in ("CNN", "Transformer", "seq_lin", "ctc_lin", "normalize"):
+        hp[key].eval()
+    hp["lm_model"].load_state_dict(torch.load(variant["exp"] / "save" / "lm.ckpt", weights_only=True))
+    hp["lm_model"].eval()
+    greedy = S2STransformerGreedySearcher(
+        modules=[hp["Transformer"], hp["seq_lin"]], bos_index=1, eos_index=2, min_decode_ratio=0.0, max_decode_ratio=1.0
+    )
+    out = {"beam": [], "greedy": []}
+    from local.sa_models import read_wav
+
+    for utt in world["utts"]:
+        wavs = read_wav(utt, model).unsqueeze(0)
+        wav_lens = torch.ones(1)
+        with torch.no_grad():
+            feats = hp["normalize"](hp["compute_features"](wavs), wav_lens)
+            enc_out, _ = hp["Transformer"](hp["CNN"](feats), torch.ones(1, 1, dtype=torch.long), wav_lens, pad_idx=0)
+            out["beam"].append(list(hp["test_search"](enc_out, wav_lens)[0][0]))
+            out["greedy"].append(list(greedy(enc_out, wav_lens)[0][0]))
+    return out
+
+
+def _recipe_search(world, variant, search, student):
+    from local.free_running import StreamDecoder, build_searcher, encode, search_settings
+    from local.sa_models import read_wav
+
+    settings, source = search_settings(variant["exp"] / "hyperparams.yaml")
+    assert source["beam_size"] == "test_beam_size" and settings["beam_size"] == 66
+    assert settings["temperature"] == 1.15 and settings["ctc_weight"] == 0.4 and settings["lm_weight"] == 0.6
+    decoder = StreamDecoder([variant["model"]], student)
+    searcher = build_searcher(search, decoder, settings, 1, 2, variant["lm"])
+    hyps = []
+    for utt in world["utts"]:
+        enc = encode([variant["model"]], read_wav(utt, variant["model"]))
+        with torch.no_grad():
+            hyps.append(list(searcher(enc, torch.ones(1))[0][0]))
+    return hyps
+
+
+def test_one_stream_searches_are_speechbrains(world):
+    from local.free_running import StreamIdentity
+    from local.fusion import FusionStudent
+
+    mean = FusionStudent("mean", world["sp"].vocab_size(), 16).eval()
+    for label in ("plain", "ending"):
+        variant = world[label]
+        reference = _speechbrain_reference(world, variant)
+        for search in ("greedy", "beam"):
+            if label == "plain":  # the searches produce pieces (the ending model's greedy ends at once)
+                assert any(len(h) > 0 for h in reference[search]), search
+            assert _recipe_search(world, variant, search, StreamIdentity()) == reference[search], (label, search)
+            assert _recipe_search(world, variant, search, mean) == reference[search], (label, search, "mean")
+
+
+def test_teacher_forced_exact_match_is_free_running_exact_match(world):
+    """A causal student (the recipe's transformer fusion, random weights, so that it is not the
+    identity): per utterance, teacher-forced greedy is exact iff free-running greedy is. So that
+    both outcomes occur, a non-empty free-running hypothesis is made the reference (as token ids:
+    SentencePiece's text round trip would add a word-boundary piece)."""
+    from local.free_running import StreamDecoder, build_searcher, encode, search_settings
+    from local.fusion import FusionStudent
+    from local.sa_models import read_wav
+    from local.scoring import greedy_ids
+
+    torch.manual_seed(0)
+    student = FusionStudent("transformer", world["sp"].vocab_size(), 16, d_model=16, n_heads=2, n_layers=1).eval()
+    with torch.no_grad():  # a correction that changes the argmax somewhere (it starts at zero)
+        student.fusion.correction[1].weight.normal_(0, 0.5)
+    variant = world["ending"]
+    decoder = StreamDecoder([variant["model"]], student)
+    settings, _ = search_settings(variant["exp"] / "hyperparams.yaml")
+    greedy = build_searcher("greedy", decoder, settings, 1, 2)
+    sp, model = world["sp"], variant["model"]
+    outcomes = []
+    for utt in world["utts"]:
+        wav = read_wav(utt, model)
+        with torch.no_grad():
+            free = list(greedy(encode([model], wav), torch.ones(1))[0][0])
+        # the reference, as token ids: the free-running hypothesis itself when it is not empty
+        ref_ids = free if free else sp.encode_as_ids(utt.word)
+        decoder_logits, _ = model.logits(wav, ref_ids)  # teacher-forced on [<s>] + reference
+        with torch.no_grad():
+            out = student(decoder_logits[None, None], torch.ones(1, 1, dtype=torch.bool), decoder.stream_ids[None])
+        forced = greedy_ids(out, torch.tensor([len(ref_ids) + 1]))[0]  # argmax, cut at </s>
+        outcomes.append((forced == ref_ids, free == ref_ids))
+    assert all(tf == fr for tf, fr in outcomes), outcomes
+    assert {fr for _, fr in outcomes} == {True, False}, outcomes  # both outcomes are tested
+
+
+def _fold_folder(world, tmp_path, input_streams="matched"):
+    """A fold's output folder as train.py leaves it (test_results.json, hyperparams.yaml, save/)."""
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from local.fusion import FusionStudent
+
+    folder = tmp_path / "fold"
+    torch.manual_seed(1)
+    student = FusionStudent("transformer", world["sp"].vocab_size(), 16, d_model=16, n_heads=2, n_layers=1)
+    Checkpointer(folder / "save", recoverables={"student": student}).save_checkpoint(meta={"loss": 1.0})
+    (folder / "hyperparams.yaml").write_text(
+        "student: !name:local.fusion.FusionStudent\n  fusion: transformer\n  d_model: 16\n  n_heads: 2\n  n_layers: 1\n"
+    )
+    info = {
+        "held_out": "M08",
+        "group": "high",
+        "teachers": ["M08"] if input_streams == "cross" else ["F05"],
+        "teacher_set": "explicit",
+        "input_streams": input_streams,
+        "fusion": "transformer",
+        "tokenizer_file": str(world["tokenizer"]),
+        "synthetic_data": False,
+        "teacher_accuracy": {"M08": 0.5},
+        "decoding": "teacher-forced greedy",
+        "wer_files": {"wer_test.txt": {"system": "student", "decoding": "teacher-forced greedy"}},
+        "student": {"WER": 50.0},
+    }
+    (folder / "test_results.json").write_text(json.dumps(info))
+    return folder
+
+
+def run_decode(world, folder, *extra):
+    cmd = [
+        sys.executable,
+        str(RECIPE / "decode.py"),
+        str(folder),
+        "--models",
+        f"M08={world['ending']['exp'] / 'hyperparams.yaml'}:{world['ending']['exp'] / 'save'}",
+        "--speaker_csv",
+        str(world["csv"]),
+        "--device",
+        "cpu",
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_decode_a_fold(world, tmp_path):
+    """decode.py on a fold folder: wer_test_<search>*.txt in SpeechBrain's format, a free_running
+    block that says how each figure was decoded, compare.py reading it; a second run refused
+    without --force; a missing test-stream model named."""
+    folder = _fold_folder(world, tmp_path)
+    proc = run_decode(world, folder, "--search", "greedy", "beam", "--beam_size=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((folder / "test_results.json").read_text())
+    beam = info["free_running"]["beam"]
+    assert "beam 4" in beam["decoding"] and "TransformerLM 0.6" in beam["decoding"] and "CTC 0.4" in beam["decoding"]
+    assert beam["settings"]["beam_size"] == 4 and beam["settings_from"]["ctc_weight"] == "ctc_weight_decode"
+    assert beam["lm_file"].endswith("lm.ckpt")
+    for search in ("greedy", "beam"):
+        systems = info["free_running"][search]["systems"]
+        assert set(systems) == {"student", "sa_self"} and systems["student"]["n"] == len(world["utts"])
+        for name in systems:
+            file = f"wer_test_{search}.txt" if name == "student" else f"wer_test_{search}_{name}.txt"
+            assert info["wer_files"][file]["decoding"] == info["free_running"][search]["decoding"]
+            assert (folder / file).read_text().startswith("%WER")
+    assert info["wer_files"]["wer_test.txt"]["decoding"] == "teacher-forced greedy"  # kept
+    assert "fold M08: free-running decodes" in proc.stdout
+    # compare.py reads how each file was decoded, and says when two decodings differ
+    files = [folder / "wer_test_beam.txt", folder / "wer_test_beam_sa_self.txt", folder / "wer_test_greedy.txt"]
+    cmp = subprocess.run(
+        [sys.executable, str(RECIPE / "compare.py"), *map(str, files), "--n_boot", "50", "--n_perm", "50"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    assert "free-running joint CTC/attention beam search" in cmp.stdout and "free-running greedy" in cmp.stdout
+    assert "WARNING" in cmp.stdout  # greedy and beam decodes side by side
+
+    proc = run_decode(world, folder, "--search", "greedy")
+    assert proc.returncode == 2 and "already has the greedy search" in proc.stderr and "Traceback" not in proc.stderr
+    # cross: the teachers' models are the test streams; each alone, their mean and their vote too
+    cross = _fold_folder(world, tmp_path / "x", input_streams="cross")
+    proc = run_decode(world, cross, "--search", "greedy")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    systems = json.loads((cross / "test_results.json").read_text())["free_running"]["greedy"]["systems"]
+    assert set(systems) == {"student", "sa_self", "mean", "teacher_M08", "majority_vote"}
+    # a test-stream model that is not given: one line naming it, nothing written
+    other = _fold_folder(world, tmp_path / "y", input_streams="cross")
+    info = json.loads((other / "test_results.json").read_text())
+    (other / "test_results.json").write_text(json.dumps({**info, "teachers": ["M08", "F05"]}))
+    before = (other / "test_results.json").read_text()
+    proc = run_decode(world, other, "--search", "greedy")
+    assert proc.returncode == 2 and "give F05 with --models" in proc.stderr and "Traceback" not in proc.stderr
+    assert (other / "test_results.json").read_text() == before
+    assert not list(other.glob("wer_test_greedy*"))
