@@ -36,6 +36,7 @@ decoded) into ``test_results.json``. A search already in it is not redone withou
 """
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -74,8 +75,6 @@ class DecodeError(RuntimeError):
 
 def read_fold(folder):
     """The fold's test_results.json and its hparams."""
-    import json
-
     folder = Path(folder)
     results_file = folder / "test_results.json"
     if not results_file.is_file():
@@ -104,16 +103,22 @@ def load_student(hparams_file, save_folder, vocab_size):
     return student.eval()
 
 
-def systems_of(info, models, student):
-    """name -> StreamDecoder of every system this fold decodes."""
-    held_out, teachers = info["held_out"], info["teachers"]
-    streams = [held_out] if info["input_streams"] in ("matched", "self") else list(teachers)
-    missing = [m for m in streams if m not in models]
+def test_stream_models(info, given):
+    """The SA models of the fold's test streams; DecodeError naming those not ``given``."""
+    streams = [info["held_out"]] if info["input_streams"] in ("matched", "self") else list(info["teachers"])
+    missing = [m for m in streams if m not in given]
     if missing:
         raise DecodeError(
             f"the fold's test streams ({info['input_streams']}) are read from the SA models {streams}: "
             f"give {', '.join(missing)} with --models NAME=HPARAMS.yaml:CHECKPOINT"
         )
+    return streams
+
+
+def systems_of(info, models, student):
+    """name -> StreamDecoder of every system this fold decodes."""
+    held_out, teachers = info["held_out"], info["teachers"]
+    streams = test_stream_models(info, models)
     systems = {"student": StreamDecoder([models[m] for m in streams], student)}
     if held_out in models:
         systems["sa_self"] = StreamDecoder([models[held_out]], StreamIdentity())
@@ -176,6 +181,7 @@ def run(args):
             f"{folder / 'test_results.json'} already has the {' and '.join(done)} search(es): --force redoes them"
         )
     specs = dict(parse_model_arg(m) for m in args.models)
+    test_stream_models(info, specs)
     anchor = specs.get(info["held_out"]) or next(iter(specs.values()))
     settings, source = search_settings(anchor.hparams)
     settings = check_options(args, settings)
@@ -245,9 +251,10 @@ def run(args):
                 wer_files[file] = {"system": name, "decoding": decoding}
             results[search] = {
                 "decoding": decoding,
-                "settings": {k: settings[k] for k in ("min_decode_ratio", "max_decode_ratio")}
-                | ({k: v for k, v in settings.items()} if search == "beam" else {}),
-                "settings_from": {k: v for k, v in source.items()},
+                "settings": dict(settings)
+                if search == "beam"
+                else {k: settings[k] for k in ("min_decode_ratio", "max_decode_ratio")},
+                "settings_from": dict(source),
                 "lm_file": str(lm_file) if search == "beam" and lm is not None else None,
                 "models": {m.name: str(m.ckpt_dir) for m in models.values()},
                 "seconds": round(seconds, 1),
