@@ -137,9 +137,10 @@ def test_one_stream_searches_are_speechbrains(world):
 
 def test_teacher_forced_exact_match_is_free_running_exact_match(world):
     """A causal student (the recipe's transformer fusion, random weights, so that it is not the
-    identity): per utterance, teacher-forced greedy is exact iff free-running greedy is. So that
-    both outcomes occur, a non-empty free-running hypothesis is made the reference (as token ids:
-    SentencePiece's text round trip would add a word-boundary piece)."""
+    identity): per utterance and reference, teacher-forced greedy is exact iff free-running greedy
+    is. References: the word, and for a non-empty free-running hypothesis the hypothesis itself and
+    two near misses sharing its prefix (last piece changed, one piece added), as token ids
+    (SentencePiece's text round trip would add a word-boundary piece)."""
     from local.free_running import StreamDecoder, build_searcher, encode, search_settings
     from local.fusion import FusionStudent
     from local.sa_models import read_wav
@@ -159,18 +160,24 @@ def test_teacher_forced_exact_match_is_free_running_exact_match(world):
         wav = read_wav(utt, model)
         with torch.no_grad():
             free = list(greedy(encode([model], wav), torch.ones(1))[0][0])
-        # the reference, as token ids: the free-running hypothesis itself when it is not empty
-        ref_ids = free if free else sp.encode_as_ids(utt.word)
-        decoder_logits, _ = model.logits(wav, ref_ids)  # teacher-forced on [<s>] + reference
-        with torch.no_grad():
-            out = student(decoder_logits[None, None], torch.ones(1, 1, dtype=torch.bool), decoder.stream_ids[None])
-        forced = greedy_ids(out, torch.tensor([len(ref_ids) + 1]))[0]  # argmax, cut at </s>
-        outcomes.append((forced == ref_ids, free == ref_ids))
+        # references as token ids: the free-running hypothesis itself (exact), the same with its
+        # last piece changed or one piece added (near misses: the same prefix), and the word
+        alt = lambda t: 4 if t != 4 else 5  # noqa: E731 - another piece
+        references = [sp.encode_as_ids(utt.word)]
+        if free:
+            references += [free, free[:-1] + [alt(free[-1])], free + [alt(free[-1])]]
+        for ref_ids in references:
+            decoder_logits, _ = model.logits(wav, ref_ids)  # teacher-forced on [<s>] + reference
+            with torch.no_grad():
+                out = student(decoder_logits[None, None], torch.ones(1, 1, dtype=torch.bool), decoder.stream_ids[None])
+            forced = greedy_ids(out, torch.tensor([len(ref_ids) + 1]))[0]  # argmax, cut at </s>
+            outcomes.append((forced == ref_ids, free == ref_ids))
     assert all(tf == fr for tf, fr in outcomes), outcomes
     assert {fr for _, fr in outcomes} == {True, False}, outcomes  # both outcomes are tested
+    assert sum(fr for _, fr in outcomes) >= 1 and sum(not fr for _, fr in outcomes) >= 3
 
 
-def _fold_folder(world, tmp_path, input_streams="matched"):
+def _fold_folder(world, tmp_path, input_streams="matched", teachers=("F05",)):
     """A fold's output folder as train.py leaves it (test_results.json, hyperparams.yaml, save/)."""
     from speechbrain.utils.checkpoints import Checkpointer
 
@@ -186,13 +193,13 @@ def _fold_folder(world, tmp_path, input_streams="matched"):
     info = {
         "held_out": "M08",
         "group": "high",
-        "teachers": ["M08"] if input_streams == "cross" else ["F05"],
+        "teachers": list(teachers),
         "teacher_set": "explicit",
         "input_streams": input_streams,
         "fusion": "transformer",
         "tokenizer_file": str(world["tokenizer"]),
         "synthetic_data": False,
-        "teacher_accuracy": {"M08": 0.5},
+        "teacher_accuracy": {m: 0.5 + 0.1 * i for i, m in enumerate(teachers)},
         "decoding": "teacher-forced greedy",
         "wer_files": {"wer_test.txt": {"system": "student", "decoding": "teacher-forced greedy"}},
         "student": {"WER": 50.0},
@@ -201,13 +208,14 @@ def _fold_folder(world, tmp_path, input_streams="matched"):
     return folder
 
 
-def run_decode(world, folder, *extra):
+def run_decode(world, folder, *extra, extra_models=()):
     cmd = [
         sys.executable,
         str(RECIPE / "decode.py"),
         str(folder),
         "--models",
         f"M08={world['ending']['exp'] / 'hyperparams.yaml'}:{world['ending']['exp'] / 'save'}",
+        *extra_models,
         "--speaker_csv",
         str(world["csv"]),
         "--device",
@@ -252,18 +260,39 @@ def test_decode_a_fold(world, tmp_path):
 
     proc = run_decode(world, folder, "--search", "greedy")
     assert proc.returncode == 2 and "already has the greedy search" in proc.stderr and "Traceback" not in proc.stderr
-    # cross: the teachers' models are the test streams; each alone, their mean and their vote too
-    cross = _fold_folder(world, tmp_path / "x", input_streams="cross")
-    proc = run_decode(world, cross, "--search", "greedy")
+    # cross, two teachers' models as the test streams (two different models: the encoder states are
+    # split, the CTC posteriors averaged); each alone, their mean and their vote too
+    cross = _fold_folder(world, tmp_path / "x", input_streams="cross", teachers=("M08", "F05"))
+    plain = world["plain"]["exp"]
+    proc = run_decode(
+        world,
+        cross,
+        "--search",
+        "greedy",
+        "beam",
+        "--beam_size=3",
+        extra_models=[f"F05={plain / 'hyperparams.yaml'}:{plain / 'save'}"],
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    systems = json.loads((cross / "test_results.json").read_text())["free_running"]["greedy"]["systems"]
-    assert set(systems) == {"student", "sa_self", "mean", "teacher_M08", "majority_vote"}
+    results = json.loads((cross / "test_results.json").read_text())["free_running"]
+    for search in ("greedy", "beam"):
+        systems = results[search]["systems"]
+        assert set(systems) == {"student", "sa_self", "mean", "teacher_M08", "teacher_F05", "majority_vote"}
+        assert results[search]["systems_decoded"] == 5 and results[search]["search_seconds"] > 0
+    assert systems["teacher_M08"] == systems["sa_self"]  # M08's model, the same search
+    assert systems["teacher_F05"] != systems["teacher_M08"]  # two different models
+    # --force redoes a search; without it a second run is refused (checked above)
+    proc = run_decode(world, folder, "--search", "greedy", "--force")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # a mistyped hparams path: one line
+    proc = run_decode(world, folder, "--search", "greedy", "--force", extra_models=["F05=/nonexistent/h.yaml:/x"])
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     # a test-stream model that is not given: one line naming it, nothing written
     other = _fold_folder(world, tmp_path / "y", input_streams="cross")
     info = json.loads((other / "test_results.json").read_text())
-    (other / "test_results.json").write_text(json.dumps({**info, "teachers": ["M08", "F05"]}))
+    (other / "test_results.json").write_text(json.dumps({**info, "teachers": ["M08", "M09"]}))
     before = (other / "test_results.json").read_text()
     proc = run_decode(world, other, "--search", "greedy")
-    assert proc.returncode == 2 and "give F05 with --models" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "give M09 with --models" in proc.stderr and "Traceback" not in proc.stderr
     assert (other / "test_results.json").read_text() == before
     assert not list(other.glob("wer_test_greedy*"))

@@ -46,6 +46,7 @@ import torch
 
 from local.console import RULE
 from local.corpus import parse_utterance_id, word_category
+from local.distributed import RunError
 from local.files import write_json
 from local.free_running import StreamDecoder, StreamIdentity, build_searcher, describe, encode, search_settings
 from local.fusion import MeanFusion
@@ -63,7 +64,7 @@ from local.sa_models import (
     set_tf32,
 )
 from local.scoring import SystemScores, majority_vote, results_table
-from local.store import load_tokenizer
+from local.store import LogitStoreError, load_tokenizer
 
 logger = logging.getLogger("decode")
 SEARCHES = ("greedy", "beam")
@@ -81,7 +82,14 @@ def read_fold(folder):
         raise DecodeError(
             f"{results_file} does not exist: run train.py for this fold first (decode.py reads its output)"
         )
-    return json.loads(results_file.read_text(encoding="utf-8")), folder / "hyperparams.yaml"
+    try:
+        info = json.loads(results_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DecodeError(f"{results_file} is unreadable ({err})") from None
+    missing = [k for k in ("held_out", "teachers", "input_streams", "tokenizer_file") if k not in info]
+    if missing:
+        raise DecodeError(f"{results_file} lacks {missing}: not a results file of train.py")
+    return info, folder / "hyperparams.yaml"
 
 
 def load_student(hparams_file, save_folder, vocab_size):
@@ -182,6 +190,11 @@ def run(args):
         )
     specs = dict(parse_model_arg(m) for m in args.models)
     test_stream_models(info, specs)
+    for name, spec in specs.items():
+        if not Path(spec.hparams).is_file():
+            raise DecodeError(f"model {name}: hparams file {spec.hparams} does not exist")
+        if not Path(spec.checkpoint).exists():
+            raise DecodeError(f"model {name}: checkpoint {spec.checkpoint} does not exist")
     anchor = specs.get(info["held_out"]) or next(iter(specs.values()))
     settings, source = search_settings(anchor.hparams)
     settings = check_options(args, settings)
@@ -198,7 +211,10 @@ def run(args):
             "the beam search has lm_weight > 0 but no language model: give --lm_file=PATH, or --lm_weight=0 "
             "(then its figures are not comparable with an LM decode)"
         )
-    lock = OutputLock(folder).acquire()
+    try:
+        lock = OutputLock(folder).acquire()
+    except RunError as err:  # its advice (another --output_folder) is train.py's
+        raise DecodeError(str(err).split("; ")[0] + ": wait for it to finish") from None
     try:
         set_tf32(False)  # as the SA models' fork computed (SpeechBrain 1.1.2 turns TF32 on)
         models = {}
@@ -210,6 +226,11 @@ def run(args):
                     f"{info['tokenizer_file']} {tokenizer.vocab_size()} pieces"
                 )
             logger.info("model %s: %s (%s)", name, models[name].ckpt_dir, models[name].ckpt_how)
+        rates = {m.sample_rate for m in models.values()}
+        if len(rates) > 1:
+            raise DecodeError(
+                f"the models expect different sample rates ({sorted(map(str, rates))}): one audio cannot feed them"
+            )
         student = load_student(fold_hparams, folder / "save", tokenizer.vocab_size()).to(device)
         systems = systems_of(info, models, student)
         lm = None
@@ -222,23 +243,35 @@ def run(args):
             for name, decoder in systems.items()
         }
         scores = {key: SystemScores(tokenizer) for key in searchers}
+        seconds = dict.fromkeys(args.search, 0.0)  # per search, its systems included; encoding apart
         start = time.time()
         for i, utt in enumerate(utts):
             wav = read_wav(utt, models[next(iter(models))])
             encoded = {name: encode([model], wav) for name, model in models.items()}
+            frames = {name: int(e.shape[1]) for name, e in encoded.items()}
+            if len(set(frames.values())) > 1:
+                raise DecodeError(
+                    f"utterance {utt.id}: the models give different numbers of encoder frames {frames}: their "
+                    f"front ends differ, so their decoders cannot share the search's frames"
+                )
             parts = parse_utterance_id(utt.id)
             group = ([utt.id], [utt.word], [word_category(parts["word"])], [parts["mic"]])
             for (search, name), searcher in searchers.items():
                 decoder = systems[name]
                 enc = torch.cat([encoded[m.name] for m in decoder.models], -1)
+                tick = time.time()
                 with torch.no_grad():
                     hyps = searcher(enc, torch.ones(1, device=enc.device))[0]
+                seconds[search] += time.time() - tick
                 scores[(search, name)].append_ids(group[0], [list(hyps[0])], *group[1:])
             if (i + 1) % 50 == 0:
                 logger.info("%d/%d utterances (%.1f s)", i + 1, len(utts), time.time() - start)
-        seconds = time.time() - start
         results, wer_files = dict(info.get("free_running", {})), dict(info.get("wer_files", {}))
         for search in args.search:
+            # --force: the files of the search being redone go, so that none of another run stays listed
+            for old in [f for f in wer_files if f == f"wer_test_{search}.txt" or f.startswith(f"wer_test_{search}_")]:
+                (folder / old).unlink(missing_ok=True)
+                del wer_files[old]
             by_system = {name: scores[(search, name)] for name in systems}
             if info["input_streams"] == "cross":
                 teachers = {n: s for n, s in by_system.items() if n.startswith("teacher_")}
@@ -257,8 +290,9 @@ def run(args):
                 "settings_from": dict(source),
                 "lm_file": str(lm_file) if search == "beam" and lm is not None else None,
                 "models": {m.name: str(m.ckpt_dir) for m in models.values()},
-                "seconds": round(seconds, 1),
-                "utterances_per_second": round(len(utts) / max(seconds, 1e-9), 3),
+                "systems_decoded": len(systems),
+                "search_seconds": round(seconds[search], 1),  # all its systems, encoders not included
+                "utterances_per_second": round(len(utts) / max(seconds[search], 1e-9), 3),
                 "systems": {name: system.summary() for name, system in by_system.items()},
             }
         write_json(folder / "test_results.json", {**info, "wer_files": wer_files, "free_running": results})
@@ -278,7 +312,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (DecodeError, ExtractionError) as err:
+    except (DecodeError, ExtractionError, LogitStoreError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 2
 

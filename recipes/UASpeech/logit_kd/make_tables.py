@@ -194,6 +194,11 @@ def benchmark(name):
     return render
 
 
+def _finished(folder, runs):
+    """The files that say the runs of a table finished (train.py writes test_results.json last)."""
+    return [f"{folder}/{run}/test_results.json" for run in runs]
+
+
 def _train(folder, spk, *options):
     return [
         "python",
@@ -205,25 +210,39 @@ def _train(folder, spk, *options):
     ]
 
 
-# name -> (render function, commands (lists) that write its result files, their folder under results/)
+# name -> (render function, commands (lists) that write its result files, the files under results/
+# that say they finished: --run runs the commands when one is missing; a shell line writes its
+# output to a .part file renamed when the command succeeded)
 TABLES = {
-    "calibration": (calibration, [["python", "calibrate_demo.py", "--out", "{results}/calibration"]], "calibration"),
+    "calibration": (
+        calibration,
+        [["python", "calibrate_demo.py", "--out", "{results}/calibration"]],
+        ["calibration/calibration.md"],
+    ),
     "word_fusion": (
         word_fusion,
         [["python", "word_fusion.py", _shared("cross_testing"), "--out", "{results}/word_fusion"]],
-        "word_fusion",
+        ["word_fusion/word_fusion.md"],
     ),
-    "demo_folds": (demo_folds, [_train(f"demo_folds/{spk}", spk) for spk in FOLDS], "demo_folds"),
-    "demo_folds_detail": (demo_folds_detail, [_train(f"demo_folds/{spk}", spk) for spk in FOLDS], "demo_folds"),
+    "demo_folds": (demo_folds, [_train(f"demo_folds/{spk}", spk) for spk in FOLDS], _finished("demo_folds", FOLDS)),
+    "demo_folds_detail": (
+        demo_folds_detail,
+        [_train(f"demo_folds/{spk}", spk) for spk in FOLDS],
+        _finished("demo_folds", FOLDS),
+    ),
     "demo_cross": (
         demo_cross,
         [
             _train(f"demo_cross/{label}", "M08", "--input_streams=cross", "--ctc_decode=true", *options)
             for label, options in CROSS_RUNS
         ],
-        "demo_cross",
+        _finished("demo_cross", [label for label, _ in CROSS_RUNS]),
     ),
-    "demo_study": (demo_study, [["python", "run_study.py", "--study_folder={results}/demo_study"]], "demo_study"),
+    "demo_study": (
+        demo_study,
+        [["python", "run_study.py", "--study_folder={results}/demo_study"]],
+        ["demo_study/study.md"],
+    ),
     "benchmark_float32": (
         benchmark("float32"),
         [
@@ -232,10 +251,11 @@ TABLES = {
                 "-c",
                 "mkdir -p {results}/benchmark && python benchmark.py --tree {results}/full_tree --fold_epochs 50"
                 f" --tokenizer_file {_shared('sa_tokenizer.model')} --metadata_dir {_shared('metadata')}"
-                " > {results}/benchmark/float32.txt",
+                " > {results}/benchmark/float32.txt.part && mv {results}/benchmark/float32.txt.part"
+                " {results}/benchmark/float32.txt",
             ]
         ],
-        "benchmark/float32.txt",
+        ["benchmark/float32.txt"],
     ),
     "benchmark_float16": (
         benchmark("float16"),
@@ -245,10 +265,11 @@ TABLES = {
                 "-c",
                 "mkdir -p {results}/benchmark && python benchmark.py --tree {results}/full_tree --store_dtype float16"
                 f" --tokenizer_file {_shared('sa_tokenizer.model')} --metadata_dir {_shared('metadata')}"
-                " > {results}/benchmark/float16.txt",
+                " > {results}/benchmark/float16.txt.part && mv {results}/benchmark/float16.txt.part"
+                " {results}/benchmark/float16.txt",
             ]
         ],
-        "benchmark/float16.txt",
+        ["benchmark/float16.txt"],
     ),
     "compare_M08": (
         compare_m08,
@@ -257,10 +278,11 @@ TABLES = {
                 "sh",
                 "-c",
                 f"mkdir -p {{results}}/compare_M08 && python compare.py {_shared('cross_testing')}/*/wer_M08.txt"
-                " > {results}/compare_M08/compare.txt",
+                " > {results}/compare_M08/compare.txt.part && mv {results}/compare_M08/compare.txt.part"
+                " {results}/compare_M08/compare.txt",
             ]
         ],
-        "compare_M08",
+        ["compare_M08/compare.txt"],
     ),
 }
 FILES = ("README.md", "docs/results.md", "docs/study.md", "docs/benchmark.md")
@@ -316,13 +338,14 @@ def main(argv=None):
     results = Path(args.results)
     if args.run:
         for name in args.only or TABLES:
-            if not (results / TABLES[name][2]).exists():
+            if not all((results / f).is_file() for f in TABLES[name][2]):
                 print(f"running: {command_line(name, args.results)}", flush=True)
                 for command in TABLES[name][1]:
                     command = [sys.executable if p == "python" else p.format(results=args.results) for p in command]
                     if command[0] == "sh":  # a shell line (a redirection): its python is this one
                         command[2] = command[2].replace("python ", f"{shlex.quote(sys.executable)} ")
-                    subprocess.run(command, cwd=RECIPE, check=True)
+                    if subprocess.run(command, cwd=RECIPE).returncode != 0:
+                        sys.exit(f"ERROR: {shlex.join(command)} failed: no table was rewritten")
     stale = []
     for file in FILES:
         path = RECIPE / file

@@ -38,6 +38,7 @@ SA_TEST_SEARCH = {
     "max_decode_ratio": 1.0,
     "using_eos_threshold": False,
     "length_normalization": True,
+    "blank_index": 0,
 }
 # hparams key (or key.argument) of the SA yaml -> SA_TEST_SEARCH key
 SA_SEARCH_KEYS = {
@@ -50,6 +51,7 @@ SA_SEARCH_KEYS = {
     "test_search.using_eos_threshold": "using_eos_threshold",
     "test_search.length_normalization": "length_normalization",
     "transformerlm_scorer.temperature": "lm_temperature",
+    "blank_index": "blank_index",
 }
 
 
@@ -188,13 +190,15 @@ def build_searcher(search, decoder, settings, bos, eos, lm=None):
         return S2STransformerGreedySearcher(modules=[decoder, OutputIdentity(decoder.models[0].vocab_size)], **common)
     if search != "beam":
         raise ValueError(f"search must be greedy or beam, not {search!r}")
+    # In the SA yaml's order (LM, then CTC): ScorerBuilder adds the weighted scores in place in
+    # this order, and another order rounds differently (near-ties could then break otherwise).
     scorers, weights = [], {}
-    if settings["ctc_weight"] > 0:
-        scorers.append(CTCScorer(ctc_fc=StreamCTC(decoder), blank_index=0, eos_index=eos))
-        weights["ctc"] = settings["ctc_weight"]
     if lm is not None and settings["lm_weight"] > 0:
         scorers.append(TransformerLMScorer(language_model=lm, temperature=settings["lm_temperature"]))
         weights["transformerlm"] = settings["lm_weight"]
+    if settings["ctc_weight"] > 0:
+        scorers.append(CTCScorer(ctc_fc=StreamCTC(decoder), blank_index=settings["blank_index"], eos_index=eos))
+        weights["ctc"] = settings["ctc_weight"]
     scorer = ScorerBuilder(full_scorers=scorers, weights=weights) if scorers else None
     return S2STransformerBeamSearcher(
         modules=[decoder, OutputIdentity(decoder.models[0].vocab_size)],
