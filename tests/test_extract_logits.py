@@ -265,15 +265,17 @@ def test_extract_end_to_end(world):
     assert extract_logits.main(["--jobs", str(world["root"] / "jobs.yaml"), "--device", "cpu"]) == 0
     assert _mtimes(logit_root) == before
 
-    # A pair left without its metadata (a crash before the last file) is redone, and only it.
+    # A pair left as a crash before the last file leaves it (no metadata, the in-progress marker)
+    # is redone, and only it.
     (logit_root / "M05" / "F02" / "F02_metadata.json").unlink()
+    (logit_root / "M05" / "F02" / extract_logits.IN_PROGRESS).write_text("pid 1\n")
     assert extract_logits.main(["--logit_root", str(logit_root), *world["args"]]) == 0
     after = _mtimes(logit_root)
     redone = {p for p in after if before.get(p) != after[p]}
     assert redone == {
         logit_root / "M05" / "F02" / f"F02_{n}" for n in ("decoder_logits.pt", "ctc_logits.pt", "metadata.json")
     }
-    assert not list(logit_root.rglob(".*tmp*"))
+    assert not list(logit_root.rglob(".*tmp*")) and not list(logit_root.rglob(extract_logits.IN_PROGRESS))
 
 
 def test_bf16_close_to_fp32(world):

@@ -246,6 +246,14 @@ def test_finished_output_is_never_redone_or_overwritten(experiments, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((pair / "M08_metadata.json").read_text())["target_words"] == ["THREE"] * 3
 
+    # logit files without metadata and without this script's in-progress marker: someone else's
+    # files, refused until --force
+    (pair / "M08_metadata.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in pair.iterdir()}
+    proc = run_extract(e, root, models=("F02",), csv=csv1, data=one_word)
+    assert proc.returncode == 1 and "without metadata, not left by an interrupted run" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in pair.iterdir()} == stamps
+
     # an unreadable summary: the run stops before extracting anything, the file keeps its bytes
     (root / "extraction_summary.json").write_text("{not json")
     proc = run_extract(e, root, "--force", models=("F02",), csv=csv1, data=one_word)

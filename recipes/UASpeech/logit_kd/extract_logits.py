@@ -80,9 +80,11 @@ consistent (the metadata lists the CSV's utterances in order, the logit files ho
 utterance, or one stacked ``[N, U, V]`` tensor, with the expected lengths and vocabulary) is
 finished and skipped: this script's files and the SA project's ``extract_sa_logits.py``'s (no
 legacy ``vocab_size`` key, another key order) alike. A pair with logits but no metadata is an
-interrupted extraction (the metadata is written last) and is redone, so a crashed run is resumed
-by running it again. A pair with metadata that does not match (another CSV, tokenizer or model)
-is refused with one line, and counts as failed. Every file is written to a temporary name and
+interrupted extraction of this script when its ``.extraction_in_progress`` marker is there (it is
+written before a pair is touched and removed after its metadata, written last): then it is
+redone, so a crashed run is resumed by running it again; without the marker it is refused. A
+pair with metadata that does not match (another CSV, tokenizer or model) is refused with one
+line, and counts as failed. Every file is written to a temporary name and
 renamed into place. ``extraction_summary.json`` is merged, never replaced (the SA script's keys
 are kept); an unreadable one stops the run before anything is extracted. A failed pair is
 reported (and recorded in the summary) and the other pairs still run; the exit status is 1 if any
@@ -109,6 +111,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -159,6 +162,9 @@ def _load_mmap(path):
 # extraction) is optional: the SA project's current script no longer writes it, and writes the keys
 # in another order; both are finished pairs.
 FINISHED_KEYS = tuple(k for k in METADATA_KEYS if k != "vocab_size")
+# Left in a pair's folder while this script writes the pair (removed with the metadata written
+# last): logit files without metadata are an interrupted extraction only when it is there.
+IN_PROGRESS = ".extraction_in_progress"
 
 
 def pair_status(logit_root, model, speaker, utts, tokenizer):
@@ -170,7 +176,11 @@ def pair_status(logit_root, model, speaker, utts, tokenizer):
     files = pair_files(logit_root, model, speaker)
     if not files["metadata"].is_file():
         present = [p.name for p in files.values() if p.is_file()]
-        return "absent", ("interrupted (no metadata; " + ", ".join(present) + ")") if present else "no files"
+        if not present:
+            return "absent", "no files"
+        if (files["metadata"].parent / IN_PROGRESS).is_file():
+            return "absent", f"interrupted extraction of this script ({', '.join(present)} without metadata)"
+        return "different", f"{', '.join(present)} without metadata, not left by an interrupted run of this script"
     try:
         why = _pair_difference(files, model, utts, tokenizer)
     except (TypeError, KeyError, AttributeError, IndexError, ValueError) as err:
@@ -219,6 +229,9 @@ def _pair_difference(files, model, utts, tokenizer):
 def extract_pair(model, speaker, utts, tokenizer, logit_root):
     """Runs ``model`` on ``utts`` and writes the pair's three files (metadata last)."""
     files = pair_files(logit_root, model.name, speaker)
+    marker = files["metadata"].parent / IN_PROGRESS
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"pid {os.getpid()}\n")  # before anything of the pair changes
     files["metadata"].unlink(missing_ok=True)  # the pair is unfinished until its metadata is back
     decoder, ctc, frames = [], [], []
     start = time.time()
@@ -253,6 +266,7 @@ def extract_pair(model, speaker, utts, tokenizer, logit_root):
     }
     assert list(meta) == list(METADATA_KEYS)
     save_json(meta, files["metadata"], indent=2)
+    marker.unlink()
     return time.time() - start
 
 
