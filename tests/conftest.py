@@ -25,6 +25,32 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny models run much faster on one thread (and do not
+    fight over shared cores). Use with ``pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def check_table(name, results):
+    """Asserts that the README/docs table ``name`` is what make_tables.py renders from ``results``."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, str(RECIPE / "make_tables.py"), "--check", "--only", name, "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=RECIPE,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.fixture(scope="session")
 def shared_uaspeech():
     """The folder of real SA artefacts; skips the test when it is absent."""

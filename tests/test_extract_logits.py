@@ -30,7 +30,10 @@ MODELS = ("F02", "M05")
 SYNTHETIC_VOCAB = 120
 
 # SpeechBrain's TransformerASR gives torch a bool padding mask and a float look-ahead mask.
-pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning"),
+]
 
 
 def _write_audio(folder, speaker, seed):
@@ -113,15 +116,6 @@ def _shared_or_none(request):
         return request.getfixturevalue("shared_uaspeech")
     except pytest.skip.Exception:
         return None
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread (and do not fight over shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,10 @@ FORK_ONLY = ("freeze_encoder_layers", "freeze_decoder_layers")
 # SA project's script would have stacked the decoder logits into one [N, U, V] tensor.
 ONE_WORD = [("D3", "THREE", ("M5", "M6", "M7"))]
 
-pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning"),
+]
 
 
 def _fixture_text(out, vocab):

@@ -11,7 +11,7 @@ from word_fusion import combine_fold, read_cross_testing, run, statistics, table
 
 from local.combine import vote, vote_weight
 
-from conftest import RECIPE
+from conftest import RECIPE, check_table
 
 TEACHERS = ("F05", "M09", "M10", "M14")  # the same_level teachers of M08
 WORDS = {"CW1": "COME", "CW2": "WE", "LA": "ALPHA", "LZ": "ZULU", "D1": "ONE"}
@@ -135,11 +135,4 @@ def test_readme_table_is_the_commands_output(shared_uaspeech, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run(
-        [sys.executable, str(RECIPE / "make_tables.py"), "--check", "--only", "word_fusion", "--results", str(results)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=RECIPE,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_table("word_fusion", results)

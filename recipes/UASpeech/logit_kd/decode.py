@@ -48,7 +48,14 @@ from local.console import RULE
 from local.corpus import parse_utterance_id, word_category
 from local.distributed import RunError
 from local.files import write_json
-from local.free_running import StreamDecoder, StreamIdentity, build_searcher, describe, encode, search_settings
+from local.free_running import (
+    StreamDecoder,
+    StreamIdentity,
+    build_searcher,
+    describe,
+    same_frames,
+    search_settings,
+)
 from local.fusion import MeanFusion
 from local.run_folder import OutputLock
 from local.sa_models import (
@@ -247,13 +254,11 @@ def run(args):
         start = time.time()
         for i, utt in enumerate(utts):
             wav = read_wav(utt, models[next(iter(models))])
-            encoded = {name: encode([model], wav) for name, model in models.items()}
-            frames = {name: int(e.shape[1]) for name, e in encoded.items()}
-            if len(set(frames.values())) > 1:
-                raise DecodeError(
-                    f"utterance {utt.id}: the models give different numbers of encoder frames {frames}: their "
-                    f"front ends differ, so their decoders cannot share the search's frames"
-                )
+            encoded = {name: model.encode(wav) for name, model in models.items()}
+            try:
+                same_frames(encoded, f"utterance {utt.id}")
+            except ValueError as err:
+                raise DecodeError(str(err)) from None
             parts = parse_utterance_id(utt.id)
             group = ([utt.id], [utt.word], [word_category(parts["word"])], [parts["mic"]])
             for (search, name), searcher in searchers.items():

@@ -68,12 +68,5 @@ class Streams:
     def entropy(self):
         return self.evidence[..., -1:]
 
-    def logp_at(self, temperature):
-        """log_softmax(z / T) [B, S, U, V], float32: free when the logits are tempered at T."""
-        logits = self.logits.float()
-        if self.temperature is not None and abs(self.temperature - temperature) < 1e-12:
-            return logits / temperature
-        return F.log_softmax(logits / temperature, -1)
-
     def to(self, device):
         return Streams(self.logits.to(device), self.evidence.to(device), self.temperature)

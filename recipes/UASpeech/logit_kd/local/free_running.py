@@ -161,17 +161,23 @@ class StreamIdentity(nn.Module):
         return streams[:, 0]
 
 
+def same_frames(encodings, where):
+    """Raises ValueError unless the encoder outputs ``encodings`` ({model: [1, T, D]}) have one T:
+    the models' CTC posteriors are averaged frame by frame and the search runs over those frames."""
+    frames = {name: int(e.shape[1]) for name, e in encodings.items()}
+    if len(set(frames.values())) > 1:
+        raise ValueError(
+            f"{where}: the models give different numbers of encoder frames {frames} on the same audio: "
+            f"their front ends differ, so their decoders cannot share one search"
+        )
+
+
 @torch.no_grad()
 def encode(models, wav):
     """[1, T, S * D]: the models' encoder outputs on one waveform, concatenated."""
-    outs = [model.encode(wav) for model in models]
-    frames = {int(o.shape[1]) for o in outs}
-    if len(frames) != 1:
-        raise ValueError(
-            f"the models give different numbers of encoder frames ({sorted(frames)}) on the same audio: "
-            f"their front ends differ, so their CTC posteriors cannot be averaged frame by frame"
-        )
-    return torch.cat(outs, -1)
+    outs = {model.name: model.encode(wav) for model in models}
+    same_frames(outs, "encode")
+    return torch.cat(list(outs.values()), -1)
 
 
 def build_searcher(search, decoder, settings, bos, eos, lm=None):

@@ -411,7 +411,10 @@ def load_language_model(hparams_file, lm_file, device="cpu"):
     lm_file = Path(lm_file)
     if not lm_file.is_file():
         raise ExtractionError(f"language model file {lm_file} does not exist (give --lm_file, or --lm_file=none)")
-    lm = load_model_hparams(hparams_file, extra_keys=("lm_model",))["lm_model"]
+    # only the LM (and what it references) is built, not the ASR model a second time
+    lm = load_model_hparams(
+        hparams_file, required=("lm_model",), optional=(), what="an SA model's hparams with an lm_model"
+    )["lm_model"]
     try:
         lm.load_state_dict(torch_patched_state_dict_load(lm_file, "cpu"), strict=True)
     except Exception as err:  # noqa: BLE001 - name the files
