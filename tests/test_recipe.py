@@ -224,7 +224,8 @@ def _assert_clean_failure(proc, *fragments):
 def test_bad_input_stops_before_anything_is_overwritten(copy_tree, tmp_path, demo_tree):
     out = tmp_path / "out"
     run_recipe("M16", f"--output_folder={out}", "--number_of_epochs=1", *FAST, demo_tree=demo_tree)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # (the lock file aside: a run takes it before it reads its inputs, and it only names that run)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     tree = copy_tree()
     path = tree / "logit_extraction" / "M07" / "M07" / "M07_decoder_logits.pt"
     logits = torch.load(path, weights_only=True)
@@ -249,7 +250,7 @@ def test_bad_input_stops_before_anything_is_overwritten(copy_tree, tmp_path, dem
     _assert_clean_failure(proc, "ERROR:", "missing folder")
     proc = run_recipe("M16", f"--logit_root={tmp_path / 'nowhere'}", f"--output_folder={out}", *FAST, check=False)
     _assert_clean_failure(proc, "ERROR:", "--logit_root is given without --tokenizer_file")
-    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
     fresh = tmp_path / "fresh"
     proc = run_recipe("M16", *args[:2], f"--output_folder={fresh}", *FAST, check=False)

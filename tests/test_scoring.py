@@ -158,3 +158,32 @@ def test_majority_vote_of_systems(demo_tree):
         assert voted.summary()["WRA"] == pytest.approx(25.0) and ties == 1
     voted, _ = majority_vote(systems, sp, {"A": 0.5, "B": 0.5, "C": 0.5})  # equal: the first name
     assert voted.hypotheses["F02_B3_D2_M2"] == "THE"
+
+
+def test_wra_counts_words_and_wra_pieces_counts_pieces(demo_tree):
+    """A word spelled by other pieces than the reference's is right for WRA (the SA pipeline's rule
+    scores the decoded text) but not for WRA_pieces, the share that teacher-forced and free-running
+    greedy decoding have in common: so the two decodings' WRA can differ (docs/scoring.md)."""
+    from local.synthetic import word_list
+
+    sp = load_tokenizer(demo_tree / "tokenizer.model")
+    found = None
+    for word in word_list("demo", 2026).values():
+        pieces = sp.encode_as_ids(word)
+        for k in range(1, len(word)):
+            left, right = sp.piece_to_id("\u2581" + word[:k]), sp.piece_to_id(word[k:])
+            other = [left, right]
+            if 0 not in other and other != pieces and sp.decode_ids(other) == word:
+                found = (word, pieces, other)
+                break
+        if found:
+            break
+    assert found, "no demo word with a second segmentation"
+    word, pieces, other = found
+    scores = SystemScores(sp)
+    scores.append_ids(["M08_B3_D1_M5", "M08_B3_D2_M5"], [pieces, other], [word, word], ["D", "D"], ["M5", "M5"])
+    summary = scores.summary()
+    assert summary["WRA"] == 100.0 and summary["WRA_pieces"] == 50.0
+    text_only = SystemScores(sp)
+    text_only.append_texts(["M08_B3_D1_M5"], [word], [word], ["D"], ["M5"])
+    assert text_only.summary()["WRA_pieces"] is None

@@ -60,11 +60,32 @@ def provenance(path):
         else:
             decoding = info.get("decoding", "unknown (no decoding in test_results.json)")
         synthetic = bool(info.get("synthetic_data"))
-        return {"synthetic": synthetic, "decoding": decoding, "source": f"recipe output ({results})"}
+        origin = {"synthetic": synthetic, "decoding": decoding, "source": f"recipe output ({results})"}
+        if info.get("partial"):
+            origin["partial"] = info["partial"]
+        return origin
     for parent in path.resolve().parents:
         if (parent / "SYNTHETIC.json").is_file():
             return {"synthetic": True, "decoding": "unknown", "source": f"a synthetic tree ({parent})"}
     return {"synthetic": False, "decoding": SPEECHBRAIN_DECODING, "source": "a SpeechBrain wer file"}
+
+
+def demo_references(wf):
+    """The number of utterances of a parsed wer file whose reference is the demo tree's made-up
+    word for its word key (e.g. ``M08_B3_UW3_M5`` with the demo's pseudo-word): a file copied out
+    of a demo run's folder, whose ``test_results.json`` no longer says it is synthetic."""
+    from local.corpus import parse_utterance_id
+    from local.synthetic import demo_word_keys
+
+    demo = demo_word_keys()
+    hits = 0
+    for utt in wf.utterances:
+        try:
+            key = parse_utterance_id(utt.id)["word"]
+        except ValueError:
+            continue
+        hits += key in demo and " ".join(utt.ref) == demo[key]
+    return hits
 
 
 def check_comparable(paths, origins):
@@ -78,13 +99,18 @@ def check_comparable(paths, origins):
             f"tree ({origins[paths.index(synthetic[0])]['source']}) but {real[0]} does not "
             f"({len(synthetic)} synthetic, {len(real)} real files): compare each kind on its own"
         )
+    partial = [
+        f"WARNING: {p} is a PARTIAL run ({o['partial']}): not the fold's figures"
+        for p, o in zip(paths, origins)
+        if o.get("partial")
+    ]
     decodings = sorted({o["decoding"] for o in origins})
     if len(decodings) > 1:
-        return [
+        return partial + [
             "WARNING: these systems were decoded differently (" + "; ".join(decodings) + "): their "
             "differences mix the decoding with the model, and the vote and the oracle mix decodings"
         ]
-    return []
+    return partial
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -139,6 +165,10 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
         raise ValueError("no files to compare")
     paths = [p.path for p in parsed]
     origins = [provenance(p) for p in paths]
+    for wf, origin in zip(parsed, origins):
+        hits = 0 if origin["synthetic"] else demo_references(wf)
+        if hits:
+            origin.update(synthetic=True, source=f"its references hold {hits} made-up words of the demo tree")
     warnings = check_comparable(paths, origins)
     names = list(names) if names is not None else default_names(paths)
     if len(names) != len(parsed):
@@ -382,6 +412,8 @@ def main(argv=None):
     parser.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples of each interval")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.json_out and Path(args.json_out).is_dir():
+        parser.exit(2, f"ERROR: --json {args.json_out} is a folder: give the path of a .json file to write\n")
     try:
         result = compare(
             args.files,
@@ -395,7 +427,10 @@ def main(argv=None):
         parser.exit(2, f"ERROR: {err}\n")
     print(comparison_table(result))
     if args.json_out:
-        write_json(args.json_out, result, indent=1)
+        try:
+            write_json(args.json_out, result, indent=1)
+        except OSError as err:
+            parser.exit(2, f"ERROR: cannot write --json {args.json_out}: {err.strerror or err}\n")
         print(f"wrote {args.json_out}")
     return 0
 

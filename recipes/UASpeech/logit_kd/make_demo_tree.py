@@ -14,13 +14,16 @@ Usage (from recipes/UASpeech/logit_kd)::
 """
 
 import argparse
+import sys
 
-from local.synthetic import DEMO_SEED, generate_tree
+from local.synthetic import DEMO_SEED, DemoTreeError, check_replaceable, generate_tree
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder to create (replaced if it exists)")
+    parser.add_argument(
+        "--out", required=True, help="folder to create (an earlier synthetic tree there is replaced; nothing else is)"
+    )
     parser.add_argument("--scale", choices=("demo", "full"), default="demo")
     parser.add_argument("--seed", type=int, default=DEMO_SEED)
     parser.add_argument("--pairs", choices=("diagonal", "all"), default="diagonal")
@@ -30,6 +33,10 @@ def main(argv=None):
     )
     parser.add_argument("--ctc", action="store_true", help="also write CTC logit files (every pair)")
     args = parser.parse_args(argv)
+    try:
+        check_replaceable(args.out)
+    except DemoTreeError as err:
+        sys.exit(f"ERROR: {err}")
     summary = generate_tree(
         args.out,
         scale=args.scale,

@@ -16,8 +16,15 @@ Usage (from recipes/UASpeech/logit_kd)::
 
     python make_tables.py                 # rewrite the tables from the result files in results/
     python make_tables.py --check         # exit 1 if a table differs from its result files
-    python make_tables.py --run           # run the missing commands, then rewrite
+    python make_tables.py --run           # run the missing commands, then rewrite (says which changed)
+    python make_tables.py --run --check   # a fresh clone: run every command, then check, write nothing
     python make_tables.py --only word_fusion --results results
+
+``results/`` is not committed: on a fresh clone ``--check`` alone has nothing to check against and
+says so; ``--run --check`` reruns every table's command and then says which tables came out
+different. Every file is rendered before any is
+written: a table that cannot be made (a missing, unreadable or partial result file, synthetic and
+real runs together) stops with one line and leaves every file as it was.
 """
 
 import argparse
@@ -27,6 +34,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from local.files import atomic_write
 
 RECIPE = Path(__file__).resolve().parent
 SHARED = RECIPE.parents[2].parent / "shared" / "uaspeech"  # the SA artefacts beside the checkout
@@ -58,7 +67,21 @@ def calibration(results):
 
 
 def _run(folder):
-    return json.loads((folder / "test_results.json").read_text(encoding="utf-8"))
+    """A run's test_results.json; TableError when it is unreadable or partial."""
+    path = folder / "test_results.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))  # a missing file: update() says what to run
+    except ValueError as err:
+        raise TableError(f"{path} is not a results file of train.py (bad JSON: {err})") from None
+    if not isinstance(info, dict) or "student" not in info:
+        raise TableError(f"{path} is not a results file of train.py")
+    if info.get("partial"):
+        raise TableError(f"{path} is a partial run ({info['partial']}): it is not the fold's figures")
+    return info
+
+
+class TableError(ValueError):
+    """A table that cannot be made from its result files: one line naming the file."""
 
 
 def _data_line(runs):
@@ -68,13 +91,21 @@ def _data_line(runs):
         return "SYNTHETIC demo tree: these figures show that the recipe runs, nothing about UASpeech."
     if kinds == {False}:
         return "Real logits."
-    raise ValueError("synthetic and real runs in one table")
+    raise TableError("synthetic and real runs in one table: their figures cannot stand side by side")
+
+
+def _kernels(runs):
+    """The CPU kernels the runs used (results depend on them: local/cpu_kernels.py)."""
+    used = {(r.get("cpu_kernels") or {}).get("aten", "unrecorded") for r in runs}
+    if len(used) != 1:
+        raise TableError(f"runs made with different CPU kernels in one table: {sorted(used)}")
+    return f"CPU kernels {used.pop()}"
 
 
 def _decoding(runs):
     decodings = {r["decoding"] for r in runs}
     if len(decodings) != 1:
-        raise ValueError(f"runs decoded differently in one table: {sorted(decodings)}")
+        raise TableError(f"runs decoded differently in one table: {sorted(decodings)}")
     return decodings.pop().split(" (")[0]
 
 
@@ -96,7 +127,8 @@ def demo_folds(results):
     streams = {r["input_streams"] for r in runs}
     lines = [
         f"{_data_line(runs)} `input_streams` {'; '.join(setting(s) for s in sorted(streams))}. "
-        f"`fusion: {runs[0]['fusion']}`, seed {runs[0]['seed']}, {runs[0]['threads']} thread(s).",
+        f"`fusion: {runs[0]['fusion']}`, seed {runs[0]['seed']}, {runs[0]['threads']} thread(s), "
+        f"{_kernels(runs)}.",
         "",
         "| hparams | held out | student WER | student WRA | `sa_self` WRA | epoch kept | decoding |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- |",
@@ -313,8 +345,9 @@ def render(name, results):
 
 
 def update(text, results, only=None):
-    """``text`` with every (or every ``only``) table block rewritten; returns (text, names)."""
-    names = []
+    """``text`` with every (or every ``only``) table block rewritten; returns (text, the names of
+    the blocks whose content changed)."""
+    changed = []
 
     def replace(match):
         name = match["name"]
@@ -322,10 +355,34 @@ def update(text, results, only=None):
             raise KeyError(f"unknown table {name!r} (known: {', '.join(TABLES)})")
         if only and name not in only:
             return match.group(0)
-        names.append(name)
-        return match.group(1) + render(name, results) + match.group(4)
+        try:
+            body = render(name, results)
+        except OSError as err:
+            raise TableError(
+                f"table {name}: its result file {err.filename} is missing (results/ is not committed: "
+                f"a fresh clone has none; `python make_tables.py --run --only {name}` runs its command)"
+            ) from None
+        except (TableError, ValueError, KeyError) as err:
+            raise TableError(f"table {name}: {err}") from None
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
 
-    return _BLOCK.sub(replace, text), names
+    return _BLOCK.sub(replace, text), changed
+
+
+def run_missing(names, results):
+    """Runs the commands of the tables whose result files are missing (a fresh clone: all)."""
+    for name in names:
+        if all((Path(results) / f).is_file() for f in TABLES[name][2]):
+            continue
+        print(f"running: {command_line(name, results)}", flush=True)
+        for command in TABLES[name][1]:
+            command = [sys.executable if p == "python" else p.format(results=results) for p in command]
+            if command[0] == "sh":  # a shell line (a redirection): its python is this one
+                command[2] = command[2].replace("python ", f"{shlex.quote(sys.executable)} ")
+            if subprocess.run(command, cwd=RECIPE).returncode != 0:
+                raise TableError(f"{shlex.join(command)} failed: no table was rewritten")
 
 
 def main(argv=None):
@@ -336,32 +393,33 @@ def main(argv=None):
     parser.add_argument("--run", action="store_true", help="first run the commands whose result files are missing")
     args = parser.parse_args(argv)
     results = Path(args.results)
-    if args.run:
-        for name in args.only or TABLES:
-            if not all((results / f).is_file() for f in TABLES[name][2]):
-                print(f"running: {command_line(name, args.results)}", flush=True)
-                for command in TABLES[name][1]:
-                    command = [sys.executable if p == "python" else p.format(results=args.results) for p in command]
-                    if command[0] == "sh":  # a shell line (a redirection): its python is this one
-                        command[2] = command[2].replace("python ", f"{shlex.quote(sys.executable)} ")
-                    if subprocess.run(command, cwd=RECIPE).returncode != 0:
-                        sys.exit(f"ERROR: {shlex.join(command)} failed: no table was rewritten")
-    stale = []
-    for file in FILES:
-        path = RECIPE / file
-        text = path.read_text(encoding="utf-8")
-        try:
-            new, names = update(text, results, args.only)
-        except (OSError, KeyError) as err:
-            sys.exit(f"ERROR: {file}: {err} (run the table's command, or make_tables.py --run)")
-        if new != text:
-            stale.append(f"{file}: {', '.join(names)}")
-            if not args.check:
-                path.write_text(new, encoding="utf-8")
-    if args.check and stale:
-        print("out of date: " + "; ".join(stale))
+    try:
+        if args.run:
+            run_missing(args.only or list(TABLES), args.results)
+        # Every table of every file is rendered before any file is written: all files or none.
+        outputs, stale = {}, []
+        for file in FILES:
+            path = RECIPE / file
+            text = path.read_text(encoding="utf-8")
+            try:
+                new, changed = update(text, results, args.only)
+            except (TableError, KeyError) as err:
+                raise TableError(f"{file}: {err}") from None
+            if changed:
+                stale.append(f"{file}: {', '.join(changed)}")
+                outputs[path] = new
+    except TableError as err:
+        print(f"ERROR: {err}", file=sys.stderr)
         return 1
-    print(("up to date" if args.check else "written") + f": {', '.join(FILES)}")
+    if args.check:
+        if stale:
+            print("out of date (the result files give other figures): " + "; ".join(stale))
+            return 1
+        print(f"up to date: {', '.join(FILES)}")
+        return 0
+    for path, new in outputs.items():
+        atomic_write(path, lambda handle, new=new: handle.write(new))
+    print(f"written: {'; '.join(stale) if stale else 'nothing changed'}")
     return 0
 
 

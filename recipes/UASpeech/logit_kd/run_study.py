@@ -11,8 +11,11 @@
 Each run goes into ``<study_folder>/<fold>_<teacher_set>_<input_streams>_<fusion>/<seed>/``. A run whose
 ``test_results.json`` exists is finished and skipped; any other run is (re)started, and train.py
 resumes it from its last checkpoint. So after a crash or Ctrl-C, run the same command again. The
-arguments after ``--`` go to every train.py run unchanged (a finished run is not re-run when they
-change: use another study folder). train.py's output is kept in ``<study_folder>/logs/``; a failing
+arguments after ``--`` go to every train.py run unchanged. A finished run is skipped only if it was
+made with the options and the data of this command (the manifest's command, or its
+test_results.json): otherwise the study stops before running anything, naming the run and the
+option (use another study folder; an unfinished run with other options is refused by train.py).
+train.py's output is kept in ``<study_folder>/logs/``; a failing
 run is reported with its command and the tail of its stderr, the others go on, and the exit status
 is 1. Paths given here are taken relative to the current directory.
 
@@ -34,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from tqdm import tqdm
 
 from local.files import atomic_write
@@ -216,6 +220,39 @@ def finished(study, run):
     return True
 
 
+def _options(command):
+    """{key: value} of the ``--key=value`` items of a train.py command (its python and paths aside)."""
+    return dict(item[2:].split("=", 1) for item in command if item.startswith("--") and "=" in item)
+
+
+# Where a run writes and how it is launched: not what it computes.
+NOT_COMPARED = ("output_folder", "cache_folder")
+
+
+def changed_options(study, run, previous):
+    """What differs between a finished run and the run this command would make ("" when nothing):
+    compared with the manifest's record of its command, or, without one, with its test_results.json
+    (the options it recorded and its data)."""
+    planned = {k: v for k, v in _options(run["command"]).items() if k not in NOT_COMPARED}
+    if previous is not None and "command" in previous:
+        old = {k: v for k, v in _options(previous["command"]).items() if k not in NOT_COMPARED}
+        diffs = [
+            f"--{k} {old.get(k, '(unset)')} -> {planned.get(k, '(unset)')}" for k in sorted(set(old) | set(planned))
+        ]
+        return "; ".join(d for d, k in zip(diffs, sorted(set(old) | set(planned))) if old.get(k) != planned.get(k))
+    with open(study / run["name"] / RESULTS_FILE, encoding="utf-8") as handle:
+        info = json.load(handle)
+    diffs = []
+    recorded = info.get("overrides", {})
+    for key, value in planned.items():
+        if key in recorded and str(yaml.safe_load(value)) != str(recorded[key]):
+            diffs.append(f"--{key} {recorded[key]} -> {value}")
+    for key in ("logit_root", "tokenizer_file"):
+        if key in planned and info.get(key) not in (None, str(Path(planned[key]).resolve())):
+            diffs.append(f"--{key} {info[key]} -> {planned[key]}")
+    return "; ".join(diffs)
+
+
 def tail(path, lines=TAIL_LINES):
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
@@ -279,6 +316,18 @@ def main(argv=None):
     if (study / MANIFEST_FILE).is_file():
         with open(study / MANIFEST_FILE, encoding="utf-8") as handle:
             previous = {r["name"]: r for r in json.load(handle).get("runs", [])}
+    # A finished run is only skipped if this command would make the same run (checked for every
+    # run before anything is run or the manifest rewritten).
+    for run in runs:
+        if finished(study, run):
+            changed = changed_options(study, run, previous.get(run["name"]))
+            if changed:
+                raise ValueError(
+                    f"{study / run['name']} finished with other options or data than this command's ({changed}): "
+                    f"give another --study_folder (or remove that run to redo it)"
+                )
+            if run["name"] in previous and "command" in previous[run["name"]]:
+                run["command"] = previous[run["name"]]["command"]  # as it was made
     save_manifest(study, runs, started, env["OMP_NUM_THREADS"])
     failures = []
     t0 = time.monotonic()

@@ -17,25 +17,30 @@ See README.md for the folds and docs/scoring.md for what each figure means.
 """
 
 import functools
+import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from local import cpu_kernels  # first: it pins the CPU math libraries' code paths before torch loads
+
+# isort: split
 import speechbrain as sb
 import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.distributed import ddp_all_reduce, if_main_process
 
 from local.batch import OUTPUT_KEYS, FoldBatch, GlobalBatchSampler, StepNoise
-from local.checkpoints import FINGERPRINT, RunFingerprint
+from local.checkpoints import FINGERPRINT, CheckpointError, RunFingerprint, check_checkpoints
 from local.console import closing_block
 from local.corpus import SPEAKERS, intelligibility_group
 from local.ctc import ctc_systems, score_ctc
 from local.distributed import RunError, agree, is_distributed, local_rank, release_at_exit, stop, world_size
 from local.files import DiskFullError, write_json
-from local.fingerprint import FingerprintError, check_fingerprint, make_fingerprint
+from local.fingerprint import FingerprintError, check_epochs, check_fingerprint, make_fingerprint, option_fingerprint
 from local.folds import (
     FoldError,
     build_items,
@@ -48,15 +53,18 @@ from local.folds import (
 from local.fusion import MeanFusion, drop_streams
 from local.kd import EnsembleTargets, kd_loss, teacher_quality
 from local.options import HparamsError, check_hparams, check_run_options, describe_options, load_fold_hparams
-from local.run_folder import OutputLock, check_writable, made_by_this_run, remove
+from local.run_folder import LOG_CONFIG, OutputLock, check_writable, made_by_this_run, remove, write_hyperparams
 from local.scoring import SystemScores, majority_vote, results_table, write_utterances
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
-from local.synthetic import ensure_demo_tree
+from local.synthetic import DemoTreeError, ensure_demo_tree
 
 logger = logging.getLogger(__name__)
 
 # What stops a run before it starts, with one line.
-INPUT_ERRORS = (RunError, HparamsError, LogitStoreError, FoldError, FingerprintError, DiskFullError)
+INPUT_ERRORS = (RunError, HparamsError, LogitStoreError, FoldError, FingerprintError, CheckpointError, DiskFullError)
+# The files of every checkpoint of a trained student (besides student.ckpt): a checkpoint that
+# lacks one cannot be loaded.
+CHECKPOINT_FILES = ("counter", "scheduler", "train_log", FINGERPRINT, "brain", "optimizer")
 # How the recipe's figures were decoded: said in test_results.json, in the closing block, and read
 # by compare.py. Teacher-forced: position u saw the reference's tokens before u, which a decode of
 # the audio (beam search + CTC + LM) does not; the two are not comparable figures.
@@ -198,11 +206,18 @@ class FusionKD(sb.Brain):
                 scores.write_stats(out / name)
                 wer_files[name] = {"system": system, "decoding": CTC_DECODINGS[decoder]}
         write_utterances(self.hparams.test_utterances_file, self.scores)
+        partial = partial_run(self.debug, results["student"]["n"], self.hparams.n_test_items)
+        if partial:
+            logger.warning("PARTIAL RUN: %s: these are not the fold's figures", partial)
         write_json(
             self.hparams.test_results_file,
             {
                 **self.hparams.fold_info,
+                # Why these figures are not the fold's (None: they are): make_tables.py refuses them.
+                "partial": partial,
+                "n_test_items": self.hparams.n_test_items,
                 "threads": self.hparams.threads,
+                "cpu_kernels": cpu_kernels.describe(),
                 "processes": world_size(),
                 "n_utterances": results["student"]["n"],
                 "epoch_loaded": self.hparams.epoch_counter.current,
@@ -240,6 +255,32 @@ class FusionKD(sb.Brain):
         return loader_kwargs
 
 
+def partial_run(debug, n_scored, n_items):
+    """Why a test covers less than the fold (None when it covers it all): ``--debug`` stops each
+    stage after a few batches."""
+    if n_scored == n_items and not debug:
+        return None
+    why = "--debug (a few batches per stage, a few epochs)" if debug else "not every test utterance was scored"
+    return f"{why}: {n_scored} of the fold's {n_items} test utterances"
+
+
+def check_not_finished(results_file):
+    """RunError if ``results_file`` holds a finished (not partial) run: a --debug run would replace
+    its figures with those of a few batches."""
+    path = Path(results_file)
+    if not path.is_file():
+        return
+    try:
+        partial = json.loads(path.read_text(encoding="utf-8")).get("partial")
+    except (OSError, ValueError, AttributeError):
+        partial = None
+    if not partial:
+        raise RunError(
+            f"--debug into {path.parent}, which holds a finished run: its results would be replaced by those "
+            f"of a few batches; give another --output_folder"
+        )
+
+
 def uses_demo_tree(hparams):
     """True when logit_root is the embedded demo tree (the default of every fold)."""
     demo = Path(hparams["demo_folder"]) / "logit_extraction"
@@ -259,6 +300,7 @@ def prepare_fold(hparams):
             ensure_demo_tree,
             folder=hparams["demo_folder"],
             pairs=train_pairs + test_pairs,
+            errors=(DemoTreeError,),
             on=lambda: local_rank() == 0,
         )
     first = agree(load_fold, hparams, errors=INPUT_ERRORS, on=lambda: local_rank() == 0)
@@ -392,10 +434,12 @@ def parse_arguments(argv):
 
 def preflight(hparams_file, run_opts, overrides):
     """Everything that can stop a run, before anything is written into its output folder: the
-    options, the output folder (usable), the inputs, the checkpoints already there (made with this
-    run's settings only), and last the folder's lock (no other run in it). Returns (base_file,
-    fold_overrides, hparams, fold, lock, fingerprint); stops every process with one line otherwise."""
-    hparams, fresh = None, False
+    options, the output folder (usable), the checkpoints already there (made with this run's
+    options: checked before any input is read or cached), the folder's lock (no other run in it),
+    the inputs, the checkpoints again (this run's data; every file readable; no epoch past
+    number_of_epochs). Returns (base_file, fold_overrides, hparams, fold, student, lock,
+    fingerprint); stops every process with one line otherwise, and removes an output folder it made."""
+    hparams, fresh, lock = None, False, None
     try:
         loaded = agree(load_fold_hparams, hparams_file, overrides, check=False, errors=(HparamsError,))
         base_file, fold_overrides, hparams = loaded
@@ -408,18 +452,46 @@ def preflight(hparams_file, run_opts, overrides):
                 f"{world_size()} processes"
             )
         agree(check_writable, hparams["output_folder"])
+        if run_opts.get("debug"):
+            agree(check_not_finished, hparams["test_results_file"])
+        teachers = agree(
+            teacher_speakers,
+            hparams["held_out"],
+            hparams["teacher_set"],
+            hparams["teachers"],
+            hparams["exclude_speakers"],
+            errors=(FoldError,),
+        )
+        options = option_fingerprint(hparams, teachers, run_opts)
+        agree(check_fingerprint, hparams["save_folder"], options, errors=(FingerprintError,))
+        lock = agree(lambda: OutputLock(hparams["output_folder"]).acquire(), on=if_main_process)
         # Reading and packing the fold uses every core (row by row, its results do not depend on the
         # thread count: tested); training and the test use the pinned `threads`.
         torch.set_num_threads(os.cpu_count() or 1)
         fold = prepare_fold(hparams)
         torch.set_num_threads(hparams["threads"])
-        fingerprint = make_fingerprint(hparams, fold)
+        fingerprint = make_fingerprint(hparams, fold, run_opts)
         agree(check_fingerprint, hparams["save_folder"], fingerprint, errors=(FingerprintError,))
-        lock = agree(lambda: OutputLock(hparams["output_folder"]).acquire(), on=if_main_process)
-        return base_file, fold_overrides, hparams, fold, lock, fingerprint
+        student = hparams["student"](vocab_size=fold.train_store.vocab_size, n_identities=len(SPEAKERS))
+        trainable = any(p.requires_grad for p in student.parameters())
+        test_only = bool(run_opts.get("test_only"))
+        epochs = agree(
+            check_checkpoints,
+            hparams["save_folder"],
+            {"student": student},
+            expected=CHECKPOINT_FILES if trainable else (),
+            resume=not test_only,
+            errors=(CheckpointError,),
+        )
+        agree(check_epochs, hparams["save_folder"], epochs, hparams["number_of_epochs"], errors=(FingerprintError,))
+        if test_only and trainable and not epochs:
+            raise RunError(f"--test_only but no checkpoint in {hparams['save_folder']}: train this fold first.")
+        return base_file, fold_overrides, hparams, fold, student, lock, fingerprint
     except INPUT_ERRORS as err:
         # Nothing in output_folder was written. A folder this run made (loading the hparams makes
-        # an empty save folder) is removed again, unless another run holds it.
+        # an empty save folder; the lock file) is removed again, unless another run holds it.
+        if lock is not None:
+            lock.release()
         if fresh and if_main_process():
             try:
                 OutputLock(hparams["output_folder"]).acquire().release()
@@ -430,14 +502,16 @@ def preflight(hparams_file, run_opts, overrides):
 
 
 def main(argv):
+    started = time.monotonic()
     hparams_file, run_opts, overrides = parse_arguments(argv)
     sb.utils.distributed.ddp_init_group(run_opts)
     release_at_exit()
-    base_file, fold_overrides, hparams, fold, lock, fingerprint = preflight(hparams_file, run_opts, overrides)
+    base_file, fold_overrides, hparams, fold, student, lock, fingerprint = preflight(hparams_file, run_opts, overrides)
 
-    sb.create_experiment_directory(
-        experiment_directory=hparams["output_folder"], hyperparams_to_save=base_file, overrides=fold_overrides
-    )
+    # SpeechBrain's experiment folder, with hyperparams.yaml written atomically and log.txt a whole
+    # line at a time (a full disk then loses nothing of a finished folder: local/run_folder.py)
+    write_hyperparams(hparams["output_folder"], base_file, fold_overrides)
+    sb.create_experiment_directory(experiment_directory=hparams["output_folder"], log_config=str(LOG_CONFIG))
     if fold.info["synthetic_data"]:
         logger.warning(
             "The input is a SYNTHETIC logit tree (%s), not UASpeech: its figures only show that "
@@ -472,6 +546,7 @@ def main(argv):
         k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in fold_overrides.items()
     }
     hparams["fold_info"] = fold.info
+    hparams["n_test_items"] = len(fold.splits["test"])
     hparams["ctc_scores"] = fold.ctc_scores
     if hparams["device_resident"] and not str(run_opts.get("device") or sb.utils.distributed.infer_device()).startswith(
         "cpu"
@@ -481,7 +556,6 @@ def main(argv):
         for table in (fold.train_store, fold.test_store, fold.targets):
             table.to(device)
         logger.info("Packed fold resident on %s", device)
-    student = hparams["student"](vocab_size=fold.train_store.vocab_size, n_identities=len(SPEAKERS))
     hparams["checkpointer"].add_recoverable("student", student)
     hparams["checkpointer"].add_recoverable(FINGERPRINT, RunFingerprint(fingerprint))
     brain = FusionKD(
@@ -496,8 +570,6 @@ def main(argv):
         trainable = any(p.requires_grad for p in student.parameters())
         if not trainable:
             logger.info("The %s fusion has no parameters: nothing to train, scoring it directly.", hparams["fusion"])
-        elif brain.test_only and not hparams["checkpointer"].find_checkpoints(min_key="loss"):
-            stop(f"--test_only but no checkpoint in {hparams['save_folder']}: train this fold first.")
         else:
             brain.fit(
                 brain.hparams.epoch_counter,
@@ -522,7 +594,7 @@ def main(argv):
             lock.release()
     if if_main_process():
         # The answer last, where the eye lands: log.txt keeps everything above it.
-        print(closing_block(hparams["test_results_file"]), flush=True)
+        print(closing_block(hparams["test_results_file"], seconds=time.monotonic() - started), flush=True)
 
 
 if __name__ == "__main__":

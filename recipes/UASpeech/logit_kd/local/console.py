@@ -25,8 +25,8 @@ def setting(input_streams):
     )
 
 
-def closing_block(results_file):
-    """The lines that end a run, from the results file it wrote."""
+def closing_block(results_file, seconds=None):
+    """The lines that end a run, from the results file it wrote (and its wall time, when given)."""
     results_file = Path(results_file)
     info = json.loads(results_file.read_text(encoding="utf-8"))
     kind = (
@@ -35,8 +35,10 @@ def closing_block(results_file):
         else "real logits"
     )
     systems = {"student": info["student"], **info.get("baselines", {})}
-    lines = [
-        RULE,
+    lines = [RULE]
+    if info.get("partial"):
+        lines.append(f"PARTIAL RUN: {info['partial']}: not the fold's figures")
+    lines += [
         f"fold {info['held_out']} ({intelligibility_group(info['held_out'])} intelligibility), {kind}",
         f"teachers: {len(info['teachers'])} ({info['teacher_set']}); fusion {info['fusion']}; "
         f"best checkpoint: epoch {info['epoch_loaded']}",
@@ -48,5 +50,7 @@ def closing_block(results_file):
         for decoder, r in decoders.items():
             lines.append(f"free-running CTC ({decoder}) of {system}: WER {r['WER']:.2f}, WRA {r['WRA']:.2f}")
     lines.append(f"results: {results_file.parent.resolve()} (test_results.json, wer_test*.txt, log.txt)")
+    if seconds is not None:
+        lines.append(f"wall time: {seconds:.0f} s (this command, from its start)")
     lines.append(RULE)
     return "\n".join(lines)

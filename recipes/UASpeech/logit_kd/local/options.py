@@ -18,6 +18,7 @@ built or written: a bad value stops the run with one line that names the option.
 """
 
 import difflib
+import math
 import os
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def _is_int(value):
 
 
 def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): ``.inf`` and ``.nan`` are yaml floats, never settings."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(low=None):
@@ -72,7 +74,7 @@ def number(low=None, high=None, low_open=False, high_open=False):
             return None
         lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
         hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        return f"a number {lo}x{hi}".replace("a number x", "a number").strip() if lo or hi else "a number"
+        return f"a finite number {lo}x{hi}" if lo or hi else "a finite number"
 
     return check
 
@@ -187,6 +189,11 @@ def check_hparams(hparams):
             problem = check_value(key, hparams[key])
             if problem:
                 raise HparamsError(problem)
+    if hparams.get("cache_folder") is not None:
+        try:
+            check_writable(hparams["cache_folder"], "cache folder", "cache_folder")
+        except RunError as err:
+            raise HparamsError(str(err)) from None
     if "d_model" in hparams and hparams["d_model"] % hparams["n_heads"]:
         raise HparamsError(
             f"--n_heads={hparams['n_heads']} is not allowed: n_heads must divide d_model ({hparams['d_model']})"
@@ -208,16 +215,38 @@ def check_run_options(run_opts):
             wanted = check(run_opts[key])
             if wanted:
                 raise HparamsError(f"--{key}={_show(run_opts[key])} is not allowed: {key} must be {wanted}")
+    for key in ("debug_batches", "debug_epochs"):
+        if run_opts.get(key) is not None and integer(1)(run_opts[key]):
+            raise HparamsError(f"--{key}={_show(run_opts[key])} is not allowed: {key} must be an integer >= 1")
+    if run_opts.get("optimizer_step_limit") is not None:
+        # A run cut after N optimiser steps would be tested, and labelled, as the full run.
+        raise HparamsError(
+            f"--optimizer_step_limit={run_opts['optimizer_step_limit']} is not supported by this recipe: "
+            f"training length is --number_of_epochs (and early stopping); for a quick try use --debug, "
+            f"whose results are marked as partial"
+        )
     device = str(run_opts.get("device") or "")
+    if device.startswith("cuda"):
+        index = device.partition(":")[2]
+        available = _cuda_count()
+        if not available:
+            raise HparamsError(f"--device={device} is not allowed: no CUDA GPU is visible to this process")
+        if index and (not index.isdigit() or int(index) >= available):
+            raise HparamsError(
+                f"--device={device} is not allowed: {available} CUDA GPU(s) visible (cuda:0 .. cuda:{available - 1})"
+            )
+    elif device and not device.startswith("cpu"):
+        raise HparamsError(f"--device={device} is not allowed: device must be cpu, cuda or cuda:N")
     for key in ("precision", "eval_precision"):
-        if run_opts.get(key) == "fp16" and (device.startswith("cpu") or not _cuda_available()):
+        if run_opts.get(key) == "fp16" and (device.startswith("cpu") or not _cuda_count()):
             raise HparamsError(f"--{key}=fp16 is not allowed on a CPU: use --{key}=bf16 (or fp32)")
 
 
-def _cuda_available():
+def _cuda_count():
+    """CUDA devices this process can use (0 without a GPU or a driver)."""
     import torch
 
-    return torch.cuda.is_available()
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 # ----------------------------------------------------------------------------- loading

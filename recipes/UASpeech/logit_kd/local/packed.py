@@ -47,6 +47,14 @@ def file_signature(path):
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
+def _size(nbytes):
+    """A byte count in the unit that shows it (``0.00 GiB`` told a user nothing)."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} bytes"
+
+
 class PackedRows:
     """Blocks ``[lengths[i], V]`` packed in ``data`` ``[sum(lengths) + 1, V]``."""
 
@@ -187,8 +195,9 @@ class PackedCache:
                 except OSError as err:
                     self.discard()
                     if is_disk_full(err):
-                        total = sum(self.nbytes.values()) / 2**30
-                        raise DiskFullError(path, f"the packed cache needs {total:.2f} GiB") from None
+                        raise DiskFullError(
+                            path, f"the packed cache needs {_size(sum(self.nbytes.values()))}"
+                        ) from None
                     raise
             tensors[name] = torch.from_file(str(path), shared=True, size=_numel(shape), dtype=dtype).view(shape)
         return tensors

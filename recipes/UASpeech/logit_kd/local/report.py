@@ -441,7 +441,9 @@ def markdown(rows, cells, not_finished, n_boot, n_perm, seed, folder_name):
         + (f"; **not finished: {', '.join(not_finished)}**." if not_finished else "."),
         "Decoding: teacher-forced greedy on the decoder logits (argmax, cut at the first `</s>`, "
         "`decode_ids(...).split(' ')`), scored with SpeechBrain `ErrorRateStats`, as in the SA pipeline: "
-        "its WRA equals the free-running greedy WRA (the student is causal), its WER is optimistic.",
+        "its WRA_pieces (pieces exactly the reference's) equals the free-running greedy one (the student is causal), "
+        "its WRA can differ from the free-running WRA either way (another segmentation of a word), "
+        "its WER is optimistic.",
         "",
         "- WER and WRA (word recognition accuracy, 100 − SER) in %, the mean over the training seeds ± their "
         f"standard deviation, and a 95 % interval from a bootstrap ({n_boot} replicates, seed {seed}) that "

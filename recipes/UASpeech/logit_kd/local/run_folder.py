@@ -9,31 +9,38 @@ before it starts.
   leaves the folder locked.
 - ``made_by_this_run`` / ``remove``: a run that fails its checks removes the output folder if it
   made it (loading the hparams creates the empty save folder; the lock file may follow).
+- ``write_hyperparams`` and ``LOG_CONFIG``: what train.py gives SpeechBrain's
+  ``create_experiment_directory`` so that a full disk on a rerun into a finished folder neither
+  truncates its ``hyperparams.yaml`` (written atomically) nor cuts ``log.txt`` mid-line
+  (``WholeLineFileHandler`` writes whole lines).
 """
 
 import datetime
 import fcntl
+import logging
 import os
 import shutil
 import socket
 from pathlib import Path
 
-from local.distributed import RunError
+from local.distributed import RunError, stop
+from local.files import DiskFullError, atomic_write, is_disk_full
 
 LOCK_FILE = ".lock"
 
 
-def check_writable(folder):
+def check_writable(folder, what="output folder", option="output_folder"):
+    """RunError (one line) unless ``folder`` is, or can be made as, a writable folder."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise RunError(f"output folder {folder} is a file, not a folder: give another --output_folder")
+        raise RunError(f"{what} {folder} is a file, not a folder: give another --{option}")
     probe = folder
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise RunError(f"output folder {folder}: {probe} is a file, not a folder")
+        raise RunError(f"{what} {folder}: {probe} is a file, not a folder: give another --{option}")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunError(f"output folder {folder} is not writable ({probe}): give another --output_folder")
+        raise RunError(f"{what} {folder} is not writable ({probe}): give another --{option}")
 
 
 class OutputLock:
@@ -88,3 +95,53 @@ def remove(output_folder):
         os.removedirs(out.parent)
     except OSError:
         pass
+
+
+LOG_CONFIG = Path(__file__).with_name("log_config.yaml")
+
+
+class WholeLineFileHandler(logging.FileHandler):
+    """A log file handler that appends each record as one whole line (one ``os.write`` of its
+    bytes, retried until all are written). If the disk is full, the file is cut back to its last
+    whole line and the run stops with ``ERROR: no space left on device: <log file>`` (exit
+    status 1), rather than a traceback for this record and every later one."""
+
+    def emit(self, record):
+        try:
+            if self.stream is None:
+                self.stream = self._open()
+            data = (self.format(record) + self.terminator).encode(self.encoding or "utf-8")
+            self.stream.flush()
+            fd = self.stream.fileno()
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                done = 0
+                while done < len(data):
+                    done += os.write(fd, data[done:])
+            except OSError:
+                os.ftruncate(fd, start)
+                raise
+        except OSError as err:
+            if is_disk_full(err):
+                self.close()
+                logging.getLogger().removeHandler(self)
+                stop(str(DiskFullError(self.baseFilename, "while writing the log")))
+            self.handleError(record)
+
+
+def write_hyperparams(folder, hyperparams_to_save, overrides):
+    """``hyperparams.yaml`` as SpeechBrain's ``create_experiment_directory`` writes it (the base
+    file with its references resolved under a three-line header), but atomically: SpeechBrain
+    truncates the file first, so a failed write (a full disk) would lose a finished run's copy.
+    Main process only; train.py then calls SpeechBrain's function without ``hyperparams_to_save``."""
+    from hyperpyyaml import resolve_references
+    from speechbrain.utils.distributed import if_main_process
+
+    if not if_main_process():
+        return
+    with open(hyperparams_to_save, encoding="utf-8") as handle:
+        resolved = resolve_references(handle, overrides).getvalue()
+    header = (
+        f"# Generated {datetime.date.today()} from:\n# {os.path.abspath(hyperparams_to_save)}\n# yamllint disable\n"
+    )
+    atomic_write(Path(folder) / "hyperparams.yaml", lambda handle: handle.write(header + resolved))

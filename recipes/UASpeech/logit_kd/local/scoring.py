@@ -83,14 +83,17 @@ class SystemScores:
         self.groups = {}  # utterance id -> (category, mic)
         self.hypotheses = {}
         self.references = {}
+        self.exact_pieces = {}  # utterance id -> whether the hypothesis' pieces are the reference's
 
     def append(self, ids, logits, lengths, words, categories, mics):
         """Decodes ``logits`` [B, U, V] (``lengths`` [B] real positions) and scores them."""
         self.append_ids(ids, greedy_ids(logits, lengths), words, categories, mics)
 
     def append_ids(self, ids, token_ids, words, categories, mics):
-        """Scores hypotheses given as token id lists."""
+        """Scores hypotheses given as token id lists (and whether they are the reference's pieces)."""
         self.append_texts(ids, [self.tokenizer.decode_ids(h) for h in token_ids], words, categories, mics)
+        for utt_id, hyp, word in zip(ids, token_ids, words):
+            self.exact_pieces[utt_id] = list(hyp) == self.tokenizer.encode_as_ids(word)
 
     def append_texts(self, ids, hyp_texts, words, categories, mics):
         """Scores hypotheses given as decoded text (``.split(" ")`` into words, like the SA pipeline)."""
@@ -110,6 +113,11 @@ class SystemScores:
     def summary(self):
         """WER, CER, WRA, SER (percent), WER_normalized, and per word category and microphone."""
         result = _rates(self.wer.scores)
+        # The share of utterances whose pieces are exactly the reference's: the same for teacher-
+        # forced and free-running greedy decoding of a causal model, where WRA (the word, whatever
+        # its pieces) can differ between the two (docs/scoring.md). None for hypotheses given as text.
+        exact = [self.exact_pieces[s["key"]] for s in self.wer.scores if s["key"] in self.exact_pieces]
+        result["WRA_pieces"] = 100.0 * sum(exact) / len(exact) if exact and len(exact) == len(self.wer.scores) else None
         result["CER"] = self.cer.summarize("error_rate")
         result["WER_normalized"] = self.wer_normalized.summarize("error_rate")
         by_category, by_mic = defaultdict(list), defaultdict(list)

@@ -13,8 +13,10 @@ Every problem stops the run before training with one ``LogitStoreError`` that na
 speaker and the utterance. CTC files are never opened here.
 """
 
+import errno
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,17 +92,28 @@ class PairInfo:
         return self.files["metadata"]
 
 
+def _symlink_loop(path):
+    """ "symlink loop at" when ``path`` cannot be resolved because its links form a loop, else ""."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink loop at"
+    return ""
+
+
 def read_metadata(logit_root, model, speaker, tokens):
     """Reads and checks ``<logit_root>/<model>/<speaker>/<speaker>_metadata.json``."""
     folder = pair_folder(logit_root, model, speaker)
     where = describe_pair(model, speaker)
     if not folder.is_dir():
-        raise LogitStoreError(f"missing folder {folder} ({where}): is --logit_root right?")
+        looped = _symlink_loop(folder)
+        raise LogitStoreError(f"{looped or 'missing folder'} {folder} ({where}): is --logit_root right?")
     files = pair_files(logit_root, model, speaker)
     path = files["metadata"]
     try:
         if not path.is_file():
-            raise LogitStoreError(f"missing metadata file {path} ({where})")
+            raise LogitStoreError(f"{_symlink_loop(path) or 'missing metadata file'} {path} ({where})")
         meta = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise LogitStoreError(f"cannot read metadata file {path} ({where}): {err.strerror or err}") from None
@@ -111,6 +124,18 @@ def read_metadata(logit_root, model, speaker, tokens):
     utt_ids, words = meta["utterance_ids"], meta["target_words"]
     if not (isinstance(utt_ids, list) and isinstance(words, list)):
         raise LogitStoreError(f"metadata file {path}: utterance_ids and target_words must be lists")
+    count = meta["num_utterances"]
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise LogitStoreError(
+            f"metadata file {path} ({where}): num_utterances is {count!r} ({type(count).__name__}): "
+            f"it must be an integer"
+        )
+    bad = next((u for u in utt_ids if not isinstance(u, str)), None)
+    if bad is not None:
+        raise LogitStoreError(
+            f"metadata file {path} ({where}): utterance id {bad!r} is a {type(bad).__name__}, not a string "
+            f"of the form SPK_B3_<WORD>_<MIC>"
+        )
     if not (len(utt_ids) == len(words) == meta["num_utterances"]):
         raise LogitStoreError(
             f"metadata file {path} ({where}): {len(utt_ids)} utterance_ids, {len(words)} target_words, "
@@ -155,7 +180,7 @@ def load_tensors(path, where):
     """``torch.load`` with weights_only (never unpickle arbitrary objects) and mmap when possible."""
     try:
         if not path.is_file():
-            raise LogitStoreError(f"missing logit file {path} ({where})")
+            raise LogitStoreError(f"{_symlink_loop(path) or 'missing logit file'} {path} ({where})")
         try:
             return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
         except RuntimeError as err:

@@ -40,9 +40,11 @@ Command line: ``make_demo_tree.py``.
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +52,8 @@ import torch
 from local.corpus import HELD_OUT, INTELLIGIBILITY, MICS, SPEAKERS, intelligibility_group
 from local.files import write_json
 from local.layout import SUMMARY_FILE, pair_files
+
+logger = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 7
 DEMO_SEED = 2026
@@ -123,6 +127,12 @@ def word_list(scale, seed):
         )
         table = {k: table[k] for k in keep}
     return table
+
+
+def demo_word_keys(seed=DEMO_SEED):
+    """{word key: word} of the demo tree's made-up uncommon words (UW1..UW100): no real UASpeech
+    recording has these words, so a file whose references hold them comes from a demo tree."""
+    return {f"UW{i + 1}": w for i, w in enumerate(_pseudo_words(100, seed, "UW"))}
 
 
 def train_tokenizer(path, words, vocab_size, seed):
@@ -459,6 +469,8 @@ def generate_tree(
     out = Path(out)
     if scale not in ("demo", "full"):
         raise ValueError(f"scale must be demo or full, not {scale!r}")
+    check_replaceable(out)
+    remove_stale_builds(out.parent, f".{out.name}.tmp-")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "logit_extraction").mkdir(parents=True)
@@ -496,6 +508,54 @@ def generate_tree(
     return summary
 
 
+class DemoTreeError(ValueError):
+    """A folder the demo tree cannot be written to: one line naming it."""
+
+
+def is_demo_tree(folder):
+    """True when ``folder`` holds a SYNTHETIC.json written by this module."""
+    try:
+        return json.loads((Path(folder) / "SYNTHETIC.json").read_text()).get("synthetic") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(folder):
+    """DemoTreeError unless ``folder`` is absent, an empty folder or a tree this module wrote: a
+    synthetic tree never replaces a folder the recipe did not make (a real logit tree, results)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise DemoTreeError(f"{folder} is a file, not a folder: a synthetic tree cannot be written there")
+    if any(folder.iterdir()) and not is_demo_tree(folder):
+        raise DemoTreeError(
+            f"{folder} is a folder that this recipe did not make (it holds no SYNTHETIC.json of a demo tree): "
+            f"it is never replaced by a synthetic tree; give another folder (e.g. --demo_folder=demo_data)"
+        )
+
+
+def remove_stale_builds(parent, prefix):
+    """Removes the temporary folders ``<prefix><pid>`` in ``parent`` whose process is gone (a
+    generation killed midway); a build still running keeps its folder."""
+    if not Path(parent).is_dir():
+        return
+    for path in Path(parent).glob(prefix + "*"):
+        pid = path.name[len(prefix) :]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def add_pairs(tree, pairs, ctc=False):
     """Adds (model, speaker) pairs to a tree made by ``generate_tree`` with the built-in words;
     each pair appears atomically and equals what generating it with the tree would have given."""
@@ -508,6 +568,7 @@ def add_pairs(tree, pairs, ctc=False):
         final = tree / "logit_extraction" / model / speaker
         if final.exists():
             continue
+        remove_stale_builds(final.parent, f".{speaker}.tmp-")
         tmp = final.parent / f".{speaker}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         summary["decoder_float32_bytes"] += corpus.write_pair(tmp, model, speaker, "list", ctc)
@@ -525,6 +586,7 @@ def ensure_demo_tree(folder, seed=DEMO_SEED, pairs=()):
     the pairs on the four held-out speakers' audio (what the free-running CTC decode reads).
     Returns (logit_root, tokenizer_file, generated_now)."""
     folder = Path(folder)
+    check_replaceable(folder)
     generated = False
     try:
         info = json.loads((folder / "SYNTHETIC.json").read_text())
@@ -533,7 +595,10 @@ def ensure_demo_tree(folder, seed=DEMO_SEED, pairs=()):
         current = False
     ctc = tuple(HELD_OUT.values())
     if not current:
+        start = time.monotonic()
+        logger.info("Generating the SYNTHETIC demo tree under %s (first use) ...", folder)
         generate_tree(folder, scale="demo", seed=seed, ctc=ctc)
+        logger.info("Generated the demo tree in %.1f s", time.monotonic() - start)
         generated = True
     missing = [(m, s) for m, s in pairs if not (folder / "logit_extraction" / m / s).is_dir()]
     if missing:
