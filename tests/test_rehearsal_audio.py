@@ -6,14 +6,21 @@ hparams/rehearsal.yaml; they skip, saying so, where those are absent, and fail i
 REQUIRE_SYNTHESIZERS=1 (set by .ci/run, which installs them).
 """
 
+import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from local import dysarthria, synthesizers
+from local.corpus import GROUPS, parse_utterance_id
 from local.word_list import (
     BLOCKS,
     DICTIONARY,
@@ -204,3 +211,245 @@ def test_wsola_keeps_pitch_and_stretches_time():
     spectrum = np.abs(np.fft.rfft(shifted[2000:-2000] * np.hanning(len(shifted) - 4000)))
     assert abs(np.argmax(spectrum) * rate / (len(shifted) - 4000) - 220) < 4
     assert abs(len(shifted) - rate) <= 2
+
+
+# ----------------------------------------------------------------------------- the audio stage
+
+TINY_SPEAKERS = ("F02", "M07", "M16")
+
+
+def _quiet(*_):
+    pass
+
+
+def _build(corpus, **kwargs):
+    from local.rehearsal_audio import build_audio
+
+    options = {"preset": "tiny", "metadata_dir": _metadata_dir(), "jobs": 2, "progress": False, "log": _quiet}
+    return build_audio(corpus, **{**options, **kwargs})
+
+
+def _files(corpus):
+    """{relative path: bytes} of the recordings and CSVs of a corpus."""
+    corpus = Path(corpus)
+    paths = [p for sub in ("audio", "csv") for p in sorted((corpus / sub).rglob("*")) if p.is_file()]
+    return {str(p.relative_to(corpus)): p.read_bytes() for p in paths}
+
+
+def _manifest_without_timing(corpus):
+    manifest = json.loads((Path(corpus) / "corpus.json").read_text())
+    manifest.pop("stages")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """The tiny preset built once (2 processes)."""
+    need_debian_packages("espeak-ng", "festival")
+    corpus = tmp_path_factory.mktemp("rehearsal") / "tiny"
+    _build(corpus)
+    return corpus
+
+
+def test_layout_ids_and_manifest(tiny_corpus):
+    import wave
+
+    from local.rehearsal_audio import LABEL
+
+    manifest = json.loads((tiny_corpus / "corpus.json").read_text())
+    keys = manifest["words"]["blocks"]["B3"]
+    assert len(keys) == 20 and manifest["preset"] == "tiny"
+    expected = {
+        f"audio/{spk}/{spk}_{block}_{key}_{mic}.wav"
+        for spk in TINY_SPEAKERS
+        for block in BLOCKS
+        for key in keys
+        for mic in ("M5", "M6")
+    }
+    expected |= {f"csv/{spk}{suffix}.csv" for spk in TINY_SPEAKERS for suffix in ("", "_B1", "_B2", "_B3")}
+    files = _files(tiny_corpus)
+    assert set(files) == expected
+    for path in expected:
+        if path.endswith(".wav"):
+            assert parse_utterance_id(Path(path).stem)["speaker"] == Path(path).parent.name
+            with wave.open(str(tiny_corpus / path)) as w:
+                assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+                assert 0.5 < w.getnframes() / 16000 < 6.0
+    for spk in TINY_SPEAKERS:
+        assert files[f"csv/{spk}.csv"] == files[f"csv/{spk}_B3.csv"]
+        for block in BLOCKS:
+            lines = files[f"csv/{spk}_{block}.csv"].decode().splitlines()
+            assert lines[0] == "ID,duration,wav,spk_id,wrd" and len(lines) == 1 + 40
+            for line in lines[1:]:
+                utt_id, duration, wav, speaker, word = line.split(",")
+                assert wav == f"$data_root/audio/{spk}/{utt_id}.wav" and speaker == spk and word == word.upper()
+                assert utt_id.split("_")[1] == block
+                assert word == manifest["words"]["blocks"][block][utt_id.split("_")[2]]
+                with wave.open(str(tiny_corpus / "audio" / spk / f"{utt_id}.wav")) as w:
+                    assert abs(float(duration) - w.getnframes() / 16000) < 1e-4
+    assert manifest["label"] == LABEL and "SYNTHETIC" in LABEL and "NOT UASpeech" in LABEL
+    assert manifest["counts"] == {
+        "speakers": 3,
+        "word_keys": 20,
+        "blocks": 3,
+        "microphones": 2,
+        "productions": 180,
+        "recordings": 360,
+    }
+    assert set(manifest["speakers"]) == set(TINY_SPEAKERS)
+    assert manifest["speakers"]["M07"]["voice"]["engine"] == "festival"
+    assert manifest["speakers"]["M16"]["severity"] == 0.57 and manifest["speakers"]["M16"]["group"] == "low"
+    assert manifest["words"]["dictionary_sha256"] == hashlib.sha256(DICTIONARY.read_bytes()).hexdigest()
+    assert ("real metadata" if _metadata_dir() else "demo") in manifest["words"]["b3_source"]
+    stage = manifest["stages"]["audio"]
+    assert stage["productions_made"] == 180 and stage["seconds"] > 0
+    assert stage["bytes"] == sum(map(len, files.values())) and stage["files"] == len(files)
+    assert not list(tiny_corpus.rglob("*.tmp"))
+
+
+def test_csvs_are_read_by_the_sa_pipeline_reader(tiny_corpus):
+    from local.sa_models import read_speaker_csv
+
+    for name in ("M16", "M16_B1"):
+        utts = read_speaker_csv(tiny_corpus / "csv" / f"{name}.csv", "M16", data_root=tiny_corpus)
+        assert len(utts) == 40
+        assert all(Path(u.wav).is_file() and u.word == u.word.upper() for u in utts)
+        assert [u.duration for u in utts] == sorted(u.duration for u in utts)
+
+
+def test_microphones_of_one_production_are_correlated(tiny_corpus):
+    """The two microphones of a production are far more alike than two productions of one word."""
+    from scipy import signal as sp
+
+    from local.rehearsal_audio import read_wav
+
+    def likeness(a, b, max_lag=800):  # peak normalised cross-correlation within +-50 ms
+        n = max(len(a), len(b))
+        a, b = np.pad(a, (0, n - len(a))), np.pad(b, (0, n - len(b)))
+        c = sp.correlate(a, b, mode="full", method="fft")[n - 1 - max_lag : n + max_lag]
+        return float(np.max(np.abs(c)) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    manifest = json.loads((tiny_corpus / "corpus.json").read_text())
+    common = [k for k in manifest["words"]["blocks"]["B3"] if not k.startswith("UW")]
+    same, other = [], []
+    for spk in TINY_SPEAKERS:
+        for key in common:
+            m5, m6, b1 = (
+                read_wav(tiny_corpus / "audio" / spk / f"{spk}_{b}_{key}_{m}.wav")[0]
+                for b, m in (("B3", "M5"), ("B3", "M6"), ("B1", "M5"))
+            )
+            assert not np.array_equal(m5, m6), "each microphone is its own channel"
+            same.append(likeness(m5, m6))
+            other.append(likeness(m5, b1))
+    assert min(same) > max(other), (min(same), max(other))
+
+
+def test_build_is_deterministic(tiny_corpus, tmp_path):
+    again = tmp_path / "again"
+    _build(again, jobs=1)  # one process this time: the same bytes
+    assert _files(again) == _files(tiny_corpus)
+    assert _manifest_without_timing(again) == _manifest_without_timing(tiny_corpus)
+
+
+def test_killed_build_resumes_to_the_same_bytes(tiny_corpus, tmp_path):
+    corpus = tmp_path / "killed"
+    command = [sys.executable, "make_rehearsal.py", "--corpus", str(corpus), "--preset", "tiny", "--jobs", "2"]
+    command += ["--noprogressbar"] + (["--metadata_dir", str(_metadata_dir())] if _metadata_dir() else [])
+    proc = subprocess.Popen(command, cwd=RECIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if len(list((corpus / "audio").rglob("*.wav"))) >= 40:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the build ended before it could be killed"
+    time.sleep(0.5)  # its workers die with it
+    found = len(list((corpus / "audio").rglob("*.wav")))
+    time.sleep(0.5)
+    assert len(list((corpus / "audio").rglob("*.wav"))) == found, "a worker outlived the killed build"
+    assert not (corpus / "corpus.json").exists()
+    manifest = _build(corpus)
+    assert _files(corpus) == _files(tiny_corpus)
+    stage = manifest["stages"]["audio"]
+    assert stage["productions_found"] >= 20 and stage["productions_made"] + stage["productions_found"] == 180
+
+
+def test_damaged_or_missing_recordings_are_remade_and_nothing_else(tiny_corpus, tmp_path):
+    corpus = tmp_path / "damaged"
+    shutil.copytree(tiny_corpus, corpus)
+    audio = corpus / "audio" / "M16"
+    (audio / "M16_B1_D1_M5.wav").unlink()
+    (audio / "M16_B3_LA_M6.wav").unlink()
+    with open(audio / "M16_B2_C1_M5.wav", "r+b") as handle:
+        handle.truncate(1000)  # as a copy cut short would leave it
+    (audio / ".M16_B3_D2_M5.wav.12345.tmp").write_bytes(b"RIFF")  # a killed build's temporary file
+    untouched = {p: p.stat().st_mtime_ns for p in (corpus / "audio").rglob("*.wav")}
+    manifest = _build(corpus)
+    assert manifest["stages"]["audio"]["productions_made"] == 3
+    assert _files(corpus) == _files(tiny_corpus)
+    redone = {p for p, mtime in untouched.items() if p.stat().st_mtime_ns != mtime}
+    # a production's microphones are made together: the damaged one's sibling is rewritten, same bytes
+    assert redone <= {audio / "M16_B2_C1_M5.wav", audio / "M16_B2_C1_M6.wav", audio / "M16_B1_D1_M6.wav"} | {
+        audio / "M16_B3_LA_M5.wav"
+    }
+    assert not list(corpus.rglob("*.tmp"))
+
+
+def test_a_corpus_of_other_settings_is_refused_untouched(tiny_corpus, tmp_path):
+    from local.rehearsal_audio import RehearsalError
+
+    corpus = tmp_path / "other"
+    shutil.copytree(tiny_corpus, corpus)
+    before = _files(corpus)
+    with pytest.raises(RehearsalError, match=r"holds a corpus of other settings \(settings.seed: 2026 -> 7\)"):
+        _build(corpus, seed=7)
+    assert _files(corpus) == before
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(RehearsalError, match=r"is not empty and holds no rehearsal corpus"):
+        _build(stranger)
+
+
+def _run_cli(args, env=None):
+    return subprocess.run(
+        [sys.executable, "make_rehearsal.py", *args], cwd=RECIPE, capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
+    corpus = tmp_path / "corpus"
+    proc = _run_cli(["--corpus", str(corpus), "--preset", "huge"])
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("ERROR: hparams file") and "no preset 'huge' (presets: full, tiny)" in proc.stderr
+    empty_path = tmp_path / "bin"
+    empty_path.mkdir()
+    proc = _run_cli(["--corpus", str(corpus), "--preset", "tiny"], env={**os.environ, "PATH": str(empty_path)})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "ERROR: espeak-ng is missing (not on PATH): apt-get install espeak-ng"
+    proc = _run_cli(["--corpus", str(corpus), "--jobs", "0"])
+    assert proc.returncode == 1 and proc.stderr.strip() == "ERROR: jobs must be an integer >= 1, not 0"
+    assert not corpus.exists()
+
+
+def test_speakers_degrade_group_by_group():
+    """The speakers' own voices, profiles and draws: the template distance of their B3 words to
+    their clean words rises from the high group to the very low one (one speaker of each)."""
+    need_debian_packages("espeak-ng")
+    from local.listen_proxy import template_distance
+    from local.rehearsal_audio import load_settings, make_production
+
+    settings = load_settings(preset="full")
+    words = {"D0": "ZERO", "D7": "SEVEN", "LA": "ALPHA", "LB": "BRAVO", "C1": "COMMAND", "C3": "DELETE"}
+    distance = {}
+    for spk in ("M08", "M05", "F02", "M04"):  # high, mid, low, very low; all espeak-ng voices
+        clean = synthesizers.synthesize(settings["voices"][spk], list(words.values()), 16000)
+        distance[spk] = np.mean(
+            [
+                template_distance(make_production(settings, spk, "B3", key, x)["M5"], x, 16000)
+                for key, x in zip(words, clean)
+            ]
+        )
+    assert distance["M08"] < distance["M05"] < distance["F02"] < distance["M04"], distance
+    assert [s for g in ("high", "mid", "low", "very_low") for s in GROUPS[g] if s in distance] == list(distance)
