@@ -6,6 +6,7 @@ hparams/rehearsal.yaml; they skip, saying so, where those are absent, and fail i
 REQUIRE_SYNTHESIZERS=1 (set by .ci/run, which installs them).
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -38,9 +39,20 @@ from conftest import RECIPE, SHARED
 DEBIAN_PACKAGES = "espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts wamerican"
 
 
+@functools.lru_cache
+def _festival_voices():
+    try:
+        return synthesizers.festival_voices()
+    except synthesizers.SynthesizerError:
+        return set()
+
+
 def need_debian_packages(*programs):
-    """Skips (or, with REQUIRE_SYNTHESIZERS=1, fails) a test when a program or the word list is absent."""
+    """Skips (or, with REQUIRE_SYNTHESIZERS=1, fails) a test when a program, a festival voice of
+    the presets or the word list is absent."""
     missing = [p for p in programs if shutil.which(p) is None]
+    if "festival" in programs and "festival" not in missing:
+        missing += [f"festival voice {v}" for v in synthesizers.FESTIVAL_VOICE_PACKAGES if v not in _festival_voices()]
     if not DICTIONARY.is_file():
         missing.append(str(DICTIONARY))
     if missing:
@@ -453,3 +465,17 @@ def test_speakers_degrade_group_by_group():
         )
     assert distance["M08"] < distance["M05"] < distance["F02"] < distance["M04"], distance
     assert [s for g in ("high", "mid", "low", "very_low") for s in GROUPS[g] if s in distance] == list(distance)
+
+
+def test_a_production_does_not_depend_on_the_preset(tiny_corpus, tmp_path):
+    """The tiny corpus is a part of the full one: a production's bytes depend on the seed, the
+    speaker, the block, the word and the knobs, not on which other speakers and words are built."""
+    text = (RECIPE / "hparams" / "rehearsal.yaml").read_text()
+    hparams = tmp_path / "rehearsal.yaml"
+    hparams.write_text(
+        text.replace("presets:\n", "presets:\n    pair: {speakers: [M07], words: [UW3, D2], microphones: [M5, M6]}\n")
+    )
+    corpus = tmp_path / "pair"
+    _build(corpus, hparams_file=hparams, preset="pair")
+    files = {path: data for path, data in _files(corpus).items() if path.endswith(".wav")}
+    assert len(files) == 12 and all(data == (tiny_corpus / path).read_bytes() for path, data in files.items())
