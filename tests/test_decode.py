@@ -198,8 +198,10 @@ def _fold_folder(world, tmp_path, input_streams="matched", teachers=("F05",)):
         "decoding": "teacher-forced greedy",
         "wer_files": {"wer_test.txt": {"system": "student", "decoding": "teacher-forced greedy"}},
         "student": {"WER": 50.0},
+        "n_utterances": len(UTTERANCES),
     }
     (folder / "test_results.json").write_text(json.dumps(info))
+    (folder / "test_utterances.json").write_text(json.dumps({"ids": [u for u, _ in UTTERANCES]}))
     return folder
 
 
@@ -215,13 +217,14 @@ def run_decode(world, folder, *extra, extra_models=()):
         str(world["csv"]),
         "--device",
         "cpu",
+        "--noprogressbar",
         *extra,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
 def test_decode_a_fold(world, tmp_path):
-    """decode.py on a fold folder: wer_test_<search>*.txt in SpeechBrain's format, a free_running
+    """decode.py on a fold folder: wer_test_free_<key>*.txt in SpeechBrain's format, a free_running
     block that says how each figure was decoded, compare.py reading it; a second run refused
     without --force; a missing test-stream model named."""
     folder = _fold_folder(world, tmp_path)
@@ -235,14 +238,16 @@ def test_decode_a_fold(world, tmp_path):
     for search in ("greedy", "beam"):
         systems = info["free_running"][search]["systems"]
         assert set(systems) == {"student", "sa_self"} and systems["student"]["n"] == len(world["utts"])
+        covered = info["free_running"][search]["test_utterances"]
+        assert covered == {"decoded": 4, "fold_test_utterances": 4, "complete": True}
         for name in systems:
-            file = f"wer_test_{search}.txt" if name == "student" else f"wer_test_{search}_{name}.txt"
+            file = f"wer_test_free_{search}.txt" if name == "student" else f"wer_test_free_{search}_{name}.txt"
             assert info["wer_files"][file]["decoding"] == info["free_running"][search]["decoding"]
             assert (folder / file).read_text().startswith("%WER")
     assert info["wer_files"]["wer_test.txt"]["decoding"] == "teacher-forced greedy"  # kept
-    assert "fold M08: free-running decodes" in proc.stdout
+    assert "fold M08: free-running decodes of its audio (all 4 test utterances of the fold)" in proc.stdout
     # compare.py reads how each file was decoded, and says when two decodings differ
-    files = [folder / "wer_test_beam.txt", folder / "wer_test_beam_sa_self.txt", folder / "wer_test_greedy.txt"]
+    files = [folder / f"wer_test_free_{n}.txt" for n in ("beam", "beam_sa_self", "greedy")]
     cmp = subprocess.run(
         [sys.executable, str(RECIPE / "compare.py"), *map(str, files), "--n_boot", "50", "--n_perm", "50"],
         capture_output=True,
@@ -254,7 +259,7 @@ def test_decode_a_fold(world, tmp_path):
     assert "WARNING" in cmp.stdout  # greedy and beam decodes side by side
 
     proc = run_decode(world, folder, "--search", "greedy")
-    assert proc.returncode == 2 and "already has the greedy search" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "already has the greedy decoding" in proc.stderr and "Traceback" not in proc.stderr
     # cross, two teachers' models as the test streams (two different models: the encoder states are
     # split, the CTC posteriors averaged); each alone, their mean and their vote too
     cross = _fold_folder(world, tmp_path / "x", input_streams="cross", teachers=("M08", "F05"))
@@ -290,4 +295,4 @@ def test_decode_a_fold(world, tmp_path):
     proc = run_decode(world, other, "--search", "greedy")
     assert proc.returncode == 2 and "give M09 with --models" in proc.stderr and "Traceback" not in proc.stderr
     assert (other / "test_results.json").read_text() == before
-    assert not list(other.glob("wer_test_greedy*"))
+    assert not list(other.glob("wer_test_free_greedy*"))
