@@ -85,7 +85,7 @@ from types import SimpleNamespace
 
 import torch
 
-from local.console import RULE
+from local.console import RULE, OneLineParser
 from local.corpus import parse_utterance_id, word_category
 from local.distributed import RunError, agree, is_distributed, local_rank, world_size
 from local.files import DiskFullError, write_json
@@ -296,14 +296,6 @@ def files_of_key(wer_files, key):
 # ------------------------------------------------------------------------------------------------
 # Options
 # ------------------------------------------------------------------------------------------------
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one ``ERROR:`` line (and exit status 2), like the recipe's others."""
-
-    def error(self, message):
-        sys.stderr.write(f"ERROR: {message} (python decode.py --help lists the options)\n")
-        sys.exit(2)
 
 
 # option -> (kind, (low, low open?), (high, high open?), what it must be); read as text so that
