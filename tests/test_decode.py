@@ -577,3 +577,61 @@ def test_bad_options_and_inputs_stop_before_anything_is_written(world, tmp_path,
     assert "[SUBSET: 2 of the fold's 4 test utterances]" in result["decoding"]
     assert result["systems"]["student"]["n"] == 2
     assert "SUBSET: 2 of the fold's 4 test utterances" in out
+
+
+def test_train_py_decodes_the_test_audio_when_given_the_models(demo_tree, tmp_path):
+    """train.py with --models (and the held-out speaker's CSV) ends its test with decode.py's
+    free-running decode of the fold's test utterances, in files named for how they were decoded
+    beside the teacher-forced ones; --models without the CSV is refused before training."""
+    import soundfile
+
+    from conftest import TEST_CACHE
+
+    meta = json.loads((demo_tree / "logit_extraction" / "M08" / "M08" / "M08_metadata.json").read_text())
+    exp, _ = make_experiment(
+        tmp_path / "sa", "M08", meta["vocab_size"], demo_tree / "tokenizer.model", [0.8], 0.1, seed=4, eos_bias=2.0
+    )
+    audio, rows = tmp_path / "audio", []
+    audio.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    for i, (utt, word) in enumerate(zip(meta["utterance_ids"], meta["target_words"])):
+        n = 3200 + 160 * (i % 20)  # 0.2-0.4 s
+        soundfile.write(audio / f"{utt}.wav", (0.1 * torch.randn(n, generator=generator)).numpy(), 16000)
+        rows.append(f"{utt},{n / 16000},$data_root/{utt}.wav,M08,{word}")
+    csv = tmp_path / "M08.csv"
+    csv.write_text("ID,duration,wav,spk_id,wrd\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "fold"
+    cmd = [
+        sys.executable,
+        str(RECIPE / "train.py"),
+        str(RECIPE / "hparams" / "fold_M08.yaml"),
+        f"--output_folder={out}",
+        f"--demo_folder={demo_tree}",
+        f"--cache_folder={TEST_CACHE}",
+        "--number_of_epochs=1",
+        "--d_model=16",
+        "--d_ffn=32",
+        "--n_layers=1",
+        "--noprogressbar",
+        f"--models={{M08: {exp / 'hyperparams.yaml'}:{exp / 'save'}}}",
+        f"--speaker_csv={csv}",
+        f"--data_root={audio}",
+        "--free_running=[greedy]",
+    ]
+    proc = subprocess.run(cmd, cwd=RECIPE, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "test_results.json").read_text())
+    greedy = info["free_running"]["greedy"]
+    assert greedy["test_utterances"] == {"decoded": 308, "fold_test_utterances": 308, "complete": True}
+    assert set(greedy["systems"]) == {"student", "sa_self"}
+    assert info["wer_files"]["wer_test_free_greedy.txt"]["decoding"].startswith("free-running greedy")
+    assert info["wer_files"]["wer_test.txt"]["decoding"].startswith("teacher-forced")
+    assert (out / "wer_test_free_greedy.txt").read_text().startswith("%WER")
+    assert "fold M08: free-running decodes of its audio (all 308 test utterances of the fold)" in proc.stdout
+    # --models without the CSV: refused before training
+    keep = [a for a in cmd if not a.startswith(("--output_folder", "--speaker_csv", "--data_root"))]
+    bad = subprocess.run(
+        [*keep, f"--output_folder={tmp_path / 'other'}"], cwd=RECIPE, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode != 0 and "--models is given without --speaker_csv" in bad.stderr
+    assert not (tmp_path / "other").exists()

@@ -34,6 +34,10 @@ NOT_THE_MODEL = {
     "demo_folder",
     "logit_root",  # replaced by the data's identity below
     "tokenizer_file",
+    "models",  # the free-running decode after the test (local/decode_stage.py): not the trained model
+    "speaker_csv",
+    "data_root",
+    "free_running",
 }
 
 
