@@ -635,3 +635,70 @@ def test_train_py_decodes_the_test_audio_when_given_the_models(demo_tree, tmp_pa
     )
     assert bad.returncode != 0 and "--models is given without --speaker_csv" in bad.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_ctc_source_and_partial_scoring_are_decodings_of_their_own(world, tmp_path):
+    """--ctc_source=MODEL decodes every system with that model's CTC (a teacher alone with its own
+    CTC is then its default decode; another is not), --ctc_source=mean with the test streams' mean,
+    --ctc_scoring=partial scores CTC on the best candidates: each a decoding of its own name, beside
+    the default one, its files listed with it. An earlier version's files of a redone decoding go."""
+    folder = _fold_folder(world, tmp_path, input_streams="cross", teachers=("M08", "F05"))
+    legacy = folder / "wer_test_beam_mean.txt"  # an earlier version's name for the beam decode of `mean`
+    legacy.write_text("%WER 1.00\n")
+    info = json.loads((folder / "test_results.json").read_text())
+    info["wer_files"]["wer_test_beam_mean.txt"] = {"system": "mean", "decoding": "free-running joint CTC/attention"}
+    info["free_running"] = {"beam": {"decoding": "an earlier version's"}}
+    (folder / "test_results.json").write_text(json.dumps(info))
+    for extra in ([], ["--ctc_source=F05"], ["--ctc_source=mean", "--ctc_scoring=partial"]):
+        command = _cross_command(
+            world, folder, "--batch_size=4", "--force", "--search", "beam", "--beam_size=3", *extra
+        )
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((folder / "test_results.json").read_text())
+    results = info["free_running"]
+    assert set(results) == {"beam", "beam_ctc-F05", "beam_partialctc_ctc-mean"}
+    assert not legacy.exists() and "wer_test_beam_mean.txt" not in info["wer_files"]
+    own, f05 = results["beam"]["systems"], results["beam_ctc-F05"]["systems"]
+    assert f05["teacher_F05"] == own["teacher_F05"]  # F05's own CTC either way
+    assert f05["teacher_M08"] != own["teacher_M08"]  # M08's decoder with F05's CTC
+    assert "CTC 0.4 from F05" in results["beam_ctc-F05"]["decoding"]
+    assert "partial" in results["beam_partialctc_ctc-mean"]["decoding"]
+    assert results["beam_partialctc_ctc-mean"]["ctc_source"] == "mean"
+    for key in results:
+        files = [f for f, e in info["wer_files"].items() if e.get("free_running") == key]
+        assert len(files) == 6 and all((folder / f).is_file() for f in files), key
+
+
+def test_new_position_only_equals_the_whole_prefix(world):
+    """The SA decoder and the TransformerLM run on the new position only (keeping what their layers
+    read of the earlier ones) give the outputs of SpeechBrain's call on the whole prefix, step after
+    step, with the hypotheses reordered between steps as a beam search reorders them."""
+    from local.incremental import LastPositionDecoder, decoder_supported, lm_last_position, lm_supported
+    from local.sa_models import read_wav
+
+    variant = world["plain"]
+    model, lm = variant["model"], variant["lm"]
+    transformer = model.modules["Transformer"]
+    assert decoder_supported(transformer) and lm_supported(lm)
+    wavs = [read_wav(u, model) for u in world["utts"]]
+    enc, frames = model.encode_batch(wavs)
+    rows = 3 * len(wavs)  # three hypotheses per utterance
+    enc = enc.repeat_interleave(3, 0)
+    enc_len = frames.repeat_interleave(3, 0)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.ones(rows, 1, dtype=torch.long)
+    step, keys = LastPositionDecoder(transformer), None
+    with torch.no_grad():
+        for t in range(6):
+            if t:  # reorder the hypotheses within each utterance, then extend them
+                index = (torch.arange(rows) // 3) * 3 + torch.randint(3, (rows,), generator=generator)
+                step.permute(index)
+                keys = [k.index_select(0, index) for k in keys]
+                tokens = torch.cat([tokens[index], torch.randint(3, 40, (rows, 1), generator=generator)], 1)
+            whole, _ = transformer.decode(tokens, enc, enc_len)
+            new, _ = step(tokens, enc, enc_len)
+            torch.testing.assert_close(new[:, -1], whole[:, -1], rtol=1e-5, atol=1e-5)
+            lm_new, keys = lm_last_position(lm, tokens, keys)
+            torch.testing.assert_close(lm.output_proj(lm_new)[:, -1], lm(tokens)[:, -1], rtol=1e-5, atol=1e-5)
+    assert tokens.shape[1] == 6

@@ -392,6 +392,10 @@ def main():
     decode.add_argument("--utterances", type=int, default=16, help="utterances decoded per measurement")
     decode.add_argument("--beam_size", type=int, default=66, help="beam (the SA test search: 66)")
     decode.add_argument("--streams", type=int, default=14, help="the student's test streams (S)")
+    decode.add_argument("--d_model", type=int, help="SA model size (default: the SA models', 144)")
+    decode.add_argument("--encoder_layers", type=int, help="conformer encoder layers (default 12)")
+    decode.add_argument("--decoder_layers", type=int, help="transformer decoder layers (default 4)")
+    decode.add_argument("--d_ffn", type=int, help="feed-forward size (default 1024)")
     decode.add_argument("--lm_d_model", type=int, help="LM size (default: the SA LM, 768)")
     decode.add_argument("--lm_layers", type=int, help="LM layers (default: the SA LM, 12)")
     decode.add_argument("--eos_bias", type=float, default=2.5, help="added to the random decoder's </s> output")
@@ -438,7 +442,10 @@ def decode_benchmark(args):
         sys.exit("ERROR: --precision fp16 is for a GPU (--device cuda)")
     if args.threads == os.cpu_count() and args.device == "cpu":
         args.threads = 1  # CPU seconds of one thread: what other load on the machine does not change
-    args.describe_model = "12 conformer encoder layers, 4 decoder layers, d_model 144, d_ffn 1024, vocab 5000"
+    args.describe_model = (
+        f"{args.encoder_layers or 12} conformer encoder layers, {args.decoder_layers or 4} decoder layers, "
+        f"d_model {args.d_model or 144}, d_ffn {args.d_ffn or 1024}, vocab 5000"
+    )
     with tempfile.TemporaryDirectory() as work:
         args.work = work
         decode_benchmark.run(args)

@@ -23,7 +23,7 @@ Usage (from recipes/UASpeech/logit_kd; the fold's output folder is train.py's)::
     python decode.py results/logit_kd/M08_same_level_matched_transformer/1986 \\
         --models M08=/exp/M08/hyperparams.yaml:/exp/M08/save \\
         --speaker_csv=/data/csv/M08.csv --data_root=/data/UASpeech [--search greedy beam]
-        [--batch_size=16] [--max_memory=GiB] [--device=cuda --precision=bf16]
+        [--batch_size=N] [--max_memory=GiB] [--device=cuda --precision=bf16]
         [--lm_file=/exp/M08/save/lm.ckpt | --lm_file=none] [--beam_size=66] [--ctc_weight=0.4]
         [--lm_weight=0.6] [--temperature=1.15] [--lm_temperature=1.15] [--ctc_scoring=full|partial]
         [--ctc_source=own|mean|MODEL] [--subset] [--force]
@@ -33,8 +33,9 @@ Usage (from recipes/UASpeech/logit_kd; the fold's output folder is train.py's)::
 for cross; the held-out speaker's one too for the ``sa_self`` baseline), as extract_logits.py
 does; the LM defaults to the ``lm.ckpt`` of the held-out (or first) model's save folder.
 
-Batches. Utterances are decoded ``--batch_size`` at a time, sorted by length so that little is
-padding: the models' encoders run once per batch, SpeechBrain's searchers search the batch x beam
+Batches. Utterances are decoded ``--batch_size`` at a time (default 16; 1 for a beam search with CTC
+scored in full on a CPU, where batches were slower: docs/benchmark.md), sorted by length so that
+little is padding: the models' encoders run once per batch, SpeechBrain's searchers search the batch x beam
 at once, and each utterance gets the hypothesis it gets alone, token for token (tested; how:
 ``local/free_running.py``). The memory a search needs per utterance is printed (the CTC prefix
 scorer holds [T, batch x beam, V] floats several times over with ``--ctc_scoring=full``) and a batch
@@ -352,7 +353,11 @@ def build_parser():
     )
     for key in NUMERIC:
         parser.add_argument(f"--{key}", help="default: the held-out speaker's hparams file (test_search)")
-    parser.add_argument("--batch_size", default="16", help="utterances searched at once (default 16)")
+    parser.add_argument(
+        "--batch_size",
+        help="utterances searched at once (default: 16; 1 for a beam search with CTC scored in full on a CPU, where "
+        "batches are slower: docs/benchmark.md)",
+    )
     parser.add_argument("--max_memory", help="GiB a batch's search may use (default: most of the device's free memory)")
     parser.add_argument("--ctc_scoring", choices=CTC_SCORING, default="full", help="full (default) or partial")
     parser.add_argument(
@@ -490,7 +495,7 @@ def prepare(args):
     settings, job.source = search_settings(job.anchor.hparams)
     job.settings, job.run_opts, job.device = check_options(args, settings, job.source, job.anchor.hparams)
     job.scale = job.run_opts.get("scorer_beam_scale", 2.0)
-    job.batch_size = job.run_opts.get("batch_size", 16)
+    job.batch_size = job.run_opts.get("batch_size") or default_batch_size(args, job.settings, job.device)
     job.ctc_names = ctc_models_of(job.info, args.ctc_source, job.specs)
     job.keys = {search: search_key(search, args.ctc_scoring, args.ctc_source) for search in args.search}
     done = [k for k in job.keys.values() if k in job.info.get("free_running", {})]
@@ -674,6 +679,14 @@ def decode(job):
     if rank() == 0:
         print_block(job, results)
     return 0
+
+
+def default_batch_size(args, settings, device):
+    """16, or 1 for a beam search with CTC scored in full on a CPU: there every row of a batch costs
+    its T x V per step until the batch's last utterance ends, and batches were slower than one
+    utterance at a time (docs/benchmark.md)."""
+    full_ctc = "beam" in args.search and args.ctc_scoring == "full" and settings["ctc_weight"] > 0
+    return 1 if device.type == "cpu" and full_ctc else 16
 
 
 def default_budget(device):

@@ -173,7 +173,15 @@ def run(args):
     device = torch.device(args.device)
     clock = Clock(device)
     work = Path(args.work)
-    sizes = {k: v for k, v in (("lm_d_model", args.lm_d_model), ("lm_layers", args.lm_layers)) if v is not None}
+    given = (
+        ("lm_d_model", args.lm_d_model),
+        ("lm_layers", args.lm_layers),
+        ("d_model", args.d_model),
+        ("num_encoder_layers", args.encoder_layers),
+        ("num_decoder_layers", args.decoder_layers),
+        ("d_ffn", args.d_ffn),
+    )
+    sizes = {k: v for k, v in given if v is not None}
     if args.lm_d_model is not None:
         sizes.update(lm_d_ffn=4 * args.lm_d_model, lm_nhead=max(1, args.lm_d_model // 64))
     streams = max(1, args.streams)
@@ -285,7 +293,11 @@ def report(args, settings, sizes, lengths, timings, hyps, memory, model):
     for label, name in rows:
         print(f"{label:<62} {spread(rate(name), '{:.2f}'):>22} utterances/s")
     same = sum(a == b for a, b in zip(hyps[full], hyps["speechbrain"]))
-    print(f"\nhypotheses of decode.py equal to SpeechBrain's on the same batches: {same} of {n}")
+    print(
+        f"\nhypotheses of decode.py equal to SpeechBrain's batched search: {same} of {n} (SpeechBrain's padded "
+        f"batch is not a batch of one: its encoder reads the padding, its search runs to the longest utterance's "
+        f"limit; decode.py's hypotheses are each utterance's alone, tested)"
+    )
 
     def per_round(a, b):
         return [x / y for x, y in zip(rate(a), rate(b))]

@@ -21,6 +21,13 @@ own last step, as SpeechBrain does after its loop). With the encoder outputs of
 ``SAModel.encode_batch`` (equal to each utterance's own) and the relative lengths, an utterance's
 hypothesis is the one it gets in a batch of one, token for token (tested).
 
+What a step computes. SpeechBrain's searchers call the decoder and the language model on the whole
+prefix at every step, with the encoder states copied once per beam. Here the decoders' and the
+LM's layers run on the new position only, reading what they kept of the earlier ones
+(``local/incremental.py``), the cross-attention projects the encoder frames once per utterance and
+search (``EncoderAttentionCache``), and only the last position is projected onto the vocabulary:
+the same outputs (tested), most of a search's cost on short words saved.
+
 CTC scoring. SpeechBrain's ``CTCPrefixScore`` updates the prefix probabilities with Python loops over
 the batch x beam rows; ``CTCScorer`` here computes the same numbers without them (tested equal). It
 scores every vocabulary entry (``ctc_scoring: full``, the SA pipeline's setting) or, as
@@ -130,6 +137,36 @@ class StreamDecoder(nn.Module):
         fusion = getattr(student, "fusion", student)
         self.reads_prefix = hasattr(fusion, "position")
         self.vocab_size = int(self.models[0].modules["seq_lin"].w.out_features)
+        self.steps = None  # during a search: each model's LastPositionDecoder (or None)
+
+    @contextlib.contextmanager
+    def search(self, group):
+        """While inside (one search): the encoder side of the cross-attention projected once per
+        utterance (``group`` rows each), and the decoders run on the new position only
+        (``incremental.LastPositionDecoder``) where SpeechBrain's modules allow it."""
+        from local.incremental import LastPositionDecoder, decoder_supported
+
+        self.steps = {
+            m.name: LastPositionDecoder(m.modules["Transformer"])
+            if decoder_supported(m.modules["Transformer"])
+            else None
+            for m in self.models
+        }
+        self.kept_logits = None
+        try:
+            with cached_encoder_attention(self.models, group):
+                yield
+        finally:
+            self.steps, self.kept_logits = None, None
+
+    def permute(self, index):
+        """Reorders what a search keeps per hypothesis as the beam search reorders its hypotheses."""
+        if self.steps is not None:
+            for step in self.steps.values():
+                if step is not None:
+                    step.permute(index)
+            if self.kept_logits is not None:
+                self.kept_logits = self.kept_logits.index_select(0, index)
 
     def encodings(self, encoded):
         """[B, T, sum of D]: this decoder's encoder states from ``encoded`` {model name: [B, T, D]}."""
@@ -140,14 +177,26 @@ class StreamDecoder(nn.Module):
         return dict(zip((m.name for m in self.layout), torch.split(enc_states, self.d_model, dim=-1)))
 
     def stream_logits(self, memory, enc_states, enc_lens, last_only=False):
-        """[N, S, t, V] (or [N, S, 1, V]): each model's decoder logits on the prefix ``memory`` [N, t]."""
+        """[N, S, t, V] (or [N, S, 1, V]): each model's decoder logits on the prefix ``memory`` [N, t].
+        During a search, the models that run on the new position only give it, and the logits of the
+        earlier positions are those kept from the earlier steps."""
         logits, attn = [], None
         parts = self.split(enc_states)
+        steps = self.steps or {}
+        incremental = all(steps.get(m.name) is not None for m in self.models) and bool(steps)
         for model in self.models:
-            pred, a = model.modules["Transformer"].decode(memory, parts[model.name], enc_lens)
+            if incremental:
+                pred, a = steps[model.name](memory, parts[model.name], enc_lens)
+            else:
+                pred, a = model.modules["Transformer"].decode(memory, parts[model.name], enc_lens)
             attn = a if attn is None else attn
-            logits.append(model.modules["seq_lin"](pred[:, -1:] if last_only else pred))
-        return torch.stack(logits, 1), attn
+            logits.append(model.modules["seq_lin"](pred[:, -1:] if last_only or incremental else pred))
+        logits = torch.stack(logits, 1)
+        if incremental and not last_only:
+            if self.kept_logits is not None:
+                logits = torch.cat([self.kept_logits, logits], 2)
+            self.kept_logits = logits
+        return logits, attn
 
     def max_positions(self):
         """Prefix positions the student can read (its position table), or None."""
@@ -159,11 +208,9 @@ class StreamDecoder(nn.Module):
         if limit is not None and memory.shape[1] > limit:
             # Only a hypothesis that no model ends runs this long (UASpeech words are a few
             # pieces); past the student's position table it is ended with </s>.
-            memory = memory[:, -limit:]
-            out, attn = self.decode(memory, enc_states, enc_lens)
-            ended = torch.full_like(out[:, -1:], float("-inf"))
+            ended = torch.full((memory.shape[0], 1, self.vocab_size), float("-inf"), device=enc_states.device)
             ended[..., EOS] = 0.0
-            return ended, attn
+            return ended, None
         streams, attn = self.stream_logits(memory, enc_states, enc_lens, last_only=not self.reads_prefix)
         n, s = streams.shape[:2]
         mask = torch.ones(n, s, dtype=torch.bool, device=streams.device)
@@ -331,18 +378,37 @@ class LastPosition(nn.Module):
 
 
 class TransformerLMScorer(sb_scorer.TransformerLMScorer):
-    """SpeechBrain's ``TransformerLMScorer``, whose language model projects only the last position
-    onto the vocabulary: the scorer uses that position only, and the projection (and the softmax
-    over the vocabulary) of every earlier one is most of a small LM's cost. (The class keeps
-    SpeechBrain's name: ``ScorerBuilder`` finds its weight by the class name.)"""
+    """SpeechBrain's ``TransformerLMScorer`` computing the new position only: the language model's
+    layers run on it, reading what they kept of the earlier positions (``incremental``; its memory is
+    then (tokens, kept keys), reordered with the hypotheses), and only it is projected onto the
+    vocabulary (the scorer reads no other position). A language model of another make is run on the
+    whole prefix, its output layers on the last position. (The class keeps SpeechBrain's name:
+    ``ScorerBuilder`` finds its weight by the class name.)"""
 
     def score(self, inp_tokens, memory, candidates, attn):
+        from local.incremental import lm_last_position, lm_supported
+
+        if lm_supported(self.lm):
+            tokens, keys = memory if memory is not None else (None, None)
+            if tokens is None:
+                tokens = torch.empty(inp_tokens.size(0), 0, device=inp_tokens.device)
+            tokens = torch.cat([tokens, inp_tokens.unsqueeze(1)], dim=-1)
+            with torch.no_grad():
+                out, keys = lm_last_position(self.lm, tokens, keys)
+                log_probs = self.softmax(self.lm.output_proj(out) / self.temperature)
+            return log_probs[:, -1, :], (tokens, keys)
         layers = self.lm.output_proj
         self.lm.output_proj = LastPosition(layers)
         try:
             return super().score(inp_tokens, memory, candidates, attn)
         finally:
             self.lm.output_proj = layers
+
+    def permute_mem(self, memory, index):
+        if isinstance(memory, tuple):
+            tokens, keys = memory
+            return tokens.index_select(0, index), [k.index_select(0, index) for k in keys]
+        return super().permute_mem(memory, index)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +434,7 @@ class GreedySearcher(S2STransformerGreedySearcher):
             [_steps(t, self.max_decode_ratio) - _steps(t, self.min_decode_ratio) for t in frames],
             device=enc_states.device,
         )
-        with cached_encoder_attention(self.model.models, 1):
+        with self.model.search(1):
             return super().forward(enc_states, wav_len, attention_mask)
 
     def forward_step(self, inp_tokens, memory, enc_states, enc_lens, attention_mask=None):
@@ -391,8 +457,12 @@ class BeamSearcher(S2STransformerBeamSearcher):
     computed but can add nothing (its list of ended hypotheses is full)."""
 
     def forward(self, enc_states, wav_len):
-        with cached_encoder_attention(self.model.models, self.beam_size):
+        with self.model.search(self.beam_size):
             return super().forward(enc_states, wav_len)
+
+    def permute_mem(self, memory, index):
+        self.model.permute(index)  # what the decoders keep per hypothesis follows the hypotheses
+        return super().permute_mem(memory, index)
 
     def init_beam_search_data(self, enc_states, wav_len):
         data = super().init_beam_search_data(enc_states, wav_len)
