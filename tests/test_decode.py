@@ -77,9 +77,10 @@ def world(tmp_path_factory):
     return dict(tokenizer=tokenizer, sp=sp, csv=csv, utts=utts, **variants)
 
 
-def _speechbrain_reference(world, variant):
+def _speechbrain_reference(world, variant, beam_size=None):
     """SpeechBrain's own searches of the SA model, as the SA pipeline ran its test: the fixture's
-    test_search (and a greedy searcher) on the encoder output of the model's forward pass."""
+    test_search (and a greedy searcher) on the encoder output of the model's forward pass, one
+    utterance at a time (the SA pipeline's test batches held one)."""
     from speechbrain.decoders import S2STransformerGreedySearcher
 
     hp = _build(_fixture_text(variant["root"] / "results", world["sp"].vocab_size()))
@@ -91,6 +92,8 @@ def _speechbrain_reference(world, variant):
         hp[key].eval()
     hp["lm_model"].load_state_dict(torch.load(variant["exp"] / "save" / "lm.ckpt", weights_only=True))
     hp["lm_model"].eval()
+    if beam_size is not None:
+        hp["test_search"].beam_size = beam_size
     greedy = S2STransformerGreedySearcher(
         modules=[hp["Transformer"], hp["seq_lin"]], bos_index=1, eos_index=2, min_decode_ratio=0.0, max_decode_ratio=1.0
     )
@@ -702,3 +705,29 @@ def test_new_position_only_equals_the_whole_prefix(world):
             lm_new, keys = lm_last_position(lm, tokens, keys)
             torch.testing.assert_close(lm.output_proj(lm_new)[:, -1], lm(tokens)[:, -1], rtol=1e-5, atol=1e-5)
     assert tokens.shape[1] == 6
+
+
+def test_decode_utterances_for_a_corpus_build(world, tmp_path):
+    """The reusable batched search (free_running.decode_utterances) on plain decodes of single SA
+    models: each model's hypotheses are SpeechBrain's own search of it, utterance by utterance, and
+    write_wer_file writes them as a SpeechBrain wer_*.txt file that reads back with its figures."""
+    from local.free_running import decode_utterances, search_settings, single_model_systems, write_wer_file
+    from local.sa_models import SAModel
+    from local.wer_files import read_wer_file
+
+    models = {n: SAModel(n, world[v]["exp"] / "hyperparams.yaml", world[v]["exp"] / "save") for n, v in
+              (("A", "words"), ("B", "greedy_mix"))}  # fmt: skip
+    settings, _ = search_settings(world["words"]["exp"] / "hyperparams.yaml")
+    settings["beam_size"] = 4
+    lm = world["words"]["lm"]
+    hyps = decode_utterances(
+        world["utts"], single_model_systems(models), ("greedy", "beam"), settings, lm, batch_size=3, progress=False
+    )
+    reference = _speechbrain_reference(world, world["words"], beam_size=4)
+    assert [hyps["beam"]["A"][u.id] for u in world["utts"]] == reference["beam"]
+    reference = _speechbrain_reference(world, world["greedy_mix"])
+    assert [hyps["greedy"]["B"][u.id] for u in world["utts"]] == reference["greedy"]
+    summary = write_wer_file(tmp_path / "wer_M08.txt", world["utts"], hyps["beam"]["A"], world["sp"])
+    parsed = read_wer_file(tmp_path / "wer_M08.txt")
+    assert parsed.n == 4 and not parsed.mismatches and parsed.metrics()["WER"] == summary["WER"]
+    assert sorted(parsed.ids) == sorted(u.id for u in world["utts"])
