@@ -644,7 +644,8 @@ def test_ctc_source_and_partial_scoring_are_decodings_of_their_own(world, tmp_pa
     """--ctc_source=MODEL decodes every system with that model's CTC (a teacher alone with its own
     CTC is then its default decode; another is not), --ctc_source=mean with the test streams' mean,
     --ctc_scoring=partial scores CTC on the best candidates: each a decoding of its own name, beside
-    the default one, its files listed with it. An earlier version's files of a redone decoding go."""
+    the default one, its files listed with it. An earlier version's files of a redone decoding go.
+    The memory a search needs is printed, and a --max_memory budget cuts the batches."""
     folder = _fold_folder(world, tmp_path, input_streams="cross", teachers=("M08", "F05"))
     legacy = folder / "wer_test_beam_mean.txt"  # an earlier version's name for the beam decode of `mean`
     legacy.write_text("%WER 1.00\n")
@@ -652,12 +653,15 @@ def test_ctc_source_and_partial_scoring_are_decodings_of_their_own(world, tmp_pa
     info["wer_files"]["wer_test_beam_mean.txt"] = {"system": "mean", "decoding": "free-running joint CTC/attention"}
     info["free_running"] = {"beam": {"decoding": "an earlier version's"}}
     (folder / "test_results.json").write_text(json.dumps(info))
-    for extra in ([], ["--ctc_source=F05"], ["--ctc_source=mean", "--ctc_scoring=partial"]):
+    for extra in (["--max_memory=0.0001"], ["--ctc_source=F05"], ["--ctc_source=mean", "--ctc_scoring=partial"]):
         command = _cross_command(
             world, folder, "--batch_size=4", "--force", "--search", "beam", "--beam_size=3", *extra
         )
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        # the memory a search needs, printed, and the batches cut to --max_memory (here: to one utterance)
+        assert "memory of a search per utterance" in proc.stderr and "CTC prefix scorer" in proc.stderr
+        assert f"batches of up to {1 if '--max_memory=0.0001' in extra else 4} utterance(s)" in proc.stderr
     info = json.loads((folder / "test_results.json").read_text())
     results = info["free_running"]
     assert set(results) == {"beam", "beam_ctc-F05", "beam_partialctc_ctc-mean"}
