@@ -92,6 +92,7 @@ from local.distributed import RunError, agree, is_distributed, local_rank, world
 from local.files import DiskFullError, write_json
 from local.free_running import (
     CTC_SCORING,
+    PROGRESS,
     SEARCHES,
     StreamDecoder,
     StreamIdentity,
@@ -648,6 +649,7 @@ def decode(job):
         disable=args.noprogressbar or rank() != 0,
         dynamic_ncols=True,
         desc=f"decoding ({', '.join(job.keys.values())}; {len(job.systems)} systems)",
+        bar_format=PROGRESS,
     )
     hyps = dict(finished)
     seconds, decoded = 0.0, 0

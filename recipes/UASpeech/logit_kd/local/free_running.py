@@ -657,6 +657,8 @@ def describe(search, settings, lm, ctc_scoring="full", scorer_beam_scale=2.0, ct
 # ------------------------------------------------------------------------------------------------
 
 FLOAT = 4  # bytes: the searches run in float32 (the CTC scorer and the student always do)
+# tqdm's bar with the rate always in utterances per second (tqdm turns a slow one into s/utt)
+PROGRESS = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"
 
 
 def search_memory(search, decoder, settings, frames, ctc_scoring="full", scorer_beam_scale=2.0):
@@ -802,7 +804,7 @@ def decode_utterances(
 
     batches = plan_batches(utts, frames, batch_size, per_utterance, max_memory)
     out = {search: {name: {} for name in systems} for search in searches}
-    bar = tqdm(total=len(utts), unit="utt", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(utts), unit="utt", disable=not progress, dynamic_ncols=True, bar_format=PROGRESS)
     for batch in batches:
         hyps = decode_batch(batch, models, searchers, systems, precision)
         for search, by_system in hyps.items():
