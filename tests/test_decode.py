@@ -549,6 +549,7 @@ def test_bad_options_and_inputs_stop_before_anything_is_written(world, tmp_path,
     refused(csv, "--ctc_source=M99", "--search", "beam", words=("--ctc_source=M99 is not allowed",))
     refused(csv, "--ctc_source=mean", words=("--ctc_source=mean is not allowed with the greedy search",))
     refused(csv, "--precision=fp16", "--device=cpu", words=("--precision=fp16 is not allowed",))
+    refused(csv, "--lm_file=missing.ckpt", words=("--lm_file=missing.ckpt is not allowed", "does not exist"))
     for device in ["cuda:99", "tpu"] + ([] if torch.cuda.is_available() else ["cuda"]):
         refused(csv, f"--device={device}", words=(f"--device={device} is not allowed",))
     with pytest.raises(SystemExit) as stop:

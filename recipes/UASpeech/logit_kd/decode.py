@@ -519,6 +519,8 @@ def prepare(args):
             "the beam search has lm_weight > 0 but no language model: give --lm_file=PATH, or --lm_weight=0 "
             "(then its figures are not comparable with an LM decode)"
         )
+    if "beam" in args.search and job.settings["lm_weight"] > 0 and not Path(lm_file).is_file():
+        raise DecodeError(f"--lm_file={lm_file} is not allowed: the file does not exist (or give --lm_file=none)")
     job.lm_file = lm_file
     return job
 
