@@ -627,6 +627,7 @@ def decode(job):
             "ctc": [args.ctc_scoring, job.scale, job.ctc_names],
             "precision": args.precision,
             "tokenizer": job.info["tokenizer_file"],
+            "utterances": [(u.id, u.wav, u.word) for u in job.utts],
         }
     )
     partial = PartialResults(job.folder, fingerprint)
