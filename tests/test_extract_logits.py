@@ -8,6 +8,7 @@ store reads, hold the teacher-forced logits of a direct forward pass, and be ski
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -287,20 +288,65 @@ def test_bf16_close_to_fp32(world):
         assert not torch.equal(dec, ref)  # bf16 really ran
 
 
-def test_bad_input_is_named(world, tmp_path):
-    """A missing audio file fails its pair with a message that names the file; nothing half-made
-    looks finished."""
+def _one_error_line(err, *words):
+    """The stderr of a refused run: one ``ERROR:`` line naming ``words``, no traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("ERROR:")]
+    assert len(lines) == 1, err
+    assert all(w in lines[0] for w in words), (lines[0], words)
+    assert "Traceback" not in err
+
+
+def test_bad_input_is_named(world, tmp_path, capsys):
+    """A missing or corrupt audio file, an empty CSV, a --device this machine lacks: one line
+    naming it, exit status 2, before anything is written (no logit folder, no summary)."""
     import extract_logits
 
     csv, utts = world["speakers"]["F02"]
-    broken = tmp_path / "F02.csv"
-    broken.write_text(csv.read_text().replace(utts[0][0] + ".wav", "missing.wav", 1))
     logit_root = tmp_path / "logits"
-    args = [f"F02={broken}" if a == f"F02={csv}" else a for a in world["args"]]
-    assert extract_logits.main(["--logit_root", str(logit_root), *args, "--pairs", "M05:F02"]) == 1
-    summary = json.loads((logit_root / "extraction_summary.json").read_text())["extractions"]
-    assert summary["M05/F02"]["status"] == "failed" and "missing.wav" in summary["M05/F02"]["error"]
-    assert not (logit_root / "M05" / "F02" / "F02_metadata.json").exists()
+
+    def run(csv_file, *extra):
+        args = [f"F02={csv_file}" if a == f"F02={csv}" else a for a in world["args"]]
+        code = extract_logits.main(["--logit_root", str(logit_root), *args, "--pairs", "M05:F02", *extra])
+        return code, capsys.readouterr().err
+
+    missing = tmp_path / "missing.csv"
+    missing.write_text(csv.read_text().replace(utts[0][0] + ".wav", "missing.wav", 1))
+    code, err = run(missing)
+    assert code == 2
+    _one_error_line(err, "missing.wav", utts[0][0], "does not exist")
+    assert not logit_root.exists()
+
+    # a .wav that is not audio (its bytes overwritten), in a copy of the data
+    data = tmp_path / "data"
+    shutil.copytree(world["root"] / "data", data)
+    corrupt = data / "audio" / "F02" / f"{utts[-1][0]}.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00garbage" * 10)
+    args = [str(data) if a == str(world["root"] / "data") else a for a in world["args"]]
+    code = extract_logits.main(["--logit_root", str(logit_root), *args, "--pairs", "M05:F02"])
+    err = capsys.readouterr().err
+    assert code == 2
+    _one_error_line(err, str(corrupt), utts[-1][0], "unreadable audio file")
+    assert not logit_root.exists()
+
+    for text, what in (("", "is empty"), ("ID,duration,wav,spk_id,wrd\n", "has a header but no utterances")):
+        empty = tmp_path / "empty.csv"
+        empty.write_text(text)
+        code, err = run(empty)
+        assert code == 2
+        _one_error_line(err, str(empty), what)
+        assert not logit_root.exists()
+
+    devices = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in devices:
+        code, err = run(csv, "--device", device)
+        assert code == 2
+        _one_error_line(err, f"--device={device} is not allowed")
+        assert not logit_root.exists()
+
+    with pytest.raises(SystemExit) as exit_:  # a mistyped option: one line too
+        extract_logits.main(["--logit_root", str(logit_root), "--precison", "bf16"])
+    assert exit_.value.code == 2
+    _one_error_line(capsys.readouterr().err, "--precison")
 
 
 def test_metadata_keys_are_the_real_ones(shared_uaspeech):

@@ -60,9 +60,11 @@ def _save(hp, meta):
     return ckpt
 
 
-def make_experiment(root, name, vocab, tokenizer_file, wras, control_wra, seed, eos_bias=0.0):
+def make_experiment(root, name, vocab, tokenizer_file, wras, control_wra, seed, eos_bias=0.0, blank_bias=0.0):
     """An SA experiment folder of model ``name``; returns (exp folder, {label: CKPT folder}).
-    ``eos_bias`` is added to the decoder's </s> output bias (a model that ends its hypotheses)."""
+    ``eos_bias`` is added to the decoder's </s> output bias (a model that ends its hypotheses),
+    ``blank_bias`` to the CTC layer's blank output bias (CTC posteriors that let a short
+    hypothesis explain the audio, so that the beam search ends hypotheses too)."""
     torch.manual_seed(seed)
     out = root / "results"
     text = (
@@ -77,6 +79,7 @@ def make_experiment(root, name, vocab, tokenizer_file, wras, control_wra, seed, 
     hp["normalize"].eval()
     with torch.no_grad():
         hp["seq_lin"].w.bias[2] += eos_bias
+        hp["ctc_lin"].w.bias[0] += blank_bias
     ckpts = {f"own{i}": _save(hp, {"ACC": 0.5, "WER": 100.0 * (1 - w), "WRA": w}) for i, w in enumerate(wras)}
     (exp / "hyperparams.yaml").write_text(text, encoding="utf-8")
     # The control model this SA model started from, elsewhere, and the symlink to it in save/.

@@ -369,7 +369,7 @@ def spread(values, fmt="{:.0f}"):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tree", required=True, help="full-scale tree (made with the demo generator if absent)")
+    parser.add_argument("--tree", help="full-scale tree (made with the demo generator if absent)")
     parser.add_argument("--tokenizer_file", help="when making the tree: the real SA tokenizer")
     parser.add_argument("--metadata_dir", help="when making the tree: the real <SPK>_metadata.json files")
     parser.add_argument("--held_out", default="M01")
@@ -387,9 +387,29 @@ def main():
     parser.add_argument("--fold_epochs", type=int, default=0, help="also time train.py on the 4 folds (0: no)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    decode = parser.add_argument_group("--decode: decode.py against SpeechBrain's searcher (local/decode_benchmark.py)")
+    decode.add_argument("--decode", action="store_true", help="run the decode benchmark (no --tree needed)")
+    decode.add_argument("--utterances", type=int, default=16, help="utterances decoded per measurement")
+    decode.add_argument("--beam_size", type=int, default=66, help="beam (the SA test search: 66)")
+    decode.add_argument("--streams", type=int, default=14, help="the student's test streams (S)")
+    decode.add_argument("--d_model", type=int, help="SA model size (default: the SA models', 144)")
+    decode.add_argument("--encoder_layers", type=int, help="conformer encoder layers (default 12)")
+    decode.add_argument("--decoder_layers", type=int, help="transformer decoder layers (default 4)")
+    decode.add_argument("--d_ffn", type=int, help="feed-forward size (default 1024)")
+    decode.add_argument("--lm_d_model", type=int, help="LM size (default: the SA LM, 768)")
+    decode.add_argument("--lm_layers", type=int, help="LM layers (default: the SA LM, 12)")
+    decode.add_argument("--eos_bias", type=float, default=2.5, help="added to the random decoder's </s> output")
+    decode.add_argument("--blank_bias", type=float, default=10.0, help="added to the random CTC layer's blank output")
+    decode.add_argument("--memory_frames", type=int, default=75, help="encoder frames of the memory table (3 s)")
+    decode.add_argument("--ctc_scoring", default="full", choices=("full", "partial"), help="of decode.py's searches")
+    decode.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.decode:
+        return decode_benchmark(args)
+    if args.tree is None:
+        sys.exit("ERROR: --tree is required (or --decode)")
     if args.precision != "fp32" and args.device == "cpu":
         sys.exit("ERROR: --precision bf16/fp16 is for a GPU (--device cuda)")
 
@@ -413,6 +433,22 @@ def main():
             print(f"train.py, {len(FOLDS)} folds x {args.fold_epochs} epochs ...", flush=True)
             results["folds"] = train_folds(args, work)
     report(args, results, nbytes, n_teachers)
+
+
+def decode_benchmark(args):
+    from local import decode_benchmark
+
+    if args.precision == "fp16" and args.device == "cpu":
+        sys.exit("ERROR: --precision fp16 is for a GPU (--device cuda)")
+    if args.threads == os.cpu_count() and args.device == "cpu":
+        args.threads = 1  # CPU seconds of one thread: what other load on the machine does not change
+    args.describe_model = (
+        f"{args.encoder_layers or 12} conformer encoder layers, {args.decoder_layers or 4} decoder layers, "
+        f"d_model {args.d_model or 144}, d_ffn {args.d_ffn or 1024}, vocab 5000"
+    )
+    with tempfile.TemporaryDirectory() as work:
+        args.work = work
+        decode_benchmark.run(args)
 
 
 def report(args, results, nbytes, n_teachers):

@@ -9,51 +9,99 @@ step logits, and SpeechBrain's searchers extend the hypotheses (``local/free_run
 
 - ``greedy``: ``S2STransformerGreedySearcher`` (max length = encoder frames x max_decode_ratio,
   stop at ``</s>``);
-- ``beam``: ``S2STransformerBeamSearcher`` with the CTC prefix scorer (the frame mean of the
-  models' CTC posteriors) and the TransformerLM, with the settings of the held-out speaker's
-  hparams file (its ``test_search``: beam 66, CTC 0.4, LM 0.6, temperature 1.15 in the SA
-  project's yaml), each overridable here.
+- ``beam``: ``S2STransformerBeamSearcher`` with the CTC prefix scorer and the TransformerLM, with
+  the settings of the held-out speaker's hparams file (its ``test_search``: beam 66, CTC 0.4, LM
+  0.6, temperature 1.15 in the SA project's yaml), each overridable here.
 
 The baselines are decoded by the same search: ``sa_self`` (the held-out speaker's own SA model
 alone: with beam + LM it is the SA pipeline's own test decode of that speaker), and with ``cross``
 each teacher alone, ``mean`` (the teachers' probabilities averaged per step) and their
-``majority_vote``.
+``majority_vote`` (of the teachers' own searches: no search of its own).
 
 Usage (from recipes/UASpeech/logit_kd; the fold's output folder is train.py's)::
 
     python decode.py results/logit_kd/M08_same_level_matched_transformer/1986 \\
         --models M08=/exp/M08/hyperparams.yaml:/exp/M08/save \\
         --speaker_csv=/data/csv/M08.csv --data_root=/data/UASpeech [--search greedy beam]
+        [--batch_size=N] [--max_memory=GiB] [--device=cuda --precision=bf16]
         [--lm_file=/exp/M08/save/lm.ckpt | --lm_file=none] [--beam_size=66] [--ctc_weight=0.4]
-        [--lm_weight=0.6] [--temperature=1.15] [--lm_temperature=1.15] [--device=cuda] [--force]
+        [--lm_weight=0.6] [--temperature=1.15] [--lm_temperature=1.15] [--ctc_scoring=full|partial]
+        [--ctc_source=own|mean|MODEL] [--subset] [--force]
+    torchrun --standalone --nproc_per_node=4 decode.py <fold folder> ...   # the utterances shared out
 
 ``--models`` takes every test-stream model (the held-out speaker's for matched/self, the teachers'
 for cross; the held-out speaker's one too for the ``sa_self`` baseline), as extract_logits.py
-does; the LM defaults to the ``lm.ckpt`` of the held-out (or first) model's save folder. Writes
-``wer_test_<search>.txt`` (student) and ``wer_test_<search>_<system>.txt`` (baselines) in the
-SpeechBrain ``ErrorRateStats`` format, and a ``free_running`` block (with how each figure was
-decoded) into ``test_results.json``. A search already in it is not redone without ``--force``.
+does; the LM defaults to the ``lm.ckpt`` of the held-out (or first) model's save folder.
+
+Batches. Utterances are decoded ``--batch_size`` at a time (default 16; 1 for a beam search with CTC
+scored in full on a CPU, where batches were slower: docs/benchmark.md), sorted by length so that
+little is padding: the models' encoders run once per batch, SpeechBrain's searchers search the batch x beam
+at once, and each utterance gets the hypothesis it gets alone, token for token (tested; how:
+``local/free_running.py``). The memory a search needs per utterance is printed (the CTC prefix
+scorer holds [T, batch x beam, V] floats several times over with ``--ctc_scoring=full``) and a batch
+is cut to fit ``--max_memory`` (GiB; default: most of the free memory of the device).
+``--ctc_scoring=partial`` scores CTC on the ``--scorer_beam_scale`` x beam best candidates of the
+attention and LM scores only (SpeechBrain's partial scorers): much less memory and time, and a
+token outside those candidates cannot win on its CTC score alone (not the SA pipeline's setting;
+said in the results).
+
+The CTC of a beam figure (``--ctc_source``). By default each system is searched with its own
+streams' CTC: the student and ``mean`` with the frame mean of every test-stream model's CTC
+posteriors, a teacher alone with its own. A gain of the student over a single teacher then mixes
+the fusion with the CTC average. ``--ctc_source=mean`` decodes every system with the frame mean
+of the test-stream models' CTC, ``--ctc_source=MODEL`` every system with that model's CTC (e.g.
+the student with one teacher's CTC): the ablations that separate the two.
+
+Outputs (in the fold folder): ``wer_test_free_<key>.txt`` (student) and
+``wer_test_free_<key>_<system>.txt`` (baselines) in SpeechBrain's ``ErrorRateStats`` format, with
+``<key>`` ``greedy`` or ``beam`` (``beam_partialctc``, ``beam_ctc-mean``, ``beam_ctc-<MODEL>`` for
+the variants), and ``free_running.<key>`` in ``test_results.json``: how it was decoded, the settings
+and where they came from, the models' checkpoints, how many of the fold's test utterances it
+covers (a CSV with only some of them is refused unless ``--subset``; a subset is marked as such),
+utterances per second. Folders of earlier versions (``wer_test_greedy.txt``, ``wer_test_beam*.txt``)
+stay readable: every file is listed with its decoding in ``test_results.json``'s ``wer_files``.
+A key already in it is not redone without ``--force`` (which removes that key's old files first).
+
+A killed decode resumes: each finished batch's hypotheses are saved (atomically) in
+``<fold folder>/.free_running_partial/`` and a rerun of the same command decodes only the rest;
+the folder is removed once the results are written. Under ``torchrun`` the batches are shared out
+over the processes and the main process gathers the hypotheses and writes the same files as one
+process. A progress bar shows utterances/s and the time left (``--noprogressbar``).
+
+Bad options and inputs stop before anything is written, with one line ``ERROR: ...`` naming the
+option, the file or the utterance (exit status 2).
 """
 
 import argparse
+import hashlib
 import json
 import logging
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from local.console import RULE
+from local.console import RULE, OneLineParser
 from local.corpus import parse_utterance_id, word_category
-from local.distributed import RunError
-from local.files import write_json
+from local.distributed import RunError, agree, is_distributed, local_rank, world_size
+from local.files import DiskFullError, write_json
 from local.free_running import (
+    CTC_SCORING,
+    PROGRESS,
+    SEARCHES,
     StreamDecoder,
     StreamIdentity,
     build_searcher,
+    decode_batch,
     describe,
-    same_frames,
+    encoder_frames,
+    plan_batches,
+    search_memory,
     search_settings,
 )
 from local.fusion import MeanFusion
@@ -63,22 +111,29 @@ from local.sa_models import (
     EOS,
     ExtractionError,
     SAModel,
+    check_audio,
+    check_device,
     load_language_model,
     load_model_hparams,
     parse_model_arg,
     read_speaker_csv,
-    read_wav,
     set_tf32,
 )
 from local.scoring import SystemScores, majority_vote, results_table
 from local.store import LogitStoreError, load_tokenizer
 
 logger = logging.getLogger("decode")
-SEARCHES = ("greedy", "beam")
+PARTIAL = ".free_running_partial"
+GIB = 2**30
 
 
 class DecodeError(RuntimeError):
     """Bad input or options; the message names the file, the model or the option."""
+
+
+# ------------------------------------------------------------------------------------------------
+# The fold
+# ------------------------------------------------------------------------------------------------
 
 
 def read_fold(folder):
@@ -99,6 +154,51 @@ def read_fold(folder):
     return info, folder / "hyperparams.yaml"
 
 
+def fold_test_ids(folder, info):
+    """(the fold's test utterance ids or None, their number or None), from what train.py wrote:
+    ``test_utterances.json`` (every test utterance) and ``n_utterances`` in test_results.json."""
+    ids = None
+    path = Path(folder) / "test_utterances.json"
+    if path.is_file():
+        try:
+            ids = json.loads(path.read_text(encoding="utf-8"))["ids"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise DecodeError(f"{path} is unreadable ({type(err).__name__}: {err})") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise DecodeError(f"{path}: its ids are not a list of utterance ids")
+    n = info.get("n_utterances")
+    if ids is not None:
+        n = len(ids)
+    elif n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+        raise DecodeError(f"{Path(folder) / 'test_results.json'}: n_utterances is {n!r}, not a count")
+    return ids, n
+
+
+def coverage(utts, ids, n, subset, csv):
+    """(the utterances to decode, {"decoded", "fold_test_utterances", "complete"}): the CSV's
+    utterances that the fold tested; DecodeError when they are not all of them, unless ``subset``."""
+    if ids is not None:
+        fold = set(ids)
+        outside = [u.id for u in utts if u.id not in fold]
+        if outside:
+            logger.info("%d utterance(s) of %s are not among the fold's test utterances: left out", len(outside), csv)
+        utts = [u for u in utts if u.id in fold]
+    complete = n is not None and len(utts) == n
+    if not complete and not subset:
+        if n is None:
+            raise DecodeError(
+                "the fold folder records neither test_utterances.json nor n_utterances: whether the CSV holds "
+                "all of the fold's test utterances cannot be told; give --subset to decode it as a subset"
+            )
+        raise DecodeError(
+            f"{csv} holds {len(utts)} of the fold's {n} test utterances: its figures would not be the "
+            f"fold's; give the held-out speaker's whole CSV, or --subset to decode these as a subset"
+        )
+    if not utts:
+        raise DecodeError(f"{csv} holds none of the fold's test utterances")
+    return utts, {"decoded": len(utts), "fold_test_utterances": n, "complete": complete}
+
+
 def load_student(hparams_file, save_folder, vocab_size):
     """The fold's student, with the checkpoint train.py tested (the lowest validation loss)."""
     from speechbrain.utils.checkpoints import Checkpointer
@@ -115,7 +215,8 @@ def load_student(hparams_file, save_folder, vocab_size):
             raise DecodeError(f"no checkpoint of the student in {save_folder}")
         checkpointer.load_checkpoint(ckpt)
         logger.info("student: %s", ckpt.path)
-    return student.eval()
+        return student.eval(), str(ckpt.path)
+    return student.eval(), None
 
 
 def test_stream_models(info, given):
@@ -130,24 +231,119 @@ def test_stream_models(info, given):
     return streams
 
 
-def systems_of(info, models, student):
+def ctc_models_of(info, ctc_source, given):
+    """The names of the models whose CTC every system's beam search reads (None: each its own)."""
+    if ctc_source == "own":
+        return None
+    if ctc_source == "mean":
+        return test_stream_models(info, given)
+    if ctc_source not in given:
+        choices = ", ".join(given)
+        raise DecodeError(
+            f"--ctc_source={ctc_source} is not allowed: it must be own, mean or one of --models ({choices})"
+        )
+    return [ctc_source]
+
+
+def systems_of(info, models, student, ctc_names=None):
     """name -> StreamDecoder of every system this fold decodes."""
     held_out, teachers = info["held_out"], info["teachers"]
     streams = test_stream_models(info, models)
-    systems = {"student": StreamDecoder([models[m] for m in streams], student)}
+    ctc = [models[m] for m in ctc_names] if ctc_names else None
+
+    def decoder(names, fusion):
+        return StreamDecoder([models[m] for m in names], fusion, ctc_models=ctc)
+
+    systems = {"student": decoder(streams, student)}
     if held_out in models:
-        systems["sa_self"] = StreamDecoder([models[held_out]], StreamIdentity())
+        systems["sa_self"] = decoder([held_out], StreamIdentity())
     else:
         logger.info("no model of %s given: no sa_self baseline", held_out)
     if info["input_streams"] == "cross":
-        systems["mean"] = StreamDecoder([models[m] for m in teachers], MeanFusion())
+        systems["mean"] = decoder(teachers, MeanFusion())
         for m in teachers:
-            systems[f"teacher_{m}"] = StreamDecoder([models[m]], StreamIdentity())
+            systems[f"teacher_{m}"] = decoder([m], StreamIdentity())
     return systems
 
 
+def search_key(search, ctc_scoring, ctc_source):
+    """The name of a decoding in test_results.json and in its file names."""
+    if search == "greedy":
+        return "greedy"
+    key = "beam"
+    if ctc_scoring == "partial":
+        key += "_partialctc"
+    if ctc_source != "own":
+        key += f"_ctc-{ctc_source}"
+    return key
+
+
+def wer_file_name(key, system):
+    return f"wer_test_free_{key}.txt" if system == "student" else f"wer_test_free_{key}_{system}.txt"
+
+
+def files_of_key(wer_files, key):
+    """The files ``wer_files`` lists for decoding ``key``: this version's, and the names of earlier
+    versions (``wer_test_greedy*.txt``, ``wer_test_beam*.txt``) for greedy and beam."""
+    found = []
+    for name, entry in wer_files.items():
+        entry = entry if isinstance(entry, dict) else {}
+        legacy = key in SEARCHES and (name == f"wer_test_{key}.txt" or name.startswith(f"wer_test_{key}_"))
+        legacy = legacy and not str(entry.get("decoding", "")).startswith("teacher-forced")
+        if entry.get("free_running") == key or legacy:
+            found.append(name)
+    return found
+
+
+# ------------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------------
+
+
+# option -> (kind, (low, low open?), (high, high open?), what it must be); read as text so that
+# nan, inf and .inf get the recipe's one-line error rather than argparse's
+NUMERIC = {
+    "beam_size": (int, (1, False), None, "an integer >= 1"),
+    "ctc_weight": (float, (0.0, False), (1.0, True), "a number 0 <= x < 1"),
+    "lm_weight": (float, (0.0, False), (1.0, False), "a number 0 <= x <= 1"),
+    "temperature": (float, (0.0, True), None, "a finite number > 0"),
+    "lm_temperature": (float, (0.0, True), None, "a finite number > 0"),
+    "min_decode_ratio": (float, (0.0, False), None, "a finite number >= 0"),
+    "max_decode_ratio": (float, (0.0, True), None, "a finite number > 0"),
+}
+RUN_NUMERIC = {
+    "batch_size": (int, (1, False), None, "an integer >= 1"),
+    "max_memory": (float, (0.0, True), None, "a finite number of GiB > 0"),
+    "scorer_beam_scale": (float, (0.0, True), None, "a finite number > 0"),
+}
+
+
+def number(key, value, spec):
+    """``value`` (text, or a number from an hparams file) as ``spec`` wants it; DecodeError naming
+    ``--key`` otherwise (not a number, not finite, out of range)."""
+    kind, low, high, what = spec
+    problem = f"--{key}={value} is not allowed: {key} must be {what}"
+    if isinstance(value, bool):
+        raise DecodeError(problem)
+    try:
+        number_ = float(value)
+    except (TypeError, ValueError):
+        raise DecodeError(problem) from None
+    if not math.isfinite(number_):
+        raise DecodeError(problem)
+    if kind is int:
+        if number_ != int(number_) or (isinstance(value, str) and not value.strip().lstrip("+-").isdigit()):
+            raise DecodeError(problem)
+        number_ = int(number_)
+    if low is not None and (number_ <= low[0] if low[1] else number_ < low[0]):
+        raise DecodeError(problem)
+    if high is not None and (number_ >= high[0] if high[1] else number_ > high[0]):
+        raise DecodeError(problem)
+    return number_
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fold_folder", help="train.py's output folder of the fold (test_results.json, save/)")
     parser.add_argument("--models", nargs="+", required=True, metavar="NAME=HPARAMS.yaml:CKPT")
     parser.add_argument("--speaker_csv", required=True, help="the held-out speaker's SpeechBrain CSV")
@@ -156,159 +352,434 @@ def build_parser():
     parser.add_argument(
         "--lm_file", help="TransformerLM checkpoint (default: lm.ckpt of the model's save folder); none"
     )
-    for key, kind in (
-        ("beam_size", int),
-        ("ctc_weight", float),
-        ("lm_weight", float),
-        ("temperature", float),
-        ("lm_temperature", float),
-    ):
-        parser.add_argument(f"--{key}", type=kind, help="default: the held-out speaker's hparams file (test_search)")
+    for key in NUMERIC:
+        parser.add_argument(f"--{key}", help="default: the held-out speaker's hparams file (test_search)")
+    parser.add_argument(
+        "--batch_size",
+        help="utterances searched at once (default: 16; 1 for a beam search with CTC scored in full on a CPU, where "
+        "batches are slower: docs/benchmark.md)",
+    )
+    parser.add_argument("--max_memory", help="GiB a batch's search may use (default: most of the device's free memory)")
+    parser.add_argument("--ctc_scoring", choices=CTC_SCORING, default="full", help="full (default) or partial")
+    parser.add_argument(
+        "--scorer_beam_scale", default="2.0", help="partial CTC: candidates per hypothesis = scale x beam (default 2)"
+    )
+    parser.add_argument("--ctc_source", default="own", help="own (default), mean, or a model of --models")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--force", action="store_true", help="redo a search already in test_results.json")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast (fp16: GPU)")
+    parser.add_argument("--distributed_backend", default=None, help="under torchrun: gloo or nccl (default: by device)")
+    parser.add_argument(
+        "--subset", action="store_true", help="decode a CSV that holds only some of the fold's test utterances"
+    )
+    parser.add_argument("--noprogressbar", action="store_true")
+    parser.add_argument("--force", action="store_true", help="redo a decoding already in test_results.json")
     return parser
 
 
-def check_options(args, settings):
-    for key in ("beam_size", "ctc_weight", "lm_weight", "temperature", "lm_temperature"):
-        value = getattr(args, key)
-        if value is not None:
-            settings[key] = value
-    if settings["beam_size"] < 1:
-        raise DecodeError(f"--beam_size={settings['beam_size']} is not allowed: it must be at least 1")
-    for key in ("ctc_weight", "lm_weight"):
-        if not 0.0 <= settings[key] <= 1.0:
-            raise DecodeError(f"--{key}={settings[key]} is not allowed: it must be in [0, 1]")
-    if settings["ctc_weight"] >= 1.0:
-        raise DecodeError("--ctc_weight=1.0 is not allowed: the decoder (and the student) would not be used")
-    for key in ("temperature", "lm_temperature"):
-        if settings[key] <= 0:
-            raise DecodeError(f"--{key}={settings[key]} is not allowed: it must be > 0")
-    return settings
-
-
-def run(args):
-    info, fold_hparams = read_fold(args.fold_folder)
-    folder = Path(args.fold_folder)
-    done = [s for s in args.search if s in info.get("free_running", {})]
-    if done and not args.force:
+def check_options(args, settings, source, anchor):
+    """The search settings with the options applied, every number checked; the run's own numbers."""
+    for key, spec in NUMERIC.items():
+        given = getattr(args, key)
+        if given is not None:
+            settings[key] = number(key, given, spec)
+            source[key] = "command line"
+        else:  # from the hparams file: the same checks, naming the file
+            try:
+                settings[key] = number(key, settings[key], spec)
+            except DecodeError as err:
+                raise DecodeError(f"{err} (the value of {anchor})") from None
+    if settings["min_decode_ratio"] >= settings["max_decode_ratio"]:
         raise DecodeError(
-            f"{folder / 'test_results.json'} already has the {' and '.join(done)} search(es): --force redoes them"
+            f"--min_decode_ratio={settings['min_decode_ratio']} is not allowed: it must be below "
+            f"max_decode_ratio ({settings['max_decode_ratio']})"
         )
-    specs = dict(parse_model_arg(m) for m in args.models)
-    test_stream_models(info, specs)
-    for name, spec in specs.items():
+    run = {key: number(key, getattr(args, key), spec) for key, spec in RUN_NUMERIC.items() if getattr(args, key)}
+    run.setdefault("max_memory", None)
+    if args.ctc_source != "own" and "greedy" in args.search:
+        raise DecodeError(f"--ctc_source={args.ctc_source} is not allowed with the greedy search: give --search beam")
+    if args.ctc_scoring == "partial" and "beam" not in args.search:
+        raise DecodeError("--ctc_scoring=partial is not allowed without the beam search: give --search beam")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.precision == "fp16" and device.type != "cuda":
+        raise DecodeError("--precision=fp16 is not allowed on a CPU: fp16 autocast needs a GPU (bf16 runs on a CPU)")
+    return settings, run, device
+
+
+# ------------------------------------------------------------------------------------------------
+# Finished batches, kept until the results are written
+# ------------------------------------------------------------------------------------------------
+
+
+class PartialResults:
+    """The hypotheses of finished batches, in ``<fold>/.free_running_partial/`` (one file per batch,
+    written atomically), for a killed decode to resume; tied to a fingerprint of everything that
+    decides the hypotheses (another configuration's files are discarded)."""
+
+    def __init__(self, folder, fingerprint):
+        self.folder, self.fingerprint = Path(folder) / PARTIAL, fingerprint
+
+    def load(self):
+        """{utterance id: {key: {system: ids}}} of the finished batches of this configuration."""
+        manifest = self.folder / "manifest.json"
+        if not manifest.is_file():
+            return {}
+        try:
+            same = json.loads(manifest.read_text(encoding="utf-8")).get("fingerprint") == self.fingerprint
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            logger.info("%s holds the batches of another configuration: not reused", self.folder)
+            return None
+        done = {}
+        for path in sorted(self.folder.glob("batch-*.json")):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # not one of ours, or unreadable: its utterances are decoded again
+            for i, utt_id in enumerate(data.get("ids", [])):
+                done[utt_id] = {k: {s: h[i] for s, h in by.items()} for k, by in data["hyps"].items()}
+        return done
+
+    def start(self, fresh):
+        """(The main process.) Removes another configuration's batches (``fresh``)."""
+        if fresh and self.folder.exists():
+            shutil.rmtree(self.folder)
+
+    def save(self, batch, hyps):
+        if not (self.folder / "manifest.json").is_file():  # this configuration's first batch
+            write_json(self.folder / "manifest.json", {"fingerprint": self.fingerprint})
+        name = hashlib.sha256("\n".join(u.id for u in batch).encode()).hexdigest()[:16]
+        write_json(self.folder / f"batch-{name}.json", {"ids": [u.id for u in batch], "hyps": hyps}, indent=None)
+
+    def remove(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def fingerprint_of(parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+def init_distributed(args, device):
+    """Joins torchrun's process group (WORLD_SIZE > 1); returns the device of this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return device
+    backend = args.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
+    torch.distributed.init_process_group(backend=backend)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank())
+        torch.cuda.set_device(device)
+    return device
+
+
+def rank():
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def prepare(args):
+    """Every check that needs no model: the options, the fold folder, the CSV and its audio files.
+    Returns the job (a namespace); DecodeError (one line) otherwise. Nothing is written."""
+    job = SimpleNamespace(args=args, folder=Path(args.fold_folder))
+    job.info, job.fold_hparams = read_fold(job.folder)
+    job.specs = dict(parse_model_arg(m) for m in args.models)
+    test_stream_models(job.info, job.specs)
+    for name, spec in job.specs.items():
         if not Path(spec.hparams).is_file():
             raise DecodeError(f"model {name}: hparams file {spec.hparams} does not exist")
         if not Path(spec.checkpoint).exists():
             raise DecodeError(f"model {name}: checkpoint {spec.checkpoint} does not exist")
-    anchor = specs.get(info["held_out"]) or next(iter(specs.values()))
-    settings, source = search_settings(anchor.hparams)
-    settings = check_options(args, settings)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(info["tokenizer_file"])
-    utts = read_speaker_csv(args.speaker_csv, info["held_out"], args.data_root)
+    job.anchor = job.specs.get(job.info["held_out"]) or next(iter(job.specs.values()))
+    settings, job.source = search_settings(job.anchor.hparams)
+    job.settings, job.run_opts, job.device = check_options(args, settings, job.source, job.anchor.hparams)
+    job.scale = job.run_opts.get("scorer_beam_scale", 2.0)
+    job.batch_size = job.run_opts.get("batch_size") or default_batch_size(args, job.settings, job.device)
+    job.ctc_names = ctc_models_of(job.info, args.ctc_source, job.specs)
+    job.keys = {search: search_key(search, args.ctc_scoring, args.ctc_source) for search in args.search}
+    done = [k for k in job.keys.values() if k in job.info.get("free_running", {})]
+    if done and not args.force:
+        raise DecodeError(
+            f"{job.folder / 'test_results.json'} already has the {' and '.join(done)} decoding(s): --force redoes them"
+        )
+    job.tokenizer = load_tokenizer(job.info["tokenizer_file"])
+    utts = read_speaker_csv(args.speaker_csv, job.info["held_out"], args.data_root)
+    ids, n = fold_test_ids(job.folder, job.info)
+    job.utts, job.covered = coverage(utts, ids, n, args.subset, args.speaker_csv)
+    job.samples = check_audio(job.utts)  # every audio file readable
     lm_file = args.lm_file
     if lm_file is None:
-        candidate = Path(anchor.checkpoint) / "lm.ckpt"
-        candidate = candidate if candidate.exists() else Path(anchor.checkpoint).parent / "lm.ckpt"
+        candidate = Path(job.anchor.checkpoint) / "lm.ckpt"
+        candidate = candidate if candidate.exists() else Path(job.anchor.checkpoint).parent / "lm.ckpt"
         lm_file = str(candidate) if candidate.exists() else "none"
-    if "beam" in args.search and settings["lm_weight"] > 0 and lm_file == "none":
+    if "beam" in args.search and job.settings["lm_weight"] > 0 and lm_file == "none":
         raise DecodeError(
             "the beam search has lm_weight > 0 but no language model: give --lm_file=PATH, or --lm_weight=0 "
             "(then its figures are not comparable with an LM decode)"
         )
-    try:
-        lock = OutputLock(folder).acquire()
+    if "beam" in args.search and job.settings["lm_weight"] > 0 and not Path(lm_file).is_file():
+        raise DecodeError(f"--lm_file={lm_file} is not allowed: the file does not exist (or give --lm_file=none)")
+    job.lm_file = lm_file
+    return job
+
+
+def load_models(job):
+    """The SA models, the student, the systems, the language model and the searchers of the job."""
+    args, info = job.args, job.info
+    set_tf32(False)  # as the SA models' fork computed (SpeechBrain 1.1.2 turns TF32 on)
+    job.models = {}
+    for name, spec in job.specs.items():
+        model = SAModel(
+            name, spec.hparams, spec.checkpoint, spec.overrides, device=job.device, precision=args.precision
+        )
+        if model.vocab_size != job.tokenizer.vocab_size():
+            raise DecodeError(
+                f"model {name} has {model.vocab_size} outputs, the fold's tokenizer "
+                f"{info['tokenizer_file']} {job.tokenizer.vocab_size()} pieces"
+            )
+        logger.info("model %s: %s (%s)", name, model.ckpt_dir, model.ckpt_how)
+        job.models[name] = model
+    rates = {m.sample_rate for m in job.models.values()}
+    if len(rates) > 1:
+        raise DecodeError(
+            f"the models expect different sample rates ({sorted(map(str, rates))}): one audio cannot feed them"
+        )
+    check_audio(job.utts, next(iter(rates)))
+    student, job.student_ckpt = load_student(job.fold_hparams, job.folder / "save", job.tokenizer.vocab_size())
+    job.systems = systems_of(info, job.models, student.to(job.device), job.ctc_names)
+    job.lm = None
+    if "beam" in args.search and job.settings["lm_weight"] > 0:
+        job.lm = load_language_model(job.anchor.hparams, job.lm_file, job.device)
+        logger.info("language model: %s", job.lm_file)
+    job.searchers = {
+        (job.keys[search], name): build_searcher(
+            search, decoder, job.settings, BOS, EOS, job.lm, args.ctc_scoring, job.scale
+        ).to(job.device)
+        for search in args.search
+        for name, decoder in job.systems.items()
+    }
+
+
+def plan(job, todo):
+    """The batches of ``todo``: length-sorted, each within --batch_size and the memory budget (the
+    costliest search per utterance, logged with its parts for the job's longest utterance)."""
+    args, settings = job.args, job.settings
+    frames = {u.id: encoder_frames(job.samples[u.id]) for u in job.utts}
+    budget = job.run_opts["max_memory"] * GIB if job.run_opts["max_memory"] else default_budget(job.device)
+    costs = [(s, n, d) for s in args.search for n, d in job.systems.items()]
+
+    def parts(t):
+        return max(
+            ((s, n, search_memory(s, d, settings, t, args.ctc_scoring, job.scale)) for s, n, d in costs),
+            key=lambda x: sum(x[2].values()),
+        )
+
+    def per_utterance(t):
+        return sum(parts(t)[2].values())
+
+    longest = max(frames.values())
+    search, name, memory = parts(longest)
+    logger.info(
+        "memory of a search per utterance (the longest, %d encoder frames; the %s search of %s, %d stream(s)%s): "
+        "%s; budget %.1f GiB: batches of up to %d utterance(s) at that length (--batch_size=%d)",
+        longest,
+        search,
+        name,
+        len(job.systems[name].models),
+        f", beam {settings['beam_size']}" if search == "beam" else "",
+        ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in memory.items()),
+        budget / GIB,
+        min(job.batch_size, max(1, int(budget // max(per_utterance(longest), 1)))),
+        job.batch_size,
+    )
+    return plan_batches(todo, frames, job.batch_size, per_utterance, budget)
+
+
+def run(args):
+    job = prepare(args)
+    job.device = init_distributed(args, job.device)
+    try:  # the main process holds the folder; every process stops if it cannot
+        lock = agree(lambda: OutputLock(job.folder).acquire(), on=lambda: rank() == 0)
     except RunError as err:  # its advice (another --output_folder) is train.py's
         raise DecodeError(str(err).split("; ")[0] + ": wait for it to finish") from None
     try:
-        set_tf32(False)  # as the SA models' fork computed (SpeechBrain 1.1.2 turns TF32 on)
-        models = {}
-        for name, spec in specs.items():
-            models[name] = SAModel(name, spec.hparams, spec.checkpoint, spec.overrides, device=device)
-            if models[name].vocab_size != tokenizer.vocab_size():
-                raise DecodeError(
-                    f"model {name} has {models[name].vocab_size} outputs, the fold's tokenizer "
-                    f"{info['tokenizer_file']} {tokenizer.vocab_size()} pieces"
-                )
-            logger.info("model %s: %s (%s)", name, models[name].ckpt_dir, models[name].ckpt_how)
-        rates = {m.sample_rate for m in models.values()}
-        if len(rates) > 1:
-            raise DecodeError(
-                f"the models expect different sample rates ({sorted(map(str, rates))}): one audio cannot feed them"
-            )
-        student = load_student(fold_hparams, folder / "save", tokenizer.vocab_size()).to(device)
-        systems = systems_of(info, models, student)
-        lm = None
-        if "beam" in args.search and settings["lm_weight"] > 0:
-            lm = load_language_model(anchor.hparams, lm_file, device)
-            logger.info("language model: %s", lm_file)
-        searchers = {
-            (search, name): build_searcher(search, decoder, settings, BOS, EOS, lm).to(device)
-            for search in args.search
-            for name, decoder in systems.items()
-        }
-        scores = {key: SystemScores(tokenizer) for key in searchers}
-        seconds = dict.fromkeys(args.search, 0.0)  # per search, its systems included; encoding apart
-        start = time.time()
-        for i, utt in enumerate(utts):
-            wav = read_wav(utt, models[next(iter(models))])
-            encoded = {name: model.encode(wav) for name, model in models.items()}
-            try:
-                same_frames(encoded, f"utterance {utt.id}")
-            except ValueError as err:
-                raise DecodeError(str(err)) from None
-            parts = parse_utterance_id(utt.id)
-            group = ([utt.id], [utt.word], [word_category(parts["word"])], [parts["mic"]])
-            for (search, name), searcher in searchers.items():
-                decoder = systems[name]
-                enc = torch.cat([encoded[m.name] for m in decoder.models], -1)
-                tick = time.time()
-                with torch.no_grad():
-                    hyps = searcher(enc, torch.ones(1, device=enc.device))[0]
-                seconds[search] += time.time() - tick
-                scores[(search, name)].append_ids(group[0], [list(hyps[0])], *group[1:])
-            if (i + 1) % 50 == 0:
-                logger.info("%d/%d utterances (%.1f s)", i + 1, len(utts), time.time() - start)
-        results, wer_files = dict(info.get("free_running", {})), dict(info.get("wer_files", {}))
-        for search in args.search:
-            # --force: the files of the search being redone go, so that none of another run stays listed
-            for old in [f for f in wer_files if f == f"wer_test_{search}.txt" or f.startswith(f"wer_test_{search}_")]:
-                (folder / old).unlink(missing_ok=True)
-                del wer_files[old]
-            by_system = {name: scores[(search, name)] for name in systems}
-            if info["input_streams"] == "cross":
-                teachers = {n: s for n, s in by_system.items() if n.startswith("teacher_")}
-                accuracy = {f"teacher_{m}": a for m, a in info.get("teacher_accuracy", {}).items()}
-                by_system["majority_vote"], _ = majority_vote(teachers, tokenizer, accuracy)
-            decoding = describe(search, settings, lm)
-            for name, system in by_system.items():
-                file = f"wer_test_{search}.txt" if name == "student" else f"wer_test_{search}_{name}.txt"
-                system.write_stats(folder / file)
-                wer_files[file] = {"system": name, "decoding": decoding}
-            results[search] = {
-                "decoding": decoding,
-                "settings": dict(settings)
-                if search == "beam"
-                else {k: settings[k] for k in ("min_decode_ratio", "max_decode_ratio")},
-                "settings_from": dict(source),
-                "lm_file": str(lm_file) if search == "beam" and lm is not None else None,
-                "models": {m.name: str(m.ckpt_dir) for m in models.values()},
-                "systems_decoded": len(systems),
-                "search_seconds": round(seconds[search], 1),  # all its systems, encoders not included
-                "utterances_per_second": round(len(utts) / max(seconds[search], 1e-9), 3),
-                "systems": {name: system.summary() for name, system in by_system.items()},
-            }
-        write_json(folder / "test_results.json", {**info, "wer_files": wer_files, "free_running": results})
+        load_models(job)
+        return decode(job)
     finally:
-        lock.release()
-    lines = [RULE, f"fold {info['held_out']}: free-running decodes of its audio ({len(utts)} utterances)"]
-    for search in args.search:
-        lines += [f"{search}: {results[search]['decoding']}", results_table(results[search]["systems"])]
-    lines += [f"results: {folder.resolve()} (test_results.json: free_running; wer_test_<search>*.txt)", RULE]
-    print("\n".join(lines), flush=True)
+        if lock is not None:
+            lock.release()
+
+
+def decode(job):
+    """Decodes the job's utterances (this process's share of the batches, the finished ones of a
+    killed run skipped), gathers the hypotheses on the main process, which writes the results."""
+    args, models = job.args, job.models
+    fingerprint = fingerprint_of(
+        {
+            "keys": sorted(job.keys.values()),
+            "settings": job.settings,
+            "lm": job.lm_file if job.lm is not None else None,
+            "models": {n: str(m.ckpt_dir) for n, m in models.items()},
+            "student": job.student_ckpt,
+            "systems": sorted(job.systems),
+            "ctc": [args.ctc_scoring, job.scale, job.ctc_names],
+            "precision": args.precision,
+            "tokenizer": job.info["tokenizer_file"],
+            "utterances": [(u.id, u.wav, u.word) for u in job.utts],
+        }
+    )
+    partial = PartialResults(job.folder, fingerprint)
+    finished = partial.load()
+    if is_distributed():
+        torch.distributed.barrier()  # every process has read the finished batches
+    if rank() == 0:
+        partial.start(fresh=finished is None)
+    if is_distributed():
+        torch.distributed.barrier()
+    finished = finished or {}
+    if finished:
+        logger.info("resuming: %d of %d utterances already decoded (%s)", len(finished), len(job.utts), partial.folder)
+    batches = plan(job, [u for u in job.utts if u.id not in finished])
+    mine = batches[rank() :: world_size()]
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=sum(len(b) for b in mine),
+        unit="utt",
+        disable=args.noprogressbar or rank() != 0,
+        dynamic_ncols=True,
+        desc=f"decoding ({', '.join(job.keys.values())}; {len(job.systems)} systems)",
+        bar_format=PROGRESS,
+    )
+    hyps = dict(finished)
+    seconds, decoded = 0.0, 0
+    for batch in mine:
+        tick = time.time()
+        try:
+            out = decode_batch(batch, models, job.searchers, job.systems, args.precision)
+        except ValueError as err:
+            raise DecodeError(str(err)) from None
+        seconds += time.time() - tick
+        decoded += len(batch)
+        partial.save(batch, out)
+        for i, utt in enumerate(batch):
+            hyps[utt.id] = {k: {s: h[i] for s, h in by.items()} for k, by in out.items()}
+        bar.update(len(batch))
+    bar.close()
+    if is_distributed():
+        gathered = [None] * world_size()
+        torch.distributed.all_gather_object(gathered, (hyps, seconds, decoded))
+        seconds = max(s for _, s, _ in gathered)  # the processes ran side by side
+        decoded = sum(d for _, _, d in gathered)
+        for part, _, _ in gathered:
+            hyps.update(part)
+    if rank() == 0:
+        results = write_results(job, hyps, seconds, decoded)
+        partial.remove()
+    if is_distributed():
+        torch.distributed.barrier()
+    if rank() == 0:
+        print_block(job, results)
     return 0
+
+
+def default_batch_size(args, settings, device):
+    """16, or 1 for a beam search with CTC scored in full on a CPU: there every row of a batch costs
+    its T x V per step until the batch's last utterance ends, and batches were slower than one
+    utterance at a time (docs/benchmark.md)."""
+    full_ctc = "beam" in args.search and args.ctc_scoring == "full" and settings["ctc_weight"] > 0
+    return 1 if device.type == "cpu" and full_ctc else 16
+
+
+def default_budget(device):
+    """Most of the free memory of the device (GPU: 90 % of what is free; CPU: 80 % of the
+    available memory)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.9 * free
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return 0.8 * int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GIB
+
+
+def write_results(job, hyps, seconds, decoded):
+    """wer_test_free_<key>*.txt and the free_running block of test_results.json (written last)."""
+    args, info, folder, settings = job.args, job.info, job.folder, job.settings
+    covered = job.covered
+    results, wer_files = dict(info.get("free_running", {})), dict(info.get("wer_files", {}))
+    for search, key in job.keys.items():
+        by_system = {name: SystemScores(job.tokenizer) for name in job.systems}
+        for utt in job.utts:
+            parts = parse_utterance_id(utt.id)
+            group = ([utt.word], [word_category(parts["word"])], [parts["mic"]])
+            for name, scores in by_system.items():
+                scores.append_ids([utt.id], [hyps[utt.id][key][name]], *group)
+        if info["input_streams"] == "cross":
+            teachers = {n: s for n, s in by_system.items() if n.startswith("teacher_")}
+            accuracy = {f"teacher_{m}": a for m, a in info.get("teacher_accuracy", {}).items()}
+            by_system["majority_vote"], _ = majority_vote(teachers, job.tokenizer, accuracy)
+        ctc_source = None if args.ctc_source == "own" else args.ctc_source
+        decoding = describe(search, settings, job.lm, args.ctc_scoring, job.scale, ctc_source)
+        if not covered["complete"]:
+            total = covered["fold_test_utterances"]
+            decoding += f" [SUBSET: {covered['decoded']} of the fold's {total} test utterances]"
+        # --force: the files of the decoding being redone go, so that none of another run stays listed
+        for old in files_of_key(wer_files, key):
+            (folder / old).unlink(missing_ok=True)
+            del wer_files[old]
+        for name, system in by_system.items():
+            file = wer_file_name(key, name)
+            system.write_stats(folder / file)
+            wer_files[file] = {"system": name, "decoding": decoding, "free_running": key}
+        beam = search == "beam"
+        results[key] = {
+            "decoding": decoding,
+            "search": search,
+            "settings": dict(settings) if beam else {k: settings[k] for k in ("min_decode_ratio", "max_decode_ratio")},
+            "settings_from": dict(job.source),
+            "ctc_scoring": args.ctc_scoring if beam else None,
+            "scorer_beam_scale": job.scale if beam and args.ctc_scoring == "partial" else None,
+            "ctc_source": args.ctc_source if beam else None,
+            "lm_file": str(job.lm_file) if beam and job.lm is not None else None,
+            "models": {m.name: str(m.ckpt_dir) for m in job.models.values()},
+            "systems_decoded": len(job.systems),
+            "test_utterances": dict(covered),
+            "subset": not covered["complete"],
+            "batch_size": job.batch_size,
+            "processes": world_size(),
+            "precision": args.precision,
+            "device": str(job.device),
+            # wall time of this run's batches (every search and system, the encoders included; the
+            # slowest process under torchrun) and the utterances it decoded (not those resumed)
+            "search_seconds": round(seconds, 1),
+            "utterances_decoded_by_this_run": decoded,
+            "utterances_per_second": round(decoded / seconds, 3) if seconds > 0 else None,
+            "systems": {name: system.summary() for name, system in by_system.items()},
+        }
+    write_json(folder / "test_results.json", {**info, "wer_files": wer_files, "free_running": results})
+    return results
+
+
+def print_block(job, results):
+    covered = job.covered
+    n, total = covered["decoded"], covered["fold_test_utterances"]
+    if covered["complete"]:
+        cover = f"all {n} test utterances of the fold"
+    else:
+        cover = f"SUBSET: {n} of the fold's {total if total is not None else 'unknown number of'} test utterances"
+    lines = [RULE, f"fold {job.info['held_out']}: free-running decodes of its audio ({cover})"]
+    for key in job.keys.values():
+        lines += [f"{key}: {results[key]['decoding']}", results_table(results[key]["systems"])]
+    lines += [f"results: {job.folder.resolve()} (test_results.json: free_running; wer_test_free_<key>*.txt)", RULE]
+    print("\n".join(lines), flush=True)
 
 
 def main(argv=None):
@@ -317,8 +788,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (DecodeError, ExtractionError, LogitStoreError) as err:
-        print(f"ERROR: {err}", file=sys.stderr)
+    except (DecodeError, ExtractionError, LogitStoreError, DiskFullError) as err:
+        print(f"ERROR: {err}", file=sys.stderr, flush=True)
         return 2
 
 

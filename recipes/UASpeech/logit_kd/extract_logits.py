@@ -88,7 +88,11 @@ line, and counts as failed. Every file is written to a temporary name and
 renamed into place. ``extraction_summary.json`` is merged, never replaced (the SA script's keys
 are kept); an unreadable one stops the run before anything is extracted. A failed pair is
 reported (and recorded in the summary) and the other pairs still run; the exit status is 1 if any
-pair failed.
+pair failed. What can be checked before extracting is, before anything is written: every audio file
+of the CSVs (there, readable, mono, not empty), an empty CSV, a ``--device`` this machine does not
+have, a mistyped option: one ``ERROR:`` line naming the file, the utterance or the option, exit
+status 2. (The script has no numeric options; ``--overrides`` values are checked by the model's
+hparams when it is built.)
 
 SA experiment folders as they are: the ``hyperparams.yaml`` of the SA project's fork passes
 ``freeze_encoder_layers`` / ``freeze_decoder_layers`` to ``TransformerASR``, which SpeechBrain 1.1.2
@@ -118,12 +122,15 @@ from pathlib import Path
 
 import torch
 
+from local.console import OneLineParser
 from local.files import atomic_file
 from local.layout import METADATA_KEYS, SUMMARY_FILE, pair_files
 from local.sa_models import (
     ExtractionError,
     ModelSpec,
     SAModel,
+    check_audio,
+    check_device,
     parse_model_arg,
     read_speaker_csv,
     read_wav,
@@ -390,7 +397,7 @@ def expand_pairs(pairs, models, speakers):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", help="YAML/JSON job file (see above)")
     parser.add_argument("--logit_root", help="output folder (the recipe's --logit_root)")
     parser.add_argument("--tokenizer_file", help="the SA SentencePiece model (a file path)")
@@ -425,7 +432,7 @@ def main(argv=None):
     try:
         return run(args)
     except (ExtractionError, LogitStoreError) as err:
-        logger.error("%s", err)
+        print(f"ERROR: {err}", file=sys.stderr, flush=True)
         return 2
 
 
@@ -446,7 +453,7 @@ def run(args):
         raise ExtractionError("give at least one model (--models) and one speaker (--speakers)")
     pairs = expand_pairs(args.pairs if args.pairs is not None else jobs["pairs"], models, speakers)
     common = {**jobs["overrides"], **_parse_mapping(args.overrides, "--overrides")}
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
 
     summary = read_summary(logit_root)  # an unreadable summary stops the run here, not midway
     if "successful_extractions" in summary:
@@ -465,6 +472,7 @@ def run(args):
     utts = {}
     for spk in dict.fromkeys(s for _, s in pairs):
         utts[spk] = read_speaker_csv(speakers[spk], spk, data_root)
+        check_audio(utts[spk])  # every audio file there and readable, before anything is written
         logger.info("speaker %s: %d utterances from %s", spk, len(utts[spk]), speakers[spk])
 
     failed = 0

@@ -242,6 +242,15 @@ def _train(folder, spk, *options):
     ]
 
 
+# The decode benchmark as run on this project's CPU machine: 16 utterances, beam 8, a smaller LM
+# (the SA LM's 12 layers of 768 would take hours on 2 cores); benchmark.py prints what it used.
+DECODE_BENCHMARK = (
+    "mkdir -p {{results}}/benchmark && python benchmark.py --decode --utterances 16 --beam_size 8 --lm_d_model 256"
+    " --lm_layers 2 --batch_size 8 --rounds 2{options} > {{results}}/benchmark/{name}.txt.part"
+    " && mv {{results}}/benchmark/{name}.txt.part {{results}}/benchmark/{name}.txt"
+)
+
+
 # name -> (render function, commands (lists) that write its result files, the files under results/
 # that say they finished: --run runs the commands when one is missing; a shell line writes its
 # output to a .part file renamed when the command succeeded)
@@ -302,6 +311,16 @@ TABLES = {
             ]
         ],
         ["benchmark/float16.txt"],
+    ),
+    "benchmark_decode": (
+        benchmark("decode"),
+        [["sh", "-c", DECODE_BENCHMARK.format(options="", name="decode")]],
+        ["benchmark/decode.txt"],
+    ),
+    "benchmark_decode_partial": (
+        benchmark("decode_partial"),
+        [["sh", "-c", DECODE_BENCHMARK.format(options=" --ctc_scoring partial", name="decode_partial")]],
+        ["benchmark/decode_partial.txt"],
     ),
     "compare_M08": (
         compare_m08,

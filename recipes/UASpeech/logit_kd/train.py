@@ -38,6 +38,7 @@ from local.checkpoints import FINGERPRINT, CheckpointError, RunFingerprint, chec
 from local.console import closing_block
 from local.corpus import SPEAKERS, intelligibility_group
 from local.ctc import ctc_systems, score_ctc
+from local.decode_stage import run_after_test
 from local.distributed import RunError, agree, is_distributed, local_rank, release_at_exit, stop, world_size
 from local.files import DiskFullError, write_json
 from local.fingerprint import FingerprintError, check_epochs, check_fingerprint, make_fingerprint, option_fingerprint
@@ -595,6 +596,8 @@ def main(argv):
     if if_main_process():
         # The answer last, where the eye lands: log.txt keeps everything above it.
         print(closing_block(hparams["test_results_file"], seconds=time.monotonic() - started), flush=True)
+    # With --models: the free-running decode of the test audio (decode.py), after the test.
+    run_after_test(hparams, run_opts)
 
 
 if __name__ == "__main__":

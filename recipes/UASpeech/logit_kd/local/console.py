@@ -6,7 +6,9 @@ data, the fold, the setting, how it was decoded, the student and its baselines, 
 results are.
 """
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 from local.corpus import intelligibility_group
@@ -54,3 +56,12 @@ def closing_block(results_file, seconds=None):
         lines.append(f"wall time: {seconds:.0f} s (this command, from its start)")
     lines.append(RULE)
     return "\n".join(lines)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``ERROR:`` line (exit status 2), like the recipe's own errors,
+    rather than the usage text and a second line."""
+
+    def error(self, message):
+        sys.stderr.write(f"ERROR: {message} (--help lists the options)\n")
+        sys.exit(2)

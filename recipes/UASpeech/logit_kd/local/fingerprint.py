@@ -35,6 +35,10 @@ NOT_THE_MODEL = {
     "demo_folder",
     "logit_root",  # replaced by the data's identity below
     "tokenizer_file",
+    "models",  # the free-running decode after the test (local/decode_stage.py): not the trained model
+    "speaker_csv",
+    "data_root",
+    "free_running",
 }
 # SpeechBrain run options that change the trained model (how it is optimised, in which precision,
 # whether --debug cut its epochs short), with SpeechBrain 1.1.2's defaults.

@@ -112,6 +112,49 @@ def path(allow_null=False):
     return check
 
 
+def model_items(value):
+    """decode.py's ``--models`` items (NAME=HPARAMS.yaml:CHECKPOINT) of the ``models`` option: a
+    mapping {NAME: HPARAMS.yaml:CHECKPOINT} (the command line's form: SpeechBrain's parser cuts a
+    value at its "="), a list of items, or one item; None when it is none of these."""
+    if isinstance(value, dict):
+        items = [f"{k}={v}" for k, v in value.items() if isinstance(k, str) and isinstance(v, str)]
+        return items if len(items) == len(value) else None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(i, str) for i in value):
+        return value
+    return None
+
+
+def model_specs():
+    """The ``models`` option: SA models whose files exist, or null."""
+
+    def check(value):
+        import re
+
+        if value is None or value == {} or value == []:
+            return None
+        items = model_items(value)
+        form = "a mapping {NAME: HPARAMS.yaml:CHECKPOINT, ...} (or {})"
+        if not items:
+            return form
+        for item in items:
+            match = re.fullmatch(r"([^=]+)=(.+?\.ya?ml):(.+)", item)
+            if match is None:
+                return f"{form}; {item.replace('=', ': ', 1)} is not one"
+            for file in match.groups()[1:]:
+                if not Path(file).exists():
+                    return f"{form} of files that exist; {file} does not"
+        return None
+
+    return check
+
+
+def searches(value):
+    ok = isinstance(value, list) and value and all(v in ("greedy", "beam") for v in value)
+    return None if ok and len(set(value)) == len(value) else "a list of greedy and/or beam, e.g. [greedy,beam]"
+
+
 # Every plain option of hparams/logit_kd.yaml (a test keeps this in step with the yaml).
 CHECKS = {
     "seed": integer(0),
@@ -129,6 +172,10 @@ CHECKS = {
     "device_resident": choice((True, False)),
     "cache_folder": path(allow_null=True),
     "ctc_decode": choice((False, True, "auto")),
+    "models": model_specs(),
+    "speaker_csv": path(allow_null=True),
+    "data_root": path(allow_null=True),
+    "free_running": searches,
     "output_folder": path(),
     "save_folder": path(),
     "train_log": path(),
@@ -194,6 +241,10 @@ def check_hparams(hparams):
             check_writable(hparams["cache_folder"], "cache folder", "cache_folder")
         except RunError as err:
             raise HparamsError(str(err)) from None
+    if hparams.get("models") and not hparams.get("speaker_csv"):
+        raise HparamsError("--models is given without --speaker_csv: the free-running decode needs the held-out CSV")
+    if hparams.get("speaker_csv") and not Path(hparams["speaker_csv"]).is_file():
+        raise HparamsError(f"--speaker_csv={hparams['speaker_csv']} is not allowed: the file does not exist")
     if "d_model" in hparams and hparams["d_model"] % hparams["n_heads"]:
         raise HparamsError(
             f"--n_heads={hparams['n_heads']} is not allowed: n_heads must divide d_model ({hparams['d_model']})"
@@ -355,11 +406,11 @@ def describe_options(hparams_file):
     lines = []
     for key in keys:
         value = fold.get(key, doc[key])
-        if hasattr(value, "items"):
-            continue  # objects (the student, the optimiser, ...) are built from the options
         tag = getattr(getattr(value, "tag", None), "value", None)
         if tag and not tag.startswith(("!ref", "!PLACEHOLDER")):
-            continue
+            continue  # objects (the student, the optimiser, ...) are built from the options
+        if hasattr(value, "items") and value:
+            continue  # a mapping of settings (an option's own is empty by default: models)
         shown = "(required)" if tag == "!PLACEHOLDER" else str(getattr(value, "value", value)) if tag else _show(value)
         lines.append((key, shown, comments.get(key, "")))
     width = max(len(k) for k, _, _ in lines) + 2

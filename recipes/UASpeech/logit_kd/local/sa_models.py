@@ -56,6 +56,13 @@ def read_speaker_csv(csv_path, speaker, data_root=None):
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise ExtractionError(f"speaker {speaker}: CSV file {csv_path} does not exist")
+    try:
+        lines = [line for line in csv_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise ExtractionError(f"speaker {speaker}: unreadable CSV {csv_path}: {err}") from None
+    if len(lines) < 2:  # SpeechBrain's reader fails on it with an IndexError
+        what = "is empty" if not lines else "has a header but no utterances"
+        raise ExtractionError(f"speaker {speaker}: CSV {csv_path} {what}")
     replacements = {"data_root": str(data_root)} if data_root is not None else {}
     try:
         data = DynamicItemDataset.from_csv(str(csv_path), replacements=replacements)
@@ -377,9 +384,46 @@ class SAModel:
                 feats = self.normalize(feats, wav_lens)
             return m["Transformer"].encode(m["CNN"](feats), wav_lens, pad_idx=self.pad_index).float()
 
+    @torch.no_grad()
+    def front_end(self, wav):
+        """[T, ...]: the CNN front end's output on one waveform ``[samples]`` (its encoder frames)."""
+        m = self.modules
+        wavs = wav.to(self.device).unsqueeze(0)
+        with self._autocast():
+            feats = m["compute_features"](wavs)
+            if self.normalize is not None:
+                feats = self.normalize(feats, torch.ones(1, device=self.device))
+            return m["CNN"](feats)[0]
+
+    @torch.no_grad()
+    def encode_batch(self, wavs):
+        """([B, T, D], frames [B]): the encoder outputs of several waveforms at once, each equal (to
+        float rounding) to ``encode`` of that waveform alone; ``frames[b]`` of its T are real.
+
+        What a padded batch would change is kept out. The front end (Fbank, normalisation, CNN) runs
+        per waveform: its convolutions pad each utterance's edges by reflection, which padding the
+        batch would replace with the padding's values. The encoder runs on the padded batch with
+        the relative lengths (its attention ignores the padded frames), and the depthwise
+        convolution of each conformer layer reads zeros past an utterance's end, as it does on a
+        batch of one: SpeechBrain 1.1.2's ``ConvolutionModule`` masks the padded frames only after
+        that convolution, so the padding would leak into the last ``kernel_size // 2`` frames."""
+        m = self.modules
+        srcs = [self.front_end(w) for w in wavs]
+        frames = torch.tensor([s.shape[0] for s in srcs])
+        longest = int(frames.max())
+        src = srcs[0].new_zeros((len(srcs), longest, *srcs[0].shape[1:]))
+        for i, s in enumerate(srcs):
+            src[i, : s.shape[0]] = s
+        wav_lens = (frames.double() / longest).to(self.device)
+        padded = torch.arange(longest)[None, :] >= frames[:, None]
+        with self._autocast(), zero_padded_frames_before_convolutions(m["Transformer"], padded.to(self.device)):
+            enc = m["Transformer"].encode(src, wav_lens, pad_idx=self.pad_index).float()
+        return enc, frames
+
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -399,6 +443,31 @@ class SAModel:
             ctc_logits = m["ctc_lin"](enc_out)
             decoder_logits = m["seq_lin"](pred)
         return decoder_logits[0].float().cpu().clone(), ctc_logits[0].float().cpu().clone()
+
+
+@contextlib.contextmanager
+def zero_padded_frames_before_convolutions(transformer, padded):
+    """While inside, the depthwise time convolution of every conformer ``ConvolutionModule`` of
+    ``transformer`` reads zeros at the padded frames (``padded`` [B, T], True where padded), as its
+    own zero padding gives past the end of an utterance that is alone in its batch."""
+    from speechbrain.lobes.models.transformer.Conformer import ConvolutionModule
+
+    def zero(module, args):
+        x = args[0]  # [B, C, T]
+        if x.shape[0] == padded.shape[0] and x.shape[-1] == padded.shape[1]:
+            return (x.masked_fill(padded[:, None, :], 0.0), *args[1:])
+        return None
+
+    hooks = [
+        module.conv.register_forward_pre_hook(zero)
+        for module in transformer.modules()
+        if isinstance(module, ConvolutionModule)
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def load_language_model(hparams_file, lm_file, device="cpu"):
@@ -436,20 +505,60 @@ def set_tf32(allow):
     return bool(allow)
 
 
-def read_wav(utt, model):
-    import speechbrain as sb
+def audio_info(utt, sample_rate=None):
+    """(samples, sample rate) of an utterance's audio file, from its header; ExtractionError naming
+    the utterance and the file when it is missing, unreadable, empty, not mono or (with
+    ``sample_rate``) sampled at another rate."""
+    import soundfile
 
     if not Path(utt.wav).is_file():
         raise ExtractionError(f"utterance {utt.id}: audio file {utt.wav} does not exist")
-    if model.sample_rate is not None:
-        import soundfile
+    try:
+        info = soundfile.info(utt.wav)
+    except (RuntimeError, OSError) as err:  # soundfile's LibsndfileError is a RuntimeError
+        raise ExtractionError(f"utterance {utt.id}: unreadable audio file {utt.wav} ({err})") from None
+    if info.frames <= 0:
+        raise ExtractionError(f"utterance {utt.id}: audio file {utt.wav} holds no samples")
+    if info.channels != 1:
+        raise ExtractionError(f"utterance {utt.id}: {utt.wav} has {info.channels} channels, expected mono")
+    if sample_rate is not None and info.samplerate != sample_rate:
+        raise ExtractionError(
+            f"utterance {utt.id}: {utt.wav} is sampled at {info.samplerate} Hz, the model expects {sample_rate} Hz"
+        )
+    return int(info.frames), int(info.samplerate)
 
-        rate = soundfile.info(utt.wav).samplerate
-        if rate != model.sample_rate:
+
+def check_audio(utts, sample_rate=None):
+    """Every utterance's audio header, before anything is written: {utterance id: samples}."""
+    return {utt.id: audio_info(utt, sample_rate)[0] for utt in utts}
+
+
+def check_device(device):
+    """ExtractionError (one line naming --device) when ``device`` is not one torch can use here."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ExtractionError(f"--device={device} is not allowed: {err}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ExtractionError(f"--device={device} is not allowed: no CUDA GPU is available here (use --device=cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
             raise ExtractionError(
-                f"utterance {utt.id}: {utt.wav} is sampled at {rate} Hz, the model expects {model.sample_rate} Hz"
+                f"--device={device} is not allowed: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
             )
-    wav = sb.dataio.dataio.read_audio(utt.wav)
+    elif device.type != "cpu":
+        raise ExtractionError(f"--device={device} is not allowed: cpu or cuda[:N]")
+    return device
+
+
+def read_wav(utt, model):
+    import speechbrain as sb
+
+    audio_info(utt, model.sample_rate)
+    try:
+        wav = sb.dataio.dataio.read_audio(utt.wav)
+    except (RuntimeError, OSError) as err:
+        raise ExtractionError(f"utterance {utt.id}: unreadable audio file {utt.wav} ({err})") from None
     if wav.dim() != 1:
         raise ExtractionError(f"utterance {utt.id}: {utt.wav} has {wav.shape[1]} channels, expected mono")
     return wav
