@@ -273,6 +273,35 @@ def test_extract_end_to_end(world):
     assert not list(logit_root.rglob(".*tmp*")) and not list(logit_root.rglob(extract_logits.IN_PROGRESS))
 
 
+def test_batched_extraction_without_ctc_files(world):
+    """--batch_size 3: each utterance's logits are its batch-of-one logits up to float rounding (the
+    utterances of a batch differ in length: padded frames and tokens must change nothing), in the
+    CSV's order; --ctc none writes no CTC file, and the pair counts as finished for --ctc none."""
+    import extract_logits
+
+    logit_root = world["root"] / "logit_extraction_batched"
+    args = ["--logit_root", str(logit_root), *world["args"], "--batch_size", "3", "--ctc", "none"]
+    assert extract_logits.main(args) == 0
+    for model in MODELS:
+        for spk in SPEAKERS:
+            folder = logit_root / model / spk
+            assert not (folder / f"{spk}_ctc_logits.pt").exists()
+            meta = json.loads((folder / f"{spk}_metadata.json").read_text())
+            expected = world["speakers"][spk][1]
+            assert meta["utterance_ids"] == [u for u, _, _ in expected]
+            decoder = torch.load(folder / f"{spk}_decoder_logits.pt", weights_only=True)
+            for (utt_id, _, _), dec, frames in zip(expected, decoder, meta["ctc_frame_lens"]):
+                ref_dec, ref_ctc = world["refs"][(model, utt_id)]
+                torch.testing.assert_close(dec, ref_dec, rtol=1e-4, atol=1e-4)
+                assert frames == ref_ctc.shape[0]
+    before = _mtimes(logit_root)
+    assert extract_logits.main(args) == 0  # finished without CTC files: skipped
+    assert _mtimes(logit_root) == before
+    # a run that wants the CTC files does not take these pairs for finished
+    assert extract_logits.main(["--logit_root", str(logit_root), *world["args"]]) == 1
+    assert extract_logits.main(["--logit_root", str(logit_root), *world["args"], "--batch_size", "0"]) == 2
+
+
 def test_bf16_close_to_fp32(world):
     import extract_logits
 

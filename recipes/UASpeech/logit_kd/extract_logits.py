@@ -70,7 +70,11 @@ options win, and --models / --speakers entries are added to the file's):
 Speaker CSVs are SpeechBrain CSVs (``ID,duration,wav,spk_id,wrd``), one speaker each, with
 upper-case words (the SA tokenizer maps lower case to ``<unk>``).
 
-Other options: ``--precision fp32|bf16`` (autocast of the forward pass; logits are saved as
+Other options: ``--batch_size N`` (utterances of similar length per forward pass; default 1, the
+original extraction's batch of one; with more, each utterance's logits equal its batch-of-one logits
+up to float rounding, tested), ``--ctc all|none`` (``none``: no CTC logit files, for a tree no job
+reads them from: they are about ten times the size of the decoder files; the metadata still has
+``ctc_frame_lens``), ``--precision fp32|bf16`` (autocast of the forward pass; logits are saved as
 float32), ``--device`` (default cuda when available, else cpu), ``--overrides "{key: value}"``
 (applied to every model's hparams), ``--ckpt_select auto|latest|max:KEY|min:KEY``, ``--force``
 (redo finished pairs).
@@ -91,8 +95,8 @@ reported (and recorded in the summary) and the other pairs still run; the exit s
 pair failed. What can be checked before extracting is, before anything is written: every audio file
 of the CSVs (there, readable, mono, not empty), an empty CSV, a ``--device`` this machine does not
 have, a mistyped option: one ``ERROR:`` line naming the file, the utterance or the option, exit
-status 2. (The script has no numeric options; ``--overrides`` values are checked by the model's
-hparams when it is built.)
+status 2. (Its one numeric option, ``--batch_size``, must be an integer >= 1; ``--overrides``
+values are checked by the model's hparams when it is built.)
 
 SA experiment folders as they are: the ``hyperparams.yaml`` of the SA project's fork passes
 ``freeze_encoder_layers`` / ``freeze_decoder_layers`` to ``TransformerASR``, which SpeechBrain 1.1.2
@@ -174,7 +178,7 @@ FINISHED_KEYS = tuple(k for k in METADATA_KEYS if k != "vocab_size")
 IN_PROGRESS = ".extraction_in_progress"
 
 
-def pair_status(logit_root, model, speaker, utts, tokenizer):
+def pair_status(logit_root, model, speaker, utts, tokenizer, ctc=True):
     """``(state, why)`` of a pair's files: ``("absent", ...)`` nothing there or an interrupted
     extraction (logits without metadata: the metadata is written last, here and by the SA project's
     script); ``("finished", None)`` three consistent files; ``("different", why)`` a finished-looking
@@ -189,13 +193,17 @@ def pair_status(logit_root, model, speaker, utts, tokenizer):
             return "absent", f"interrupted extraction of this script ({', '.join(present)} without metadata)"
         return "different", f"{', '.join(present)} without metadata, not left by an interrupted run of this script"
     try:
-        why = _pair_difference(files, model, utts, tokenizer)
+        why = _pair_difference(files, model, utts, tokenizer, ctc)
     except (TypeError, KeyError, AttributeError, IndexError, ValueError) as err:
         why = f"inconsistent files ({type(err).__name__}: {err})"
     return ("finished", None) if why is None else ("different", why)
 
 
-def _pair_difference(files, model, utts, tokenizer):
+def _pair_difference(files, model, utts, tokenizer, ctc=True):
+    """Why a pair's files are not a finished extraction of ``utts`` (None when they are). Without
+    ``ctc`` (an extraction that wrote no CTC file) the CTC file is not required, nor read."""
+    if not ctc:
+        files = {k: v for k, v in files.items() if k != "ctc"}
     absent = [p.name for p in files.values() if not p.is_file()]
     if absent:
         return f"missing {', '.join(absent)}"
@@ -217,49 +225,66 @@ def _pair_difference(files, model, utts, tokenizer):
     ):
         return "metadata counts differ"
     try:
-        decoder, ctc = _load_mmap(files["decoder"]), _load_mmap(files["ctc"])
+        decoder = _load_mmap(files["decoder"])
+        ctc_logits = _load_mmap(files["ctc"]) if ctc else [None] * len(utts)
     except Exception as err:  # noqa: BLE001 - any unreadable file means "not finished"
         return f"unreadable logit file ({type(err).__name__})"
     if isinstance(decoder, torch.Tensor) and decoder.dim() == 3:
         decoder = list(decoder)  # the SA script stacks [N, U, V] when every word has U positions
-    if not (isinstance(decoder, list) and isinstance(ctc, list) and len(decoder) == len(ctc) == len(utts)):
+    if not (
+        isinstance(decoder, list) and isinstance(ctc_logits, list) and len(decoder) == len(ctc_logits) == len(utts)
+    ):
         return "logit files do not hold one tensor per utterance"
-    for u, dec, frames, c in zip(utts, decoder, meta["ctc_frame_lens"], ctc):
+    for u, dec, frames, c in zip(utts, decoder, meta["ctc_frame_lens"], ctc_logits):
         U = len(tokenizer.encode_as_ids(u.word)) + 1
         if tuple(dec.shape) != (U, meta["vocab_size_decoder"]):
             return f"decoder logits of {u.id} have shape {tuple(dec.shape)}"
-        if tuple(c.shape) != (frames, meta["vocab_size_ctc"]):
+        if c is not None and tuple(c.shape) != (frames, meta["vocab_size_ctc"]):
             return f"CTC logits of {u.id} have shape {tuple(c.shape)}"
     return None
 
 
-def extract_pair(model, speaker, utts, tokenizer, logit_root):
-    """Runs ``model`` on ``utts`` and writes the pair's three files (metadata last)."""
+def extract_pair(model, speaker, utts, tokenizer, logit_root, batch_size=1, ctc=True):
+    """Runs ``model`` on ``utts`` and writes the pair's files (metadata last; the CTC file only with
+    ``ctc``). ``batch_size`` > 1 runs batches of utterances of similar length
+    (``SAModel.logits_batch``: each utterance's logits equal its batch-of-one logits up to float
+    rounding); the files list the utterances in the CSV's order either way."""
     files = pair_files(logit_root, model.name, speaker)
     marker = files["metadata"].parent / IN_PROGRESS
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"pid {os.getpid()}\n")  # before anything of the pair changes
     files["metadata"].unlink(missing_ok=True)  # the pair is unfinished until its metadata is back
-    decoder, ctc, frames = [], [], []
+    decoder, ctc_logits, frames = [None] * len(utts), [None] * len(utts), [0] * len(utts)
     start = time.time()
-    for i, utt in enumerate(utts):
-        tokens = tokenizer.encode_as_ids(utt.word)
-        dec, c = model.logits(read_wav(utt, model), tokens)
-        if dec.shape[0] != len(tokens) + 1:
-            raise ExtractionError(
-                f"utterance {utt.id}: {dec.shape[0]} decoder positions for {len(tokens)} tokens + </s>"
-            )
-        if not (torch.isfinite(dec).all() and torch.isfinite(c).all()):
-            raise ExtractionError(f"model {model.name}, utterance {utt.id}: NaN or Inf logits")
-        decoder.append(dec)
-        ctc.append(c)
-        frames.append(int(c.shape[0]))
-        if (i + 1) % 200 == 0:
+    tokens = [tokenizer.encode_as_ids(u.word) for u in utts]
+    order = sorted(range(len(utts)), key=lambda i: (utts[i].duration, i))
+    done = 0
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        wavs = [read_wav(utts[i], model) for i in batch]
+        if batch_size == 1:  # exactly the original extraction's forward pass
+            outputs = [model.logits(wavs[0], tokens[batch[0]])]
+        else:
+            outputs = model.logits_batch(wavs, [tokens[i] for i in batch])
+        for i, (dec, c) in zip(batch, outputs):
+            utt = utts[i]
+            if dec.shape[0] != len(tokens[i]) + 1:
+                raise ExtractionError(
+                    f"utterance {utt.id}: {dec.shape[0]} decoder positions for {len(tokens[i])} tokens + </s>"
+                )
+            if not (torch.isfinite(dec).all() and torch.isfinite(c).all()):
+                raise ExtractionError(f"model {model.name}, utterance {utt.id}: NaN or Inf logits")
+            decoder[i], ctc_logits[i], frames[i] = dec, c if ctc else None, int(c.shape[0])
+        done += len(batch)
+        if done // 200 != (done - len(batch)) // 200:
             logger.info(
-                "%s on %s: %d/%d utterances (%.1f s)", model.name, speaker, i + 1, len(utts), time.time() - start
+                "%s on %s: %d/%d utterances (%.1f s)", model.name, speaker, done, len(utts), time.time() - start
             )
     save_tensors(decoder, files["decoder"])
-    save_tensors(ctc, files["ctc"])
+    if ctc:
+        save_tensors(ctc_logits, files["ctc"])
+    else:
+        files["ctc"].unlink(missing_ok=True)  # (an earlier extraction's, now stale)
     meta = {
         "model_name": model.name,
         "num_utterances": len(utts),
@@ -413,6 +438,20 @@ def build_parser():
     parser.add_argument("--overrides", default="", help="yaml mapping applied to every model's hparams")
     parser.add_argument("--ckpt_select", default="auto", help="auto (default), latest, max:KEY or min:KEY")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=1,
+        help="utterances per forward pass (default 1, the original extraction's; more: each utterance's "
+        "logits equal its batch-of-one logits up to float rounding)",
+    )
+    parser.add_argument(
+        "--ctc",
+        choices=("all", "none"),
+        default="all",
+        help="write the CTC logit files (all: as the real extraction; none: decoder logits and metadata only, "
+        "for trees whose CTC files no job reads: they are ~10x the decoder files)",
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(
         "--force", action="store_true", help="re-extract pairs that are finished, or that hold another extraction"
@@ -454,6 +493,8 @@ def run(args):
     pairs = expand_pairs(args.pairs if args.pairs is not None else jobs["pairs"], models, speakers)
     common = {**jobs["overrides"], **_parse_mapping(args.overrides, "--overrides")}
     device = str(check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if args.batch_size < 1:
+        raise ExtractionError(f"--batch_size={args.batch_size} is not allowed: it must be an integer >= 1")
 
     summary = read_summary(logit_root)  # an unreadable summary stops the run here, not midway
     if "successful_extractions" in summary:
@@ -479,7 +520,7 @@ def run(args):
     for name in dict.fromkeys(m for m, _ in pairs):
         todo, skipped, refused = [], {}, []
         for _, spk in [p for p in pairs if p[0] == name]:
-            state, why = pair_status(logit_root, name, spk, utts[spk], tokenizer)
+            state, why = pair_status(logit_root, name, spk, utts[spk], tokenizer, ctc=args.ctc == "all")
             if state == "finished" and not args.force:
                 logger.info("%s on %s: finished, skipped", name, spk)
                 skipped[f"{name}/{spk}"] = {
@@ -554,7 +595,9 @@ def run(args):
         for spk in todo:
             record = {**record_base, "speaker": spk, "csv": str(speakers[spk]), "num_utterances": len(utts[spk])}
             try:
-                seconds = extract_pair(model, spk, utts[spk], tokenizer, logit_root)
+                seconds = extract_pair(
+                    model, spk, utts[spk], tokenizer, logit_root, args.batch_size, ctc=args.ctc == "all"
+                )
                 record.update(
                     {
                         "status": "extracted",

@@ -420,6 +420,28 @@ class SAModel:
             enc = m["Transformer"].encode(src, wav_lens, pad_idx=self.pad_index).float()
         return enc, frames
 
+    @torch.no_grad()
+    def logits_batch(self, wavs, token_lists):
+        """[(decoder [U_i, V], ctc [T_i, V])]: ``logits`` of several waveforms at once, each equal
+        to that of the waveform alone up to float rounding. The encoder outputs are
+        ``encode_batch``'s; the decoder reads the padded ``[<s>] + tokens`` of the batch with a
+        look-ahead mask (a position never sees the positions after it, so the padding after an
+        utterance's last token changes none of its positions) and the encoder frames' padding mask."""
+        m = self.modules
+        enc, frames = self.encode_batch(wavs)
+        lengths = [len(t) + 1 for t in token_lists]
+        tgt = torch.zeros(len(token_lists), max(lengths), dtype=torch.long, device=self.device)
+        for i, tokens in enumerate(token_lists):
+            tgt[i, : lengths[i]] = torch.tensor([BOS] + list(tokens), dtype=torch.long)
+        with self._autocast():
+            pred, _ = m["Transformer"].decode(tgt, enc, frames.to(self.device))
+            decoder_logits = m["seq_lin"](pred).float().cpu()
+            ctc_logits = m["ctc_lin"](enc).float().cpu()
+        return [
+            (decoder_logits[i, : lengths[i]].clone(), ctc_logits[i, : int(frames[i])].clone())
+            for i in range(len(token_lists))
+        ]
+
     def _autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         if dtype is not None:
