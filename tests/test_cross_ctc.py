@@ -167,3 +167,24 @@ def test_the_closed_list_is_the_teachers_words_not_the_test_references(demo_tree
     partial = score_ctc(root, "M16", systems, items, sp, kept)["sa_self"]["closed_list"]
     assert not set(partial.hypotheses.values()) & set(dropped)
     assert set(partial.hypotheses.values()) <= set(kept)
+
+
+def test_a_missing_pair_of_the_cross_audio_is_named_with_the_option(copy_tree, tmp_path):
+    """A logit tree without the teacher models on the other speakers' audio (only each model on its
+    own speaker): one line naming the missing pair and --cross_audio, nothing written."""
+    tree = copy_tree()
+    out = tmp_path / "out"
+    proc = run_recipe(
+        "M16",
+        f"--output_folder={out}",
+        f"--logit_root={tree / 'logit_extraction'}",
+        f"--tokenizer_file={tree / 'tokenizer.model'}",
+        "--input_streams=cross",
+        *FAST,
+        check=False,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("ERROR: missing folder") and "SA model M07 on speaker F02" in line
+    assert "--cross_audio=teachers" in line
+    assert not out.exists()

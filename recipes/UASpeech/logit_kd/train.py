@@ -296,7 +296,7 @@ def prepare_fold(hparams):
     if uses_demo_tree(hparams):
         held_out = hparams["held_out"]
         teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
-        train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
+        train_pairs, test_pairs = fold_pairs(hparams, teachers)
         agree(
             ensure_demo_tree,
             folder=hparams["demo_folder"],
@@ -329,12 +329,20 @@ def score_ctc_decodes(hparams, fold):
     )
 
 
+def fold_pairs(hparams, teachers):
+    """The (model, audio speaker) pairs of the fold's training and test stores."""
+    return store_pairs(
+        hparams["held_out"], teachers, hparams["input_streams"], hparams["cross_audio"], hparams["exclude_speakers"]
+    )
+
+
 def load_fold(hparams):
     tokenizer = load_tokenizer(hparams["tokenizer_file"])
     tokens = TokenTable(tokenizer)
     held_out = hparams["held_out"]
     teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
-    train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
+    train_pairs, test_pairs = fold_pairs(hparams, teachers)
+    cross = hparams["input_streams"] == "cross"
     dtype = getattr(torch, hparams["store_dtype"])
     cache = hparams["cache_folder"]
     # What the students read of the teacher streams is computed once here, when the files are packed
@@ -345,7 +353,15 @@ def load_fold(hparams):
             "mix_temperature": hparams["mix_temperature"],
             "evidence_k": max(hparams["top_k"], hparams["evidence_k"]),
         }
-    train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache, **packing)
+    try:
+        train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache, **packing)
+    except LogitStoreError as err:
+        if cross and hparams["cross_audio"] == "all_others" and "missing folder" in str(err):
+            raise LogitStoreError(
+                f"{err} (cross_audio: all_others reads the teacher models on every other speaker's audio; "
+                f"--cross_audio=teachers reads the teacher speakers' audio only)"
+            ) from None
+        raise
     test_store = LogitStore(
         hparams["logit_root"],
         tokens,
@@ -355,11 +371,11 @@ def load_fold(hparams):
         optional=optional_pairs(held_out, hparams["input_streams"]),
         **packing,
     )
-    valid_groups = validation_groups(train_store, teachers, hparams["valid_fraction"], hparams["seed"])
+    valid_groups = validation_groups(train_store, hparams["valid_fraction"], hparams["seed"])
     splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
     check_honesty(splits, train_store, test_store, held_out)
-    # Each teacher model's exact-match accuracy on its training streams (the teacher speakers' audio,
-    # never the test): the weights of the `weighted` target and the tie-break of the vote baseline.
+    # Each teacher model's exact-match accuracy on its training streams (the training audio, never
+    # the test): the weights of the `weighted` target and the tie-break of the vote baseline.
     quality = teacher_quality(train_store, [j for item in splits["train"].values() for j in item["streams"]])
     target_sets = [item["target"] for name in ("train", "valid") for item in splits[name].values()]
     weights = quality if hparams["target_aggregation"] == "weighted" else None
@@ -382,7 +398,10 @@ def load_fold(hparams):
         "tokenizer_file": str(Path(hparams["tokenizer_file"]).resolve()),
         "synthetic_data": synthetic,
         "teacher_accuracy": {m: quality[m] for m in sorted(quality)},
+        "train_audio": sorted(set(train_store.stream_speaker)),
     }
+    if cross:
+        info["cross_audio"] = hparams["cross_audio"]
     return SimpleNamespace(
         tokenizer=tokenizer, train_store=train_store, test_store=test_store, splits=splits, targets=targets, info=info
     )
