@@ -245,13 +245,13 @@ def test_check_honesty_refuses_the_held_out_audio_in_cross_training(demo_tree_cr
 
 def test_the_held_out_speakers_data_cannot_change_a_choice(demo_tree_cross, tmp_path):
     """Everything chosen before the test (training and validation items, the validation split, the
-    teachers' accuracy that breaks the vote's ties) is the same when every file of the held-out
-    speaker's audio holds other logits."""
+    teacher ranking that picks the best single teacher and breaks the vote's ties) is the same when
+    every file of the held-out speaker's audio holds other logits."""
     import shutil
 
     import torch
 
-    from local.kd import teacher_quality
+    from local.kd import teacher_ranking
 
     tree = tmp_path / "tree"
     shutil.copytree(demo_tree_cross, tree)
@@ -264,7 +264,7 @@ def test_the_held_out_speakers_data_cannot_change_a_choice(demo_tree_cross, tmp_
         train, test, groups, splits, _ = _fold(root, "M16", "cross")
         streams = [j for name in ("train", "valid") for item in splits[name].values() for j in item["streams"]]
         tests = {u: [test.logits(j).argmax(-1).tolist() for j in item["streams"]] for u, item in splits["test"].items()}
-        return groups, {n: splits[n] for n in ("train", "valid")}, teacher_quality(train, streams), tests
+        return groups, {n: splits[n] for n in ("train", "valid")}, teacher_ranking(train, streams), tests
 
     original, altered = choices(demo_tree_cross), choices(tree)
     assert original[:3] == altered[:3]
