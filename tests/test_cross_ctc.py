@@ -112,6 +112,21 @@ def test_majority_vote_of_the_teachers(cross_run):
     assert results["baselines"]["majority_vote"]["ties"] == ties
 
 
+def test_compare_py_votes_the_runs_teacher_files_as_the_run_does(cross_run):
+    """compare.py on a run's teacher files ranks them by the run's teacher_ranking (the one tie
+    rule): its vote is the run's majority_vote, utterance by utterance."""
+    from compare import compare
+
+    out, results = cross_run
+    result = compare([out / "wer_test_teacher_F02.txt", out / "wer_test_teacher_M07.txt"], n_perm=20, n_boot=20)
+    assert {r["kind"] for r in result["majority_vote"]["ranking"].values()} == {"teacher_ranking"}
+    vote = results["baselines"]["majority_vote"]
+    assert result["majority_vote"]["ties"] == vote["ties"] > 0
+    assert result["majority_vote"]["WRA"] == pytest.approx(vote["WRA"]) and result["majority_vote"][
+        "WER"
+    ] == pytest.approx(vote["WER"])
+
+
 def test_ctc_greedy_matches_an_independent_decode(cross_run, demo_tree_cross):
     import sentencepiece as spm
 

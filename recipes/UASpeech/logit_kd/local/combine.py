@@ -12,8 +12,9 @@ Nothing here depends on the order in which the systems are given:
   tie). ``pick`` breaks a tie by the *ranking* of the systems (``RANKING_RULE``, keys from
   ``rank_key``): the hypothesis of the best-ranked system among those that produced a top
   hypothesis wins. Why not an equal share for each tied hypothesis (a random tie-break in
-  expectation)? The ranking uses data the test does not touch and is the stronger baseline: a
-  student must beat the vote at its best.
+  expectation)? The ranked vote is a system one can run (one hypothesis per utterance, tested like
+  any other system), decided on data the test does not touch, and one rule for every tool gives one
+  figure for the same files; it is not necessarily the higher figure.
 - ``best_single``: the best-ranked system.
 - ``oracle``: the fewest edits of any system (an upper bound, not a system).
 """
@@ -33,10 +34,6 @@ VOTE_RULE = (
     "majority vote over whole hypotheses; a tie goes to the hypothesis of the best-ranked system "
     "among those that produced a top hypothesis (the ranking: " + RANKING_RULE + "); independent of "
     "the order of the systems"
-)
-FRACTIONAL_RULE = (
-    "majority vote over whole hypotheses; a tie between k hypotheses gives each 1/k of the "
-    "utterance (the expected result of a random tie-break): independent of the order of the systems"
 )
 ORACLE_RULE = (
     "per utterance the fewest edits of any system; WRA oracle = utterance counted right if any "
@@ -83,13 +80,6 @@ def pick(top, rank, names):
 def _name_order(name):
     # max() should prefer the alphabetically first name: invert the characters
     return [-ord(c) for c in name]
-
-
-def fractional_credit(top, edits, right):
-    """(expected edits, expected exactness) of one utterance's vote under a random tie-break:
-    each of the top hypotheses counts 1/k. ``edits``/``right``: one value per system."""
-    shares = [(edits[ks[0]], right[ks[0]]) for ks in top.values()]
-    return sum(e for e, _ in shares) / len(shares), sum(r for _, r in shares) / len(shares)
 
 
 def vote_weight(accuracy, n, n_words, floor=0.5):

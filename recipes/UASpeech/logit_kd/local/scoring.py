@@ -51,22 +51,6 @@ def rates(edits, ref_words):
     }
 
 
-def fractional_rates(edits, right, ref_words):
-    """``rates`` when utterances count fractionally (a vote tie broken at random, in expectation):
-    expected edits and expected exactness per utterance."""
-    n, total_edits, total_ref = len(edits), sum(edits), sum(ref_words)
-    wra = 100.0 * sum(right) / n if n else float("nan")
-    return {
-        "n": n,
-        "WER": 100.0 * total_edits / total_ref if total_ref else 0.0,
-        "SER": 100.0 - wra,
-        "WRA": wra,
-        "edits": total_edits,
-        "ref_words": total_ref,
-        "erroneous": n - sum(right),
-    }
-
-
 def _rates(scores):
     """``rates`` of ErrorRateStats' per-utterance score dicts."""
     return rates([s["num_edits"] for s in scores], [s["num_ref_tokens"] for s in scores])
