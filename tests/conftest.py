@@ -72,13 +72,15 @@ def demo_tree(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_tree_cross(tmp_path_factory):
-    """A demo tree with the pairs of the M16 cross fold (F02 and M07 on each other's and on
-    M16's audio), as ``ensure_demo_tree`` adds them for ``input_streams: cross``."""
+    """A demo tree with the pairs of the M16 cross fold under both ``cross_audio`` settings (F02 and
+    M07 on every other speaker's audio, M16's included), as ``train.py`` has ``ensure_demo_tree``
+    add them for ``input_streams: cross``."""
+    from local.folds import store_pairs
     from local.synthetic import ensure_demo_tree
 
     folder = tmp_path_factory.mktemp("demo_cross") / "demo_data"
-    pairs = [("F02", "M07"), ("M07", "F02"), ("F02", "M16"), ("M07", "M16")]
-    ensure_demo_tree(folder, pairs=pairs)
+    train, test = store_pairs("M16", ["F02", "M07"], "cross", "all_others")
+    ensure_demo_tree(folder, pairs=train + test)
     return folder
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from local.combine import fractional_credit, vote
+from local.combine import pick, rank_key, vote
 from local.wer_files import WerFileMismatch, read_wer_file
 
 from compare import compare
@@ -238,7 +238,9 @@ SHARED = list(REFS)[:6]
 #   CW2_M2: NO ONE (A, B) x2, WE, WEE               -> NO ONE
 #   CW2_M3: "" (A, C) x2, WE WE, WHY                -> ""
 #   LA_M2 : ALFA x3 vs ALPHA                        -> ALFA
-#   LZ_M2 : ROMEO (A, D) x2 vs ZULU (B, C) x2: tie  -> half ROMEO (1 edit), half ZULU (right)
+#   LZ_M2 : ROMEO (A, D) x2 vs ZULU (B, C) x2: tie  -> the best-ranked system's: with no data to rank
+#           the systems on (these files have no other speakers' files beside them), the first name, A:
+#           ROMEO (1 edit); ranked B first (--vote_rank B A C D): ZULU (right)
 VOTE = [["COME"], ["GUM"], ["NO", "ONE"], [""], ["ALFA"]]  # + the tied LZ_M2
 # Oracle (fewest edits, ties to the earliest system), worked by hand:
 #   CW1_M2 A COME (0); CW1_M3 C COME (0); CW2_M2 C WE (0);
@@ -266,15 +268,20 @@ def _rates(hyps, refs):
     return 100.0 * edits / words, 100.0 * wrong / len(refs)
 
 
-def test_vote_ties_count_fractionally_whatever_the_order():
+def test_vote_ties_go_to_the_best_ranked_system_whatever_the_order():
     hyps = [["X"], ["Y"], ["Y"], ["X"]]
-    edits, right = [1, 0, 0, 1], [False, True, True, False]
+    names = ["s0", "s1", "s2", "s3"]
+    rank = [rank_key(0.5), rank_key(0.5), rank_key(0.5, -1.0), rank_key(0.5, -2.0)]  # s2: the best
     for perm in ([0, 1, 2, 3], [1, 0, 3, 2], [3, 2, 1, 0]):
         top = vote([hyps[k] for k in perm])
         assert len(top) == 2  # a tie
-        assert fractional_credit(top, [edits[k] for k in perm], [right[k] for k in perm]) == (0.5, 0.5)
+        winner = pick(top, [rank[k] for k in perm], [names[k] for k in perm])
+        assert names[perm[winner]] == "s2"  # equal accuracies: the continuous statistic decides
+    top = vote(hyps)
+    assert hyps[pick(top, [rank_key(0.5)] * 4, names)] == ["X"]  # all equal: the first name, s0
+    assert hyps[pick(top, [rank_key(None), rank_key(0.1), rank_key(None), rank_key(None)], names)] == ["Y"]
     top = vote([["Z"], ["X"], ["Y"], ["X"]])
-    assert list(top) == [("X",)] and fractional_credit(top, [1, 0, 1, 0], [False, True, False, True]) == (0, 1)
+    assert list(top) == [("X",)] and pick(top, rank, names) in (1, 3)  # no tie: the majority
 
 
 def test_vote_and_oracle_on_crafted_files(crafted_systems):
@@ -295,16 +302,25 @@ def test_vote_and_oracle_on_crafted_files(crafted_systems):
         assert result["systems"][name]["SER"] == pytest.approx(ser_all)
 
     vote_wer, vote_ser = _rates(VOTE, refs[:5])
-    # by hand, too: edits 0 + 1 + 2 + 1 + 1 + (1 + 0) / 2 = 5.5 over 6 words; CW1_M2 right, LZ_M2 half
+    # by hand, too: edits 0 + 1 + 2 + 1 + 1 + 1 (LZ_M2: A's ROMEO) = 6 over 6 words; CW1_M2 right
     assert (vote_wer * 5 / 6, vote_ser * 5 / 6) == pytest.approx((100.0 * 5 / 6, 100.0 * 4 / 6))
-    assert result["majority_vote"]["WER"] == pytest.approx(100.0 * 5.5 / 6)
-    assert result["majority_vote"]["WRA"] == pytest.approx(100.0 * 1.5 / 6)
-    assert result["majority_vote"]["SER"] == pytest.approx(100.0 - 100.0 * 1.5 / 6)
+    assert result["majority_vote"]["WER"] == pytest.approx(100.0 * 6 / 6)
+    assert result["majority_vote"]["WRA"] == pytest.approx(100.0 * 1 / 6)
+    assert result["majority_vote"]["SER"] == pytest.approx(100.0 - 100.0 * 1 / 6)
     assert result["majority_vote"]["ties"] == 1
+    assert {r["kind"] for r in result["majority_vote"]["ranking"].values()} == {"none"}
+    assert any("no data to rank the systems" in w for w in result["warnings"])
     # the order of the files does not matter
     shuffled = compare(list(reversed(crafted_systems)), names=list(reversed(list(HYPS))), reference="A")
     for key in ("WER", "WRA", "ties"):
         assert shuffled["majority_vote"][key] == pytest.approx(result["majority_vote"][key])
+    # a ranking given: B first, so LZ_M2's tie goes to B's ZULU (right, 0 edits)
+    ranked = compare(crafted_systems, names=list(HYPS), vote_rank=["B", "A", "C", "D"])
+    assert ranked["majority_vote"]["WER"] == pytest.approx(100.0 * 5 / 6)
+    assert ranked["majority_vote"]["WRA"] == pytest.approx(100.0 * 2 / 6)
+    assert ranked["majority_vote"]["ranking"]["B"]["position"] == 1
+    with pytest.raises(ValueError, match="--vote_rank must name every system once"):
+        compare(crafted_systems, names=list(HYPS), vote_rank=["B", "A", "C"])
 
     oracle_wer, oracle_ser = _rates(ORACLE, refs)
     assert (oracle_wer, oracle_ser) == pytest.approx((100.0 / 6, 100.0 / 6))
@@ -322,6 +338,40 @@ def test_vote_and_oracle_on_crafted_files(crafted_systems):
         for test in tests.values():
             assert 0.0 < test["p_value"] <= 1.0
             assert test["n_groups"] == 4  # CW1, CW2, LA, LZ: mics of a word are one group
+
+
+def test_vote_ranks_each_system_on_its_other_speakers_files(tmp_path):
+    """In a cross_testing layout (<MODEL>/wer_<SPK>.txt) the vote's ties go to the system with the
+    higher WRA on its folder's files of OTHER speakers: never the compared speaker's (even stored
+    under another name), nor the model's own speaker's; a file that is not a wer file is named."""
+    ct = tmp_path / "cross_testing"
+    for model in ("F05", "M09"):
+        (ct / model).mkdir(parents=True)
+    compared = {"F05": [["GUM"], ["WE"]], "M09": [["COME"], ["WE"]]}  # the first utterance: a tie
+    for model, hyps in compared.items():
+        write_sb_file(
+            ct / model / "wer_M08.txt", list(zip(["M08_B3_CW1_M2", "M08_B3_CW2_M2"], [["COME"], ["WE"]], hyps))
+        )
+    # the ranking data: F05 right on 1 of 2 of F02's words, M09 on 2 of 2
+    write_sb_file(ct / "F05" / "wer_F02.txt", [("F02_B3_CW1_M2", ["COME"], ["COME"]), ("F02_B3_CW2_M2", ["WE"], ["X"])])
+    write_sb_file(
+        ct / "M09" / "wer_F02.txt", [("F02_B3_CW1_M2", ["COME"], ["COME"]), ("F02_B3_CW2_M2", ["WE"], ["WE"])]
+    )
+    # decoys that would turn the ranking round if they counted
+    words = [(f"CW{k}", "COME") for k in range(3, 13)]
+    write_sb_file(ct / "F05" / "wer_F05.txt", [(f"F05_B3_{key}_M2", [w], [w]) for key, w in words])  # own speaker
+    write_sb_file(ct / "M09" / "wer_X99.txt", [(f"M08_B3_{key}_M3", [w], ["NO"]) for key, w in words])  # M08's
+    (ct / "F05" / "wer_notes.txt").write_text("not a wer file\n")
+    result = compare([ct / "F05" / "wer_M08.txt", ct / "M09" / "wer_M08.txt"], n_perm=50, n_boot=20)
+    ranking = result["majority_vote"]["ranking"]
+    assert ranking["F05/wer_M08"]["accuracy"] == 0.5 and ranking["F05/wer_M08"]["files"] == 1
+    assert ranking["M09/wer_M08"]["accuracy"] == 1.0 and ranking["M09/wer_M08"]["utterances"] == 2
+    assert result["majority_vote"]["ties"] == 1 and result["majority_vote"]["WRA"] == pytest.approx(100.0)
+    assert any("wer_notes.txt" in w and "not read for the vote's ranking" in w for w in result["warnings"])
+    # without the ranking data the tie would go by name, to F05's wrong word
+    assert compare([ct / "F05" / "wer_M08.txt", ct / "M09" / "wer_M08.txt"], vote_rank=["F05/wer_M08", "M09/wer_M08"])[
+        "majority_vote"
+    ]["WRA"] == pytest.approx(50.0)
 
 
 def test_disagreement_list_skips_unanimous_utterances(tmp_path):
@@ -406,6 +456,17 @@ def _cli(*args, cwd):
         text=True,
         timeout=120,
     )
+
+
+def test_cli_vote_rank_names_every_system(crafted_systems, tmp_path):
+    from compare import comparison_table
+
+    text = comparison_table(compare(crafted_systems, names=list(HYPS), vote_rank=["B", "A", "C", "D"]))
+    assert "#1 (--vote_rank)" in text and "ties (1 utterances) to the best-ranked system" in text
+    proc = _cli(*crafted_systems, "--names", *HYPS, "--vote_rank", "B", "A", "E", "D", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("ERROR: --vote_rank must name every system once")
 
 
 def test_synthetic_and_real_are_never_compared(tmp_path):

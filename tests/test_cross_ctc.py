@@ -95,8 +95,12 @@ def test_majority_vote_of_the_teachers(cross_run):
     out, results = cross_run
     teachers = [read_wer_file(out / f"wer_test_teacher_{m}.txt").by_id() for m in ("F02", "M07")]
     vote = read_wer_file(out / "wer_test_majority_vote.txt").by_id()
-    accuracy = results["teacher_accuracy"]  # on the teacher speakers' audio, never on the test
-    better = 0 if accuracy["F02"] >= accuracy["M07"] else 1  # equal: the first name
+    # the ranking: on the training audio (train and validation items), never on the test
+    ranking = results["teacher_ranking"]
+    key = {m: (ranking[m]["accuracy"], ranking[m]["mean_logprob"]) for m in ("F02", "M07")}
+    better = 0 if key["F02"] >= key["M07"] else 1  # equal: the first name
+    assert results["best_single_teacher"]["name"] == ("F02", "M07")[better]
+    assert results["best_single_teacher"]["accuracy"] == results["teacher_accuracy"][("F02", "M07")[better]]
     ties = 0
     for utt_id, utt in vote.items():
         hyps = [t[utt_id].hyp for t in teachers]
@@ -106,6 +110,21 @@ def test_majority_vote_of_the_teachers(cross_run):
     best = f"teacher_{('F02', 'M07')[better]}"
     assert results["baselines"]["majority_vote"]["WER"] == pytest.approx(results["baselines"][best]["WER"])
     assert results["baselines"]["majority_vote"]["ties"] == ties
+
+
+def test_compare_py_votes_the_runs_teacher_files_as_the_run_does(cross_run):
+    """compare.py on a run's teacher files ranks them by the run's teacher_ranking (the one tie
+    rule): its vote is the run's majority_vote, utterance by utterance."""
+    from compare import compare
+
+    out, results = cross_run
+    result = compare([out / "wer_test_teacher_F02.txt", out / "wer_test_teacher_M07.txt"], n_perm=20, n_boot=20)
+    assert {r["kind"] for r in result["majority_vote"]["ranking"].values()} == {"teacher_ranking"}
+    vote = results["baselines"]["majority_vote"]
+    assert result["majority_vote"]["ties"] == vote["ties"] > 0
+    assert result["majority_vote"]["WRA"] == pytest.approx(vote["WRA"]) and result["majority_vote"][
+        "WER"
+    ] == pytest.approx(vote["WER"])
 
 
 def test_ctc_greedy_matches_an_independent_decode(cross_run, demo_tree_cross):
@@ -167,3 +186,24 @@ def test_the_closed_list_is_the_teachers_words_not_the_test_references(demo_tree
     partial = score_ctc(root, "M16", systems, items, sp, kept)["sa_self"]["closed_list"]
     assert not set(partial.hypotheses.values()) & set(dropped)
     assert set(partial.hypotheses.values()) <= set(kept)
+
+
+def test_a_missing_pair_of_the_cross_audio_is_named_with_the_option(copy_tree, tmp_path):
+    """A logit tree without the teacher models on the other speakers' audio (only each model on its
+    own speaker): one line naming the missing pair and --cross_audio, nothing written."""
+    tree = copy_tree()
+    out = tmp_path / "out"
+    proc = run_recipe(
+        "M16",
+        f"--output_folder={out}",
+        f"--logit_root={tree / 'logit_extraction'}",
+        f"--tokenizer_file={tree / 'tokenizer.model'}",
+        "--input_streams=cross",
+        *FAST,
+        check=False,
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("ERROR: missing folder") and "SA model M07 on speaker F02" in line
+    assert "--cross_audio=teachers" in line
+    assert not out.exists()

@@ -136,3 +136,57 @@ def test_batched_targets_equal_one_set_at_a_time(demo_tree, aggregation):
         )
         got = table.gather([table.index(streams)], U)[0]
         assert torch.allclose(got, direct, atol=1e-6), (aggregation, streams)
+
+
+def _store(streams):
+    """A packed store of (model, [U, V] logits) streams whose reference is tokens_eos [3, 2]."""
+    from types import SimpleNamespace
+
+    from local.packed import PackedRows
+
+    blocks = [z for _, z in streams]
+    store = PackedRows(torch.cat(blocks + [torch.zeros(1, blocks[0].shape[1])]), [len(z) for z in blocks])
+    store.tokens = SimpleNamespace(tokens_eos=lambda word: [3, 2])
+    store.words = ["THREE"] * len(streams)
+    store.stream_model = [m for m, _ in streams]
+    return store
+
+
+def test_the_teacher_ranking_breaks_an_accuracy_tie_by_the_reference_log_probability():
+    """Two teachers right on one utterance of two: equal accuracy. The continuous statistic (mean
+    log-probability of the reference pieces) decides, before the name; equal on both: the name."""
+    from local.combine import best_single, rank_key
+    from local.kd import teacher_quality, teacher_ranking
+
+    def logits(right, margin):
+        z = torch.zeros(2, 5)
+        z[0, 3 if right else 4], z[1, 2] = margin, margin
+        return z
+
+    streams = [("F02", logits(True, 1.0)), ("F02", logits(False, 1.0)), ("M07", logits(True, 4.0))]
+    streams.append(("M07", logits(False, 4.0)))
+    store = _store(streams)
+    ranking = teacher_ranking(store, range(4))
+    assert ranking["F02"]["accuracy"] == ranking["M07"]["accuracy"] == 0.5
+    assert teacher_quality(store, range(4)) == {"F02": 0.5, "M07": 0.5}
+    for model, first in (("F02", 0), ("M07", 2)):  # the mean over the model's 4 positions, directly
+        direct = sum(
+            float(torch.log_softmax(store.data[store.offsets[j] + u], -1)[[3, 2][u]])
+            for j in (first, first + 1)
+            for u in (0, 1)
+        )
+        assert ranking[model]["mean_logprob"] == pytest.approx(direct / 4) and ranking[model]["positions"] == 4
+    names = sorted(ranking)
+    keys = [rank_key(ranking[m]["accuracy"], ranking[m]["mean_logprob"]) for m in names]
+    assert names[best_single(keys, names)] == "M07"  # not the first name: the statistic decides
+    assert names[best_single([rank_key(0.5, -1.0)] * 2, names)] == "F02"  # equal on both: the name
+    # accuracy comes first: F02 always right (stream 0), M07 half the time but more confident in the
+    # reference (stream 2, and a near miss: the reference's piece a close second)
+    near = logits(True, 4.0)
+    near[0, 4] = 4.1
+    store = _store(streams + [("M07", near)])
+    fewer = teacher_ranking(store, [0, 2, 4])
+    assert fewer["F02"]["accuracy"] == 1.0 and fewer["M07"]["accuracy"] == 0.5
+    assert fewer["F02"]["mean_logprob"] < fewer["M07"]["mean_logprob"]
+    keys = [rank_key(fewer[m]["accuracy"], fewer[m]["mean_logprob"]) for m in names]
+    assert names[best_single(keys, names)] == "F02"

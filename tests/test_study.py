@@ -245,7 +245,7 @@ def test_a_failing_run_is_reported_and_the_others_go_on(copy_tree, tmp_path):
     ]
 
 
-def _fake_cross_run(study, tmp_path, accuracy=None):
+def _fake_cross_run(study, tmp_path, accuracy=None, best=None):
     """A copy of a finished run with the baselines a `cross` run adds: two single teachers (copies of
     sa_self's and of the student's per-utterance results), a majority vote (a copy of the mean's) and
     the teachers' accuracy on the teacher speakers."""
@@ -264,6 +264,8 @@ def _fake_cross_run(study, tmp_path, accuracy=None):
         utterances["systems"][name] = utterances["systems"][source]
         results["baselines"][name] = summary
     results["teacher_accuracy"] = accuracy or {"F04": 0.3, "M11": 0.6}
+    if best is not None:  # what train.py records: its choice on the training audio
+        results["best_single_teacher"] = {"name": best, "accuracy": results["teacher_accuracy"][best]}
     (run / "test_results.json").write_text(json.dumps(results))
     (run / "test_utterances.json").write_text(json.dumps(utterances))
     return run.parent, results
@@ -297,9 +299,27 @@ def test_best_single_teacher_is_chosen_on_the_teachers(study, tmp_path):
         assert float(rows["teacher_M11"]["p_WER"]) == 1.0 and float(rows["teacher_M11"]["p_WRA"]) == 1.0
         assert float(rows["majority_vote"]["WRA"]) == pytest.approx(results["baselines"]["mean"]["WRA"], abs=1e-9)
         text = (folder / "study.md").read_text()
-        assert f"best teacher (chosen on the teachers) ({chosen})" in text
+        assert row["chosen_accuracy"] == f"{100 * accuracy[chosen]:.1f}"
+        assert (
+            f"best teacher (chosen on the teachers) ({chosen}, {100 * accuracy[chosen]:.1f} % on the training" in text
+        )
         assert "best teacher (chosen on the test)†" in text and "oracle-like" in text
         assert "| teacher_F04 |" not in text  # single teachers: CSV only
+
+
+def test_the_report_takes_the_runs_own_choice_of_best_teacher(study, tmp_path):
+    """Equal accuracies on the training audio: train.py broke the tie (mean log-probability of the
+    reference pieces) and recorded its choice; the report shows that teacher, not the first name."""
+    from local.report import write_report
+
+    folder, results = _fake_cross_run(study, tmp_path, {"F04": 0.45, "M11": 0.45}, best="M11")
+    write_report(folder, n_boot=50, n_perm=50)
+    row = {r["system"]: r for r in read_csv(folder / "study.csv")}["best_single_teacher"]
+    assert row["chosen"] == "M11" and row["chosen_accuracy"] == "45.0"
+    assert float(row["WRA"]) == pytest.approx(results["baselines"]["teacher_M11"]["WRA"], abs=1e-9)
+    assert (
+        "best teacher (chosen on the teachers) (M11, 45.0 % on the training audio)" in (folder / "study.md").read_text()
+    )
 
 
 def test_per_utterance_results_that_disagree_with_test_results_are_an_error(study, tmp_path):

@@ -11,6 +11,7 @@ from word_fusion import combine_fold, read_cross_testing, run, statistics, table
 
 from local.combine import vote, vote_weight
 
+from compare import compare
 from conftest import RECIPE, check_table
 
 TEACHERS = ("F05", "M09", "M10", "M14")  # the same_level teachers of M08
@@ -136,3 +137,56 @@ def test_readme_table_is_the_commands_output(shared_uaspeech, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     check_table("word_fusion", results)
+
+
+def write_tied_cross_testing(folder):
+    """M08's same_level teachers on M08's audio split 2 against 2 on every utterance: F05 and M09
+    wrong, M10 and M14 right. On the teacher speakers' audio M14 is the best model. The tie goes to
+    M14's right word under the accuracy ranking; by name (F05) it would be wrong; an equal share per
+    tied hypothesis would give half."""
+    for model in TEACHERS:
+        for speaker in (*TEACHERS, "M08"):
+            if model == speaker:
+                continue
+            rows = []
+            for k, (key, word) in enumerate(WORDS.items()):
+                utt = f"{speaker}_B3_{key}_M2"
+                if speaker == "M08":
+                    hyp = [word] if model in ("M10", "M14") else ["WRONG"]
+                else:  # M14 always right, the others on the first two words only
+                    hyp = [word] if model == "M14" or k < 2 else ["OTHER"]
+                rows.append((utt, [word], hyp))
+            (folder / model).mkdir(parents=True, exist_ok=True)
+            write_sb_file(folder / model / f"wer_{speaker}.txt", rows)
+    return folder
+
+
+def test_compare_and_word_fusion_give_one_vote_figure(tmp_path):
+    """The one tie rule of the project (combine.VOTE_RULE): compare.py on the held-out speaker's
+    files (ranked by each model's other speakers' files) and word_fusion.py (ranked on the teacher
+    speakers) give the same vote, utterance by utterance, on crafted files where every utterance is
+    a tie and the rule decides the figure."""
+    folder = write_tied_cross_testing(tmp_path / "ct")
+    files, _ = read_cross_testing(folder)
+    fold = combine_fold(files, "M08", "same_level")
+    assert fold["ties"] == len(WORDS) and fold["best_single"] == "M14"
+    fused = fold["per_utterance"]["majority_vote"]
+    assert fused["right"] == [1.0] * len(WORDS)  # M14's word, not F05's (by name) nor half of each
+    result = compare(sorted(folder.glob("*/wer_M08.txt")), n_perm=50, n_boot=20)
+    assert result["majority_vote"]["ties"] == fold["ties"]
+    assert result["majority_vote"]["WRA"] == pytest.approx(100.0 * sum(fused["right"]) / len(fused["right"]))
+    assert result["majority_vote"]["edits"] == sum(fused["edits"])
+    ranking = result["majority_vote"]["ranking"]
+    for model in TEACHERS:
+        assert ranking[f"{model}/wer_M08"]["accuracy"] == pytest.approx(fold["teacher_accuracy"][model]["accuracy"])
+
+
+def test_compare_and_word_fusion_give_one_vote_figure_on_the_real_m08_files(real, shared_uaspeech):
+    """The same on the 14 real M08 files: compare.py's vote and word_fusion.py's all_others vote."""
+    results, _ = real
+    fold = next(f for f in results if f["held_out"] == "M08" and f["teacher_set"] == "all_others")
+    result = compare(sorted((shared_uaspeech / "cross_testing").glob("*/wer_M08.txt")), n_perm=50, n_boot=20)
+    assert result["majority_vote"]["ties"] == fold["ties"] == 48
+    assert result["majority_vote"]["WRA"] == pytest.approx(fold["systems"]["majority_vote"]["WRA"], abs=1e-9)
+    assert result["majority_vote"]["edits"] == sum(fold["per_utterance"]["majority_vote"]["edits"])
+    assert result["majority_vote"]["WRA"] == pytest.approx(87.45, abs=0.005)

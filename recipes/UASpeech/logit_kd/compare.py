@@ -11,9 +11,19 @@ utterance ids: WER, SER and WRA with 95 % intervals (bootstrap over
 vote and an oracle, paired tests against a reference system, and the utterances where the
 systems disagree.
 
+The vote follows the project's one rule (``local/combine.py``: ``VOTE_RULE``): a tie goes to the
+hypothesis of the best-ranked system, ranked on data that is not the test. Which data, per system:
+``--vote_rank NAME ...`` (the systems, best first), else the ``teacher_ranking`` a recipe run wrote
+beside its ``teacher_<M>`` files (what ``train.py`` and ``decode.py`` vote with), else the system's
+WRA on the other ``wer_*.txt`` files of its folder whose utterances are of other speakers (in the
+SA project's ``cross_testing/<MODEL>/`` layout: the model's decodes of the other speakers, never
+the compared speaker's, nor the model's own speaker's); a system without any ranks last, then
+names decide. The output says which data ranked each system.
+
 Usage (from recipes/UASpeech/logit_kd)::
 
-    python compare.py WER_FILE... [--names N1 N2 ...] [--reference NAME] [--json OUT] [--n_perm N] [--n_boot N]
+    python compare.py WER_FILE... [--names N1 N2 ...] [--reference NAME] [--vote_rank NAME ...] [--json OUT]
+                      [--n_perm N] [--n_boot N]
     python compare.py results/.../wer_test.txt /data/cross_testing/*/wer_M08.txt --json compare_M08.json
 """
 
@@ -24,13 +34,13 @@ import re
 import sys
 from pathlib import Path
 
-from local.combine import FRACTIONAL_RULE, ORACLE_RULE, fractional_credit, oracle, vote
-from local.corpus import production_of
+from local.combine import ORACLE_RULE, VOTE_RULE, oracle, pick, rank_key, vote
+from local.corpus import SPEAKERS, parse_utterance_id, production_of
 from local.files import write_json
-from local.scoring import fractional_rates, rates
+from local.scoring import rates
 from local.significance import bootstrap_ci, paired_test
 from local.tables import RULE, text_table
-from local.wer_files import WerFile, read_wer_file
+from local.wer_files import WerFile, read_exactness, read_wer_file
 
 # ----------------------------------------------------------------------------- provenance
 
@@ -63,6 +73,10 @@ def provenance(path):
         origin = {"synthetic": synthetic, "decoding": decoding, "source": f"recipe output ({results})"}
         if info.get("partial"):
             origin["partial"] = info["partial"]
+        system = (entry or {}).get("system", "")
+        ranking = info.get("teacher_ranking") or {}
+        if system.startswith("teacher_") and system[len("teacher_") :] in ranking:
+            origin["ranking"] = ranking[system[len("teacher_") :]]
         return origin
     for parent in path.resolve().parents:
         if (parent / "SYNTHETIC.json").is_file():
@@ -140,7 +154,80 @@ def _resolve_reference(reference, names, paths):
     raise ValueError(f"reference {reference!r} is none of the systems {names}")
 
 
-def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
+def _speakers(ids):
+    """The UASpeech speakers of utterance ids (None when an id is not a UASpeech one)."""
+    try:
+        return {parse_utterance_id(i)["speaker"] for i in ids}
+    except ValueError:
+        return None
+
+
+def other_files_accuracy(path, test_speakers):
+    """A system's WRA on the other ``wer_*.txt`` files of its folder whose utterances are all of
+    other speakers than ``test_speakers`` (and than the folder's own speaker, when the folder is
+    named after one: in ``cross_testing/<MODEL>/`` the SA model's own speaker). Returns
+    (``{"accuracy", "utterances", "files", "source"}`` or None when there are none, the notes on
+    files that could not be read)."""
+    path = Path(path)
+    own = path.parent.name if path.parent.name in SPEAKERS else None
+    right = n = files = 0
+    notes = []
+    for other in sorted(path.parent.glob("wer_*.txt")):
+        if other.resolve() == path.resolve():
+            continue
+        try:
+            read = read_exactness(other)
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            notes.append(f"not read for the vote's ranking: {err}")
+            continue
+        speakers = _speakers(read["ids"])
+        if not read["ids"] or speakers is None or speakers & (set(test_speakers) | {own}):
+            continue
+        right, n, files = right + sum(read["right"]), n + len(read["ids"]), files + 1
+    if not n:
+        return None, notes
+    source = f"WRA on {files} other speakers' files of its folder"
+    return {"accuracy": right / n, "utterances": n, "files": files, "kind": "other_files", "source": source}, notes
+
+
+def vote_ranking(paths, names, origins, shared, vote_rank=None):
+    """Each system's ranking for the vote's tie-break (``combine.RANKING_RULE``): ``vote_rank`` (the
+    names, best first), else the recipe run's ``teacher_ranking`` of a ``teacher_<M>`` file, else
+    ``other_files_accuracy``. Returns (rank keys, {name: what ranked it}, notes)."""
+    if vote_rank is not None:
+        vote_rank = list(vote_rank)
+        if sorted(vote_rank) != sorted(names):
+            raise ValueError(
+                f"--vote_rank must name every system once, best first: {' '.join(names)} (got {' '.join(vote_rank)})"
+            )
+        data = {n: {"position": vote_rank.index(n) + 1, "kind": "vote_rank", "source": "--vote_rank"} for n in names}
+        return [rank_key(len(names) - vote_rank.index(n)) for n in names], data, []
+    test_speakers = _speakers(shared) or set()
+    keys, data, notes = [], {}, []
+    for name, path, origin in zip(names, paths, origins):
+        if "ranking" in origin:
+            r = origin["ranking"]
+            data[name] = {**r, "kind": "teacher_ranking", "source": f"teacher_ranking of {origin['source']}"}
+            keys.append(rank_key(r["accuracy"], r.get("mean_logprob")))
+            continue
+        found, why = other_files_accuracy(path, test_speakers) if test_speakers else (None, [])
+        notes += why
+        data[name] = found or {"kind": "none", "source": "none: ranked last"}
+        keys.append(rank_key(found and found["accuracy"]))
+    unranked = [n for n in names if data[n]["kind"] == "none"]
+    if unranked and len(unranked) < len(names):
+        notes.append(
+            f"no data to rank {', '.join(unranked)} for the vote's ties: ranked below the others (then by name); "
+            f"give --vote_rank"
+        )
+    elif unranked:
+        notes.append("no data to rank the systems for the vote's ties: ties go by name; give --vote_rank")
+    if len({d["kind"] for n, d in data.items() if n not in unranked}) > 1:
+        notes.append("the vote's ranking mixes kinds of data (see the rank column)")
+    return keys, data, notes
+
+
+def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0, vote_rank=None):
     """Line several ``wer_*.txt`` files (or parsed :class:`WerFile` objects) up.
 
     Utterances are matched by id; the analysis uses the ids present in every file (in the
@@ -228,21 +315,24 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
         }
 
     # The vote and the oracle take one system's hypothesis per utterance: its edits are that
-    # system's edits (all files share the utterance's reference words). Vote ties count fractionally:
-    # no ranking of the systems on other data exists here, and the order of the files must not matter.
+    # system's edits (all files share the utterance's reference words). Vote ties go to the
+    # best-ranked system (combine.VOTE_RULE), ranked on data that is not these utterances.
+    rank, ranking, notes = vote_ranking(paths, names, origins, shared, vote_rank)
     ref_words = [tables[ref_idx][i].ref_count for i in shared]
     vote_edits, vote_right, oracle_edits, oracle_right, ties = [], [], [], 0, 0
     for i in shared:
         edits = [t[i].edits for t in tables]
         top = vote([t[i].hyp for t in tables])
         ties += len(top) > 1
-        expected_edits, expected_right = fractional_credit(top, edits, [e == 0 for e in edits])
-        vote_edits.append(expected_edits)
-        vote_right.append(expected_right)
+        winner = pick(top, rank, names)
+        vote_edits.append(edits[winner])
+        vote_right.append(edits[winner] == 0)
         oracle_edits.append(oracle(edits))
         oracle_right += any(e == 0 for e in edits)
-    vote_rates = fractional_rates(vote_edits, vote_right, ref_words)
-    vote_rates.update(rule=FRACTIONAL_RULE, ties=ties)
+    vote_rates = rates(vote_edits, ref_words)
+    vote_rates.update(rule=VOTE_RULE, ties=ties, ranking=ranking)
+    if ties:  # (the ranking decides nothing without a tie)
+        warnings += [f"WARNING: {note}" for note in notes]
     oracle_rates = rates(oracle_edits, ref_words)
     oracle_rates["WRA_any_right"] = 100.0 * oracle_right / len(shared)
     oracle_rates["rule"] = ORACLE_RULE
@@ -256,10 +346,10 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
             "WER": paired_test(_edits(table), _edits(ref_table), groups, n_perm=n_perm, seed=seed),
             "SER": paired_test(_errs(table), _errs(ref_table), groups, n_perm=n_perm, seed=seed),
         }
-    # The vote tested as one more system against the reference (fractional per-utterance errors).
+    # The vote tested as one more system against the reference.
     vote_tests = {
         "WER": paired_test(vote_edits, _edits(ref_table), groups, n_perm=n_perm, seed=seed),
-        "SER": paired_test([1.0 - r for r in vote_right], _errs(ref_table), groups, n_perm=n_perm, seed=seed),
+        "SER": paired_test([int(not r) for r in vote_right], _errs(ref_table), groups, n_perm=n_perm, seed=seed),
     }
 
     disagreements = []
@@ -307,6 +397,17 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0):
         "bootstrap_settings": {"n_boot": n_boot, "seed": seed, "level": 0.95},
         "disagreements": disagreements,
     }
+
+
+def _rank_cell(data):
+    """What ranked a system for the vote's ties, in a few words."""
+    if data["kind"] == "vote_rank":
+        return f"#{data['position']} (--vote_rank)"
+    if data["kind"] == "none":
+        return data["source"]
+    if data["kind"] == "other_files":
+        return f"{100 * data['accuracy']:.2f} % WRA on {data['files']} other speakers' files"
+    return f"{100 * data['accuracy']:.2f} % on the run's training audio (teacher_ranking)"
 
 
 def comparison_table(result):
@@ -369,8 +470,13 @@ def comparison_table(result):
     lines = list(result["warnings"])
     if result["synthetic_data"]:
         lines.append("SYNTHETIC data (the demo tree): these figures only show that the tools run")
-    lines.append("how each system was decoded:")
-    lines.append(text_table(["system", "decoding"], [[n, result["systems"][n]["decoding"]] for n in result["names"]]))
+    lines.append("how each system was decoded, and what ranks it for the vote's ties:")
+    lines.append(
+        text_table(
+            ["system", "decoding", "vote rank"],
+            [[n, result["systems"][n]["decoding"], _rank_cell(v["ranking"][n])] for n in result["names"]],
+        )
+    )
     lines += [
         f"utterances shared by all {len(result['names'])} files: {result['n_shared']} "
         f"({result['n_groups']} speaker+word groups); reference system: {result['reference']}",
@@ -390,7 +496,7 @@ def comparison_table(result):
     lines.append(
         "p: paired sign-flip test vs the reference, clustered by speaker+word "
         f"({result['paired_test_settings']['n_perm']} permutations); CI: cluster bootstrap; "
-        "vote ties count fractionally (1/k credit to each of the k tied hypotheses)"
+        f"majority vote: ties ({v['ties']} utterances) to the best-ranked system (vote rank above), then by name"
     )
     lines += result["warnings"]
     return "\n".join(lines)
@@ -407,6 +513,13 @@ def main(argv=None):
         default=None,
         help="name (or 0-based index) of the system the others are tested against (default: the first file)",
     )
+    parser.add_argument(
+        "--vote_rank",
+        nargs="+",
+        metavar="NAME",
+        help="every system's name, best first: the ranking that breaks the vote's ties (default: each system's "
+        "WRA on the other speakers' wer files of its folder, or a recipe run's teacher_ranking)",
+    )
     parser.add_argument("--json", dest="json_out", help="write the full comparison as JSON here")
     parser.add_argument("--n_perm", type=int, default=10000, help="permutations of each paired test")
     parser.add_argument("--n_boot", type=int, default=2000, help="bootstrap resamples of each interval")
@@ -422,6 +535,7 @@ def main(argv=None):
             n_perm=args.n_perm,
             n_boot=args.n_boot,
             seed=args.seed,
+            vote_rank=args.vote_rank,
         )
     except (OSError, ValueError) as err:
         parser.exit(2, f"ERROR: {err}\n")

@@ -119,7 +119,7 @@ from local.sa_models import (
     read_speaker_csv,
     set_tf32,
 )
-from local.scoring import SystemScores, majority_vote, results_table
+from local.scoring import SystemScores, majority_vote, results_table, teacher_ranks
 from local.store import LogitStoreError, load_tokenizer
 
 logger = logging.getLogger("decode")
@@ -724,8 +724,7 @@ def write_results(job, hyps, seconds, decoded):
                 scores.append_ids([utt.id], [hyps[utt.id][key][name]], *group)
         if info["input_streams"] == "cross":
             teachers = {n: s for n, s in by_system.items() if n.startswith("teacher_")}
-            accuracy = {f"teacher_{m}": a for m, a in info.get("teacher_accuracy", {}).items()}
-            by_system["majority_vote"], _ = majority_vote(teachers, job.tokenizer, accuracy)
+            by_system["majority_vote"], _ = majority_vote(teachers, job.tokenizer, teacher_ranks(info))
         ctc_source = None if args.ctc_source == "own" else args.ctc_source
         decoding = describe(search, settings, job.lm, args.ctc_scoring, job.scale, ctc_source)
         if not covered["complete"]:

@@ -35,6 +35,7 @@ from speechbrain.utils.distributed import ddp_all_reduce, if_main_process
 
 from local.batch import OUTPUT_KEYS, FoldBatch, GlobalBatchSampler, StepNoise
 from local.checkpoints import FINGERPRINT, CheckpointError, RunFingerprint, check_checkpoints
+from local.combine import RANKING_RULE, best_single, rank_key
 from local.console import closing_block
 from local.corpus import SPEAKERS, intelligibility_group
 from local.ctc import ctc_systems, score_ctc
@@ -52,10 +53,10 @@ from local.folds import (
     validation_groups,
 )
 from local.fusion import MeanFusion, drop_streams
-from local.kd import EnsembleTargets, kd_loss, teacher_quality
+from local.kd import EnsembleTargets, kd_loss, stream_scores, teacher_quality, teacher_ranking
 from local.options import HparamsError, check_hparams, check_run_options, describe_options, load_fold_hparams
 from local.run_folder import LOG_CONFIG, OutputLock, check_writable, made_by_this_run, remove, write_hyperparams
-from local.scoring import SystemScores, majority_vote, results_table, write_utterances
+from local.scoring import SystemScores, majority_vote, results_table, teacher_ranks, write_utterances
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
 from local.synthetic import DemoTreeError, ensure_demo_tree
 
@@ -157,10 +158,8 @@ class FusionKD(sb.Brain):
         ties = None
         if stage == sb.Stage.TEST and self.hparams.input_streams == "cross":
             info = self.hparams.fold_info
-            teachers = {m: self.scores[f"teacher_{m}"] for m in info["teachers"]}
-            self.scores["majority_vote"], ties = majority_vote(
-                teachers, self.hparams.tokenizer, info["teacher_accuracy"]
-            )
+            teachers = {f"teacher_{m}": self.scores[f"teacher_{m}"] for m in info["teachers"]}
+            self.scores["majority_vote"], ties = majority_vote(teachers, self.hparams.tokenizer, teacher_ranks(info))
         results = {name: s.summary() for name, s in self.scores.items()}
         if ties is not None:
             results["majority_vote"]["ties"] = ties
@@ -296,7 +295,7 @@ def prepare_fold(hparams):
     if uses_demo_tree(hparams):
         held_out = hparams["held_out"]
         teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
-        train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
+        train_pairs, test_pairs = fold_pairs(hparams, teachers)
         agree(
             ensure_demo_tree,
             folder=hparams["demo_folder"],
@@ -329,12 +328,20 @@ def score_ctc_decodes(hparams, fold):
     )
 
 
+def fold_pairs(hparams, teachers):
+    """The (model, audio speaker) pairs of the fold's training and test stores."""
+    return store_pairs(
+        hparams["held_out"], teachers, hparams["input_streams"], hparams["cross_audio"], hparams["exclude_speakers"]
+    )
+
+
 def load_fold(hparams):
     tokenizer = load_tokenizer(hparams["tokenizer_file"])
     tokens = TokenTable(tokenizer)
     held_out = hparams["held_out"]
     teachers = teacher_speakers(held_out, hparams["teacher_set"], hparams["teachers"], hparams["exclude_speakers"])
-    train_pairs, test_pairs = store_pairs(held_out, teachers, hparams["input_streams"])
+    train_pairs, test_pairs = fold_pairs(hparams, teachers)
+    cross = hparams["input_streams"] == "cross"
     dtype = getattr(torch, hparams["store_dtype"])
     cache = hparams["cache_folder"]
     # What the students read of the teacher streams is computed once here, when the files are packed
@@ -345,7 +352,15 @@ def load_fold(hparams):
             "mix_temperature": hparams["mix_temperature"],
             "evidence_k": max(hparams["top_k"], hparams["evidence_k"]),
         }
-    train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache, **packing)
+    try:
+        train_store = LogitStore(hparams["logit_root"], tokens, train_pairs, dtype, cache, **packing)
+    except LogitStoreError as err:
+        if cross and hparams["cross_audio"] == "all_others" and "missing folder" in str(err):
+            raise LogitStoreError(
+                f"{err} (cross_audio: all_others reads the teacher models on every other speaker's audio; "
+                f"--cross_audio=teachers reads the teacher speakers' audio only)"
+            ) from None
+        raise
     test_store = LogitStore(
         hparams["logit_root"],
         tokens,
@@ -355,12 +370,17 @@ def load_fold(hparams):
         optional=optional_pairs(held_out, hparams["input_streams"]),
         **packing,
     )
-    valid_groups = validation_groups(train_store, teachers, hparams["valid_fraction"], hparams["seed"])
+    valid_groups = validation_groups(train_store, hparams["valid_fraction"], hparams["seed"])
     splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
     check_honesty(splits, train_store, test_store, held_out)
-    # Each teacher model's exact-match accuracy on its training streams (the teacher speakers' audio,
-    # never the test): the weights of the `weighted` target and the tie-break of the vote baseline.
-    quality = teacher_quality(train_store, [j for item in splits["train"].values() for j in item["streams"]])
+    # The ranking of the teacher models on every stream of the training audio, train and validation
+    # items (never the test; combine.RANKING_RULE): the best single teacher and the vote's tie-break.
+    # Their accuracy on the training items' streams alone (not validation, which selects the model):
+    # the weights of the `weighted` target.
+    streams = {name: [j for item in splits[name].values() for j in item["streams"]] for name in ("train", "valid")}
+    scores = stream_scores(train_store, streams["train"] + streams["valid"])
+    ranking = teacher_ranking(train_store, streams["train"] + streams["valid"], scores)
+    quality = teacher_quality(train_store, streams["train"], scores)
     target_sets = [item["target"] for name in ("train", "valid") for item in splits[name].values()]
     weights = quality if hparams["target_aggregation"] == "weighted" else None
     targets = EnsembleTargets(
@@ -381,8 +401,17 @@ def load_fold(hparams):
         "logit_root": str(Path(hparams["logit_root"]).resolve()),
         "tokenizer_file": str(Path(hparams["tokenizer_file"]).resolve()),
         "synthetic_data": synthetic,
-        "teacher_accuracy": {m: quality[m] for m in sorted(quality)},
+        # The teachers' accuracy on the training audio (train + valid items), the ranking's first key
+        "teacher_accuracy": {m: r["accuracy"] for m, r in ranking.items()},
+        "teacher_ranking": ranking,
+        "train_audio": sorted(set(train_store.stream_speaker)),
     }
+    if cross:
+        info["cross_audio"] = hparams["cross_audio"]
+        # The baseline "best single teacher", chosen on the training audio (combine.RANKING_RULE)
+        names = sorted(ranking)
+        best = names[best_single([rank_key(ranking[m]["accuracy"], ranking[m]["mean_logprob"]) for m in names], names)]
+        info["best_single_teacher"] = {"name": best, **ranking[best], "rule": RANKING_RULE}
     return SimpleNamespace(
         tokenizer=tokenizer, train_store=train_store, test_store=test_store, splits=splits, targets=targets, info=info
     )

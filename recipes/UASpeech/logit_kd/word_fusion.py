@@ -10,9 +10,11 @@ the same models' decodes of the *other teacher speakers'* audio are the only dat
 be fitted or chosen on. Per fold (held-out speaker) and teacher set (``same_level``, ``all_others``):
 
 - ``best single (teachers)``: the model with the highest word recognition accuracy (WRA) on the
-  teacher speakers' audio (each teacher speaker decoded by the other teachers' models);
+  teacher speakers' audio (each teacher speaker decoded by the other teachers' models; an exact tie
+  by name: these files hold words, not logits, ``combine.RANKING_RULE``);
 - ``majority vote``: the most frequent whole hypothesis; ties to the model ranked best on the
-  teacher speakers (``local/combine.py``; the number of tied utterances is reported);
+  teacher speakers (``combine.VOTE_RULE``, the project's one tie rule: ``compare.py`` on the same
+  files gives the same vote; the number of tied utterances is reported);
 - ``weighted vote``: each model votes with log((K - 1) p / (1 - p)), p its accuracy on the teacher
   speakers and K the number of words of the list (the optimal weight of independent voters);
 - ``weighted vote (same group)``: the same with accuracies on the teacher speakers of the held-out

@@ -1,34 +1,55 @@
 """Word-level combinations of several systems' hypotheses on the same utterances: the vote, the
-best single system and the oracle. Used by the recipe's ``majority_vote`` baseline
-(``scoring.py``), by ``compare.py`` on the user's ``wer_*.txt`` files and by ``word_fusion.py``.
+best single system and the oracle. Used by the recipe's ``majority_vote`` baseline and its best
+single teacher (``train.py``, ``decode.py``, ``scoring.py``), by ``compare.py`` on the user's
+``wer_*.txt`` files and by ``word_fusion.py``: every vote of the project follows ``VOTE_RULE``,
+every "best single" chosen on other data ``RANKING_RULE``; only the data of the ranking differ
+(what each tool has that is not the test).
 
 Nothing here depends on the order in which the systems are given:
 
 - ``vote``: per utterance, each distinct hypothesis scores the summed weight of the systems that
   produced it (weight 1 each: the majority vote). Several hypotheses may share the top score (a
-  tie). ``pick`` breaks a tie by a *ranking* of the systems chosen on other data (e.g. each
-  system's accuracy on the teacher speakers, never on the test): the hypothesis of the best-ranked
-  system among those that produced a top hypothesis wins; systems of equal rank are ordered by
-  name. ``fractional_credit`` instead gives each tied hypothesis an equal share: the expected
-  result of breaking the tie at random, which needs no other data.
+  tie). ``pick`` breaks a tie by the *ranking* of the systems (``RANKING_RULE``, keys from
+  ``rank_key``): the hypothesis of the best-ranked system among those that produced a top
+  hypothesis wins. Why not an equal share for each tied hypothesis (a random tie-break in
+  expectation)? The ranked vote is a system one can run (one hypothesis per utterance, tested like
+  any other system), decided on data the test does not touch, and one rule for every tool gives one
+  figure for the same files; it is not necessarily the higher figure.
+- ``best_single``: the best-ranked system.
 - ``oracle``: the fewest edits of any system (an upper bound, not a system).
 """
 
 import collections
 import math
 
-VOTE_RULE = (
-    "majority vote over whole hypotheses; ties broken by each system's accuracy on the teacher "
-    "speakers (never on the test), then by name: independent of the order of the systems"
+RANKING_RULE = (
+    "systems ranked by their accuracy (exact-match share) on data that is not the test (the teacher "
+    "speakers' audio; in train.py every training speaker's audio, train and validation items; in "
+    "compare.py each file's other speakers' files, or --vote_rank); an exact tie of accuracies broken "
+    "by a continuous statistic of the same data where the tool has logits (the mean log-probability "
+    "the model gives the reference pieces), then by the alphabetically first name; a system without "
+    "such data ranks below every ranked one"
 )
-FRACTIONAL_RULE = (
-    "majority vote over whole hypotheses; a tie between k hypotheses gives each 1/k of the "
-    "utterance (the expected result of a random tie-break): independent of the order of the systems"
+VOTE_RULE = (
+    "majority vote over whole hypotheses; a tie goes to the hypothesis of the best-ranked system "
+    "among those that produced a top hypothesis (the ranking: " + RANKING_RULE + "); independent of "
+    "the order of the systems"
 )
 ORACLE_RULE = (
     "per utterance the fewest edits of any system; WRA oracle = utterance counted right if any "
     "system is exactly right (an upper bound, not a system)"
 )
+
+
+def rank_key(accuracy=None, statistic=None):
+    """A system's key in ``RANKING_RULE`` (higher is better; the name comes last, in ``pick`` and
+    ``best_single``): its accuracy on other data, then a continuous statistic of the same data
+    (higher is better; None where the tool has none). ``accuracy=None``: no data to rank the
+    system on, below every ranked system."""
+    return (
+        -math.inf if accuracy is None else float(accuracy),
+        -math.inf if statistic is None else float(statistic),
+    )
 
 
 def _key(hyp):
@@ -52,20 +73,13 @@ def vote(hyps, weights=None):
 
 def pick(top, rank, names):
     """The winning system index of ``vote``'s top hypotheses: the best-ranked producer (``rank``:
-    higher is better, one value per system), ties by name."""
+    one key per system, higher is better: ``rank_key`` or a plain accuracy), ties by name."""
     return max((k for ks in top.values() for k in ks), key=lambda k: (rank[k], _name_order(names[k])))
 
 
 def _name_order(name):
     # max() should prefer the alphabetically first name: invert the characters
     return [-ord(c) for c in name]
-
-
-def fractional_credit(top, edits, right):
-    """(expected edits, expected exactness) of one utterance's vote under a random tie-break:
-    each of the top hypotheses counts 1/k. ``edits``/``right``: one value per system."""
-    shares = [(edits[ks[0]], right[ks[0]]) for ks in top.values()]
-    return sum(e for e, _ in shares) / len(shares), sum(r for _, r in shares) / len(shares)
 
 
 def vote_weight(accuracy, n, n_words, floor=0.5):
@@ -79,9 +93,10 @@ def vote_weight(accuracy, n, n_words, floor=0.5):
     return math.log(max(n_words - 1, 1) * p / (1.0 - p))
 
 
-def best_single(accuracy, names):
-    """The system with the highest accuracy on other data (ties: alphabetically first name)."""
-    return max(range(len(names)), key=lambda k: (accuracy[k], _name_order(names[k])))
+def best_single(rank, names):
+    """The best-ranked system (``RANKING_RULE``: ``rank`` one key per system, higher is better;
+    ties: the alphabetically first name)."""
+    return max(range(len(names)), key=lambda k: (rank[k], _name_order(names[k])))
 
 
 def oracle(edits_per_system):

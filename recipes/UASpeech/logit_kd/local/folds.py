@@ -2,8 +2,10 @@
 
 Honesty rules, enforced here and checked by ``check_honesty``:
 1. nothing of the held-out speaker (logits, words, ids) is used to train or to select a model;
-2. validation comes from teacher speakers only, grouped by speaker + word (the microphones of one
-   (speaker, word) record the same utterance at once, so they never straddle train and valid);
+2. validation comes from the training audio only (the teacher speakers', and with ``cross`` items
+   on other speakers' audio, those speakers' too; never the held-out speaker's), grouped by
+   speaker + word (the microphones of one (speaker, word) record the same utterance at once, so
+   they never straddle train and valid);
 3. at test time the student's input is computed only from the held-out speaker's audio.
 
 An *item* is what the student sees once: its input streams, the streams whose ensemble is its KD
@@ -14,8 +16,13 @@ target, and the reference word. Streams are indices into a ``LogitStore``.
   ensemble of the teacher speakers' streams of the same core id (same word and microphone).
 - ``matched``: one item per core id, input = all teacher speakers' streams of that core id; KD
   target = their ensemble. At test time, the held-out speaker's own stream alone (S = 1).
-- ``cross``: one item per teacher utterance, input = the other teacher models on that audio; KD
-  target = their ensemble. At test time, every teacher model on the held-out speaker's audio.
+- ``cross``: one item per utterance of the training audio, input = the fold's teacher models on that
+  audio (on a teacher speaker's own audio its own model is left out: the held-out speaker has none
+  at test time); KD target = their ensemble. At test time, every teacher model on the held-out
+  speaker's audio. ``cross_audio`` says which audio: ``all_others`` (default) every speaker but the
+  held-out one (and the excluded ones), so that the items on a non-teacher speaker's audio have as
+  many streams as the test; ``teachers`` the teacher speakers' audio only (with two teachers, one
+  stream per item where the test has two).
 """
 
 from collections import defaultdict
@@ -34,6 +41,7 @@ from local.corpus import (
 
 TEACHER_SETS = ("same_level", "all_others")
 INPUT_STREAMS = ("self", "matched", "cross")
+CROSS_AUDIO = ("all_others", "teachers")
 
 
 class FoldError(ValueError):
@@ -71,12 +79,30 @@ def teacher_speakers(held_out, teacher_set="same_level", teachers=None, exclude=
     return teachers
 
 
-def store_pairs(held_out, teachers, input_streams):
-    """(model, audio speaker) pairs to read for training/validation and for the test."""
+def cross_audio_speakers(held_out, teachers, cross_audio="all_others", exclude=()):
+    """The speakers whose audio the ``cross`` training items read: every speaker but the held-out
+    one and the excluded ones (``all_others``), or the teacher speakers only (``teachers``)."""
+    if cross_audio not in CROSS_AUDIO:
+        raise FoldError(f"cross_audio must be one of {CROSS_AUDIO}, not {cross_audio!r}")
+    if cross_audio == "teachers":
+        return sorted(teachers)
+    return sorted(s for s in SPEAKERS if s != held_out and s not in set(exclude or ()))
+
+
+def store_pairs(held_out, teachers, input_streams, cross_audio="all_others", exclude=()):
+    """(model, audio speaker) pairs to read for training/validation and for the test. With
+    ``cross``, the teacher models on each training audio speaker's audio (``cross_audio_speakers``),
+    a speaker's own model left out."""
     if input_streams not in INPUT_STREAMS:
         raise FoldError(f"input_streams must be one of {INPUT_STREAMS}, not {input_streams!r}")
     if input_streams == "cross":
-        train = [(m, s) for s in teachers for m in teachers if m != s]
+        audio = cross_audio_speakers(held_out, teachers, cross_audio, exclude)
+        train = [(m, s) for s in audio for m in teachers if m != s]
+        if not train:
+            raise FoldError(
+                f"input_streams cross with the single teacher {teachers[0]} and cross_audio {cross_audio}: no "
+                f"teacher model reads any training audio (its own is left out); use cross_audio all_others"
+            )
         test = [(m, held_out) for m in teachers] + [(held_out, held_out)]  # the last: sa_self, optional
     else:
         train = [(t, t) for t in teachers]
@@ -106,14 +132,16 @@ def _same_audio(store, pairs):
     return ids
 
 
-def validation_groups(store, teachers, valid_fraction, seed):
+def validation_groups(store, valid_fraction, seed):
     """The productions (``corpus.production_of``: one speaker's word, every microphone) held out
-    for validation: ``valid_fraction`` of each teacher speaker's words, drawn with ``seed``. Whole
-    productions, so the microphones of one recording never straddle train and validation."""
+    for validation: ``valid_fraction`` of the words of each speaker whose audio the training store
+    holds (the teacher speakers; with ``cross_audio: all_others``, every speaker but the held-out
+    one), drawn with ``seed``. Whole productions, so the microphones of one recording never
+    straddle train and validation. The training store holds nothing of the held-out speaker
+    (``check_honesty``), so neither can validation."""
     productions = defaultdict(set)
     for spk, utt_id in zip(store.stream_speaker, store.utt_ids):
-        if spk in teachers:
-            productions[spk].add(production_of(utt_id))
+        productions[spk].add(production_of(utt_id))
     chosen = set()
     gen = torch.Generator().manual_seed(int(seed))
     for spk in sorted(productions):
@@ -123,7 +151,7 @@ def validation_groups(store, teachers, valid_fraction, seed):
             n_valid = 1
         if n_valid >= len(keys):
             raise FoldError(
-                f"valid_fraction {valid_fraction} puts all {len(keys)} words of teacher speaker {spk} in "
+                f"valid_fraction {valid_fraction} puts all {len(keys)} words of speaker {spk} in "
                 f"validation: nothing is left to train on"
             )
         for i in torch.randperm(len(keys), generator=gen)[:n_valid].tolist():
@@ -178,10 +206,15 @@ def build_items(train_store, test_store, held_out, teachers, input_streams, vali
                 item["speaker"] = "+".join(train_store.stream_speaker[j] for j in train)
                 splits["train"][core] = item
     else:
-        # One item per teacher utterance: the other teacher models on that audio (the speaker's
-        # own model is left out: the held-out speaker has none at test time).
-        for spk in teachers:
+        # One item per utterance of the training audio (every speaker the store holds: the
+        # teachers', and with cross_audio: all_others the other non-held-out speakers'): the teacher
+        # models on that audio, a teacher speaker's own model left out (the held-out speaker has
+        # none at test time). On a non-teacher speaker's audio every teacher model is a stream:
+        # as many streams as the test has.
+        for spk in sorted(set(train_store.stream_speaker)):
             models = [m for m in teachers if m != spk]
+            if not models:  # a single teacher on its own audio: no other model reads it
+                continue
             for utt_id in _same_audio(train_store, [(m, spk) for m in models]):
                 streams = [train_store.stream(m, utt_id) for m in models]
                 split = "valid" if in_valid(streams[0]) else "train"

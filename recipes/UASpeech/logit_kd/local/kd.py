@@ -152,24 +152,60 @@ class EnsembleTargets(PackedRows):
         return self.key_of.get(tuple(streams), -1) if streams else -1
 
 
-def teacher_quality(store, streams, chunk=65536):
-    """Per teacher model: the exact-match accuracy of its greedy teacher-forced decode on ``streams``
-    (its training streams), the quality behind the ``weighted`` target and the tie-break of the vote
-    baseline. Never computed on held-out data. A stream is exactly right when its argmax sequence is
-    the reference's ``tokens_eos`` (right pieces, then ``</s>`` at the last position)."""
+def stream_scores(store, streams, chunk=4096):
+    """{stream: (exactly right, summed log-probability of the reference pieces, positions)} of
+    ``streams``. Exactly right: the stream's greedy teacher-forced decode (its argmax sequence) is
+    the reference's ``tokens_eos`` (the right pieces, then ``</s>`` at the last position). A chunk of
+    rows at a time: a row is V floats (5000 on real data)."""
     streams = torch.tensor(sorted(set(streams)), dtype=torch.long)
-    best = torch.cat([store.data[i : i + chunk].argmax(-1) for i in range(0, store.pad_row, chunk)])
     lengths = store.lengths[streams]
+    owner = torch.repeat_interleave(torch.arange(len(streams)), lengths)
     rows = torch.repeat_interleave(store.offsets[streams], lengths) + (
         torch.arange(int(lengths.sum())) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
     )
     target = torch.tensor([t for j in streams.tolist() for t in store.tokens.tokens_eos(store.words[j])])
-    wrong = torch.zeros(len(streams)).index_add_(
-        0, torch.repeat_interleave(torch.arange(len(streams)), lengths), (best[rows] != target).float()
-    )
-    correct, total = {}, {}
-    for j, bad in zip(streams.tolist(), wrong.tolist()):
-        model = store.stream_model[j]
-        correct[model] = correct.get(model, 0) + int(bad == 0)
-        total[model] = total.get(model, 0) + 1
-    return {m: correct[m] / total[m] for m in total}
+    wrong, logp = torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.float64)
+    for c in range(0, len(rows), chunk):
+        # (the packed rows may be tempered, features.tempered: log_softmax and argmax are z's own)
+        z = store.data[rows[c : c + chunk].to(store.data.device)].float().cpu()
+        t = target[c : c + chunk]
+        wrong[c : c + chunk] = (z.argmax(-1) != t).float()
+        logp[c : c + chunk] = F.log_softmax(z, -1).gather(-1, t[:, None])[:, 0].double()
+    n = len(streams)
+    right = (torch.zeros(n).index_add_(0, owner, wrong) == 0).tolist()
+    summed = torch.zeros(n, dtype=torch.float64).index_add_(0, owner, logp).tolist()
+    return {j: (r, lp, u) for j, r, lp, u in zip(streams.tolist(), right, summed, lengths.tolist())}
+
+
+def teacher_ranking(store, streams, scores=None):
+    """Per teacher model, on ``streams`` (the fold's training audio: never the held-out speaker's):
+    ``accuracy`` (exact-match share of its streams), ``mean_logprob`` (the mean log-probability it
+    gives the reference pieces, over every position: the continuous statistic that breaks an exact
+    tie of accuracies, ``combine.RANKING_RULE``), ``utterances`` and ``positions``. ``scores``:
+    ``stream_scores`` of these streams or more, when already computed."""
+    streams = sorted(set(streams))
+    scores = stream_scores(store, streams) if scores is None else scores
+    out = {}
+    for j in streams:
+        right, logp, positions = scores[j]
+        model = out.setdefault(store.stream_model[j], {"right": 0, "utterances": 0, "logp": 0.0, "positions": 0})
+        model["right"] += int(right)
+        model["utterances"] += 1
+        model["logp"] += logp
+        model["positions"] += positions
+    return {
+        m: {
+            "accuracy": v["right"] / v["utterances"],
+            "mean_logprob": v["logp"] / v["positions"],
+            "utterances": v["utterances"],
+            "positions": v["positions"],
+        }
+        for m, v in sorted(out.items())
+    }
+
+
+def teacher_quality(store, streams, scores=None):
+    """Per teacher model: the exact-match accuracy of its greedy teacher-forced decode on ``streams``
+    (the training items' streams: validation, which selects the model, must not shape its targets),
+    the weights of the ``weighted`` target. Never computed on held-out data."""
+    return {m: r["accuracy"] for m, r in teacher_ranking(store, streams, scores).items()}

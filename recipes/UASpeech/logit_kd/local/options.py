@@ -28,7 +28,7 @@ from hyperpyyaml.core import recursive_update
 
 from local.corpus import SPEAKERS
 from local.distributed import RunError
-from local.folds import INPUT_STREAMS, TEACHER_SETS
+from local.folds import CROSS_AUDIO, INPUT_STREAMS, TEACHER_SETS
 from local.fusion import FUSIONS, MEAN_MODES
 from local.kd import AGGREGATIONS
 from local.run_folder import check_writable
@@ -183,6 +183,7 @@ CHECKS = {
     "test_utterances_file": path(),
     "test_results_file": path(),
     "input_streams": choice(INPUT_STREAMS),
+    "cross_audio": choice(CROSS_AUDIO),
     "target_aggregation": choice(AGGREGATIONS),
     "temperature": number(0, low_open=True),
     "alpha": number(0, 1),

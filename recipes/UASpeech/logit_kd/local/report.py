@@ -14,9 +14,10 @@ held-out speaker that differ only in their seed are one *cell*:
 - per baseline: the student's mean difference with the same interval, and a paired sign-flip test
   (whole productions) of the seed-averaged per-utterance errors; the p-values of a configuration's
   table are Holm-corrected together (both metrics, every fold and the pooled rows);
-- ``best_single_teacher``: the teacher whose model is the most accurate on the teacher speakers
-  (``teacher_accuracy`` of the run, never the test); ``best_teacher_on_test``: the one best on the
-  test itself, an oracle-like upper figure, labelled so;
+- ``best_single_teacher``: the teacher the run chose on its training audio (``best_single_teacher``
+  of its ``test_results.json``: ``combine.RANKING_RULE``, never the test), shown with its accuracy
+  there; ``best_teacher_on_test``: the one best on the test itself, an oracle-like upper figure,
+  labelled so;
 - systems that are the same decode (``sa_self`` and ``mean`` with one test stream; a ``mean``-fusion
   student and the ``mean`` baseline) are shown once in the tables and the figure, as "a = b".
 
@@ -59,7 +60,7 @@ GROUP_LABEL = {"very_low": "very low", "low": "low", "mid": "mid", "high": "high
 POOLED = "pooled"
 CSV_FIELDS = [
     "scope", "group", "fold", "teacher_set", "input_streams", "fusion", "n_teachers", "teachers", "synthetic_data",
-    "seeds", "seed_list", "epoch_loaded", "system", "same_as", "chosen", "n", "n_groups",
+    "seeds", "seed_list", "epoch_loaded", "system", "same_as", "chosen", "chosen_accuracy", "n", "n_groups",
     "WER", "WER_sd", "WER_ci_low", "WER_ci_high", "WRA", "WRA_sd", "WRA_ci_low", "WRA_ci_high", "WRA_by_seed",
     "SER", "CER", "dWER", "dWER_ci_low", "dWER_ci_high", "dWRA", "dWRA_ci_low", "dWRA_ci_high",
     "p_WER", "p_WRA", "p_WER_holm", "p_WRA_holm",
@@ -80,6 +81,7 @@ class System:
     categories: list  # word category per utterance
     cer: list = field(default_factory=list)  # per seed, from test_results.json
     chosen: str = ""  # for the best single teachers: which teacher, per seed
+    chosen_accuracy: str = ""  # for the one chosen on the training audio: its accuracy there (%), per seed
 
     @property
     def correct(self):
@@ -142,12 +144,21 @@ def _best_teacher(run, on_test):
     teachers = sorted(n for n in run.systems if n.startswith(TEACHER_PREFIX))
     if not teachers:
         return None
+    chosen = (run.info.get("best_single_teacher") or {}).get("name")
+    if not on_test and f"{TEACHER_PREFIX}{chosen}" in teachers:
+        return f"{TEACHER_PREFIX}{chosen}"  # the run's own choice, on its training audio
     if on_test:
         score = {n: float((run.systems[n][0] == 0).mean()) for n in teachers}
-    else:
+    else:  # a run made before it recorded its choice: its teachers' accuracy, ties by name
         accuracy = run.info.get("teacher_accuracy") or {}
         score = {n: accuracy.get(n[len(TEACHER_PREFIX) :], 0.0) for n in teachers}
     return max(teachers, key=lambda n: (score[n], [-ord(c) for c in n]))
+
+
+def _training_accuracy(run, teacher):
+    """A teacher's accuracy (%) on the run's training audio, as the run recorded it ('' if not)."""
+    accuracy = (run.info.get("teacher_accuracy") or {}).get(teacher[len(TEACHER_PREFIX) :])
+    return "" if accuracy is None else f"{100.0 * accuracy:.1f}"
 
 
 def cell_systems(runs):
@@ -179,6 +190,9 @@ def cell_systems(runs):
             first.categories,
             cer=[r.systems[c][1] for r, c in zip(runs, chosen)],
             chosen=" ".join(dict.fromkeys(c[len(TEACHER_PREFIX) :] for c in chosen)),
+            chosen_accuracy=""
+            if on_test
+            else " ".join(dict.fromkeys(_training_accuracy(r, c) for r, c in zip(runs, chosen))),
         )
     return systems
 
@@ -210,7 +224,7 @@ def system_stats(system, n_boot=2000, seed=0):
         "WER": wer[0], "WER_sd": float(np.std(per_seed_wer, ddof=ddof)), "WER_ci_low": wer[1], "WER_ci_high": wer[2],
         "WRA": wra[0], "WRA_sd": float(np.std(per_seed_wra, ddof=ddof)), "WRA_ci_low": wra[1], "WRA_ci_high": wra[2],
         "WRA_by_seed": " ".join(f"{v:.2f}" for v in per_seed_wra), "SER": 100.0 - wra[0],
-        "CER": float(np.mean(cer)) if cer else None, "chosen": system.chosen,
+        "CER": float(np.mean(cer)) if cer else None, "chosen": system.chosen, "chosen_accuracy": system.chosen_accuracy,
     }  # fmt: skip
     for category in WORD_CATEGORIES:
         mask = np.array([c == category for c in system.categories], dtype=bool)
@@ -268,6 +282,7 @@ def _pool(systems):
         np.concatenate([s.ref for s in systems]),
         [c for s in systems for c in s.categories],
         chosen=" ".join(s.chosen for s in systems if s.chosen),
+        chosen_accuracy=" ".join(s.chosen_accuracy for s in systems if s.chosen_accuracy),
     )
 
 
@@ -382,7 +397,9 @@ def _name(row):
     name = NAMES.get(row["system"], row["system"])
     if row["system"] == STUDENT:
         name = f"{name} ({row['fusion']})"
-    if row["system"] in (BEST_TEACHER, BEST_ON_TEST) and row["scope"] == "fold":
+    if row["system"] == BEST_TEACHER and row["scope"] == "fold" and row.get("chosen_accuracy"):
+        name += f" ({row['chosen']}, {row['chosen_accuracy']} % on the training audio)"
+    elif row["system"] in (BEST_TEACHER, BEST_ON_TEST) and row["scope"] == "fold":
         name += f" ({row['chosen']})"
     return name
 
@@ -457,8 +474,10 @@ def markdown(rows, cells, not_finished, n_boot, n_perm, seed, folder_name):
         "- The held-out speaker's own SA model (`sa_self`) is the test input of `matched` and `self` students: "
         "those figures are not speaker-independent; `cross` (the teachers' models on the held-out audio) is "
         "the unseen-speaker setting. Systems that are the same decode are shown once (`a = b`).",
-        "- best teacher (chosen on the teachers): the teacher model most accurate on the teacher speakers' "
-        "audio; † chosen on the test set itself: an oracle-like upper figure no system could pick. Each "
+        "- best teacher (chosen on the teachers): the teacher model ranked first on the run's training audio "
+        "(never the held-out speaker's; train and validation items): highest accuracy, an exact tie "
+        "broken by the mean log-probability it gives the reference pieces, then by name; its accuracy there in "
+        "brackets. † chosen on the test set itself: an oracle-like upper figure no system could pick. Each "
         "teacher alone is in `study.csv`.",
         "- pooled: the configuration's folds concatenated (utterance-weighted; the folds' productions are disjoint).",
         "",

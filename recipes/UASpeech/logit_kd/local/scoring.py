@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from speechbrain.utils.metric_stats import ErrorRateStats
 
-from local.combine import pick, vote
+from local.combine import pick, rank_key, vote
 from local.corpus import WORD_CATEGORIES
 from local.files import atomic_write, write_json
 from local.store import EOS
@@ -48,22 +48,6 @@ def rates(edits, ref_words):
         "edits": total_edits,
         "ref_words": total_ref,
         "erroneous": wrong,
-    }
-
-
-def fractional_rates(edits, right, ref_words):
-    """``rates`` when utterances count fractionally (a vote tie broken at random, in expectation):
-    expected edits and expected exactness per utterance."""
-    n, total_edits, total_ref = len(edits), sum(edits), sum(ref_words)
-    wra = 100.0 * sum(right) / n if n else float("nan")
-    return {
-        "n": n,
-        "WER": 100.0 * total_edits / total_ref if total_ref else 0.0,
-        "SER": 100.0 - wra,
-        "WRA": wra,
-        "edits": total_edits,
-        "ref_words": total_ref,
-        "erroneous": n - sum(right),
     }
 
 
@@ -161,13 +145,15 @@ def write_utterances(path, systems):
     write_json(path, data, indent=None)
 
 
-def majority_vote(systems, tokenizer, accuracy):
-    """Word-level majority vote of several systems on the same utterances (``combine.vote``): per
-    utterance the most frequent whole hypothesis wins; a tie goes to the hypothesis of the system
-    with the highest ``accuracy`` (name -> accuracy on the teacher speakers, never on the test),
-    then the alphabetically first name. Returns (SystemScores, number of tied utterances)."""
+def majority_vote(systems, tokenizer, rank):
+    """Word-level majority vote of several systems on the same utterances (``combine.VOTE_RULE``):
+    per utterance the most frequent whole hypothesis wins; a tie goes to the hypothesis of the
+    best-ranked system (``rank``: name -> ``combine.rank_key`` of its accuracy and mean
+    log-probability on the fold's training audio, never on the test, or the accuracy alone; a
+    system without one ranks last), then the alphabetically first name. Returns (SystemScores,
+    number of tied utterances)."""
     names = sorted(systems)
-    rank = [accuracy.get(n, 0.0) for n in names]
+    rank = [r if isinstance(r, tuple) else rank_key(r) for r in (rank.get(n) for n in names)]
     voted, ties = SystemScores(tokenizer), 0
     first = systems[names[0]]
     for utt_id in first.hypotheses:
@@ -178,6 +164,14 @@ def majority_vote(systems, tokenizer, accuracy):
         category, mic = first.groups[utt_id]
         voted.append_texts([utt_id], [winner], [first.references[utt_id]], [category], [mic])
     return voted, ties
+
+
+def teacher_ranks(info):
+    """``teacher_<M>`` -> the ``combine.rank_key`` of teacher model M in a fold's ranking
+    (``test_results.json``'s ``teacher_ranking``: its accuracy and mean log-probability on the
+    fold's training audio; ``teacher_accuracy`` alone for a run made before it): the vote's tie-break."""
+    ranking = info.get("teacher_ranking") or {m: {"accuracy": a} for m, a in info.get("teacher_accuracy", {}).items()}
+    return {f"teacher_{m}": rank_key(r["accuracy"], r.get("mean_logprob")) for m, r in ranking.items()}
 
 
 def results_table(results):

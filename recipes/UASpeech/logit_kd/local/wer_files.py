@@ -308,3 +308,32 @@ def read_wer_file(path, check=True):
     if check and result.mismatches:
         raise WerFileMismatch(f"{path}: header disagrees with the alignments: " + "; ".join(result.mismatches))
     return result
+
+
+def read_exactness(path):
+    """``{"ids": [...], "right": [bool, ...]}`` of a ``wer_*.txt`` file, read from its utterance lines
+    only (each line's edit count; the alignments are not parsed): what ranking a system on other
+    data needs, for many files at once. The counts are checked against the file's own ``%SER`` line
+    (``ValueError`` naming the file otherwise)."""
+    path = str(path)
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    m_ser = _SUMMARY_SER.match(lines[1]) if len(lines) > 2 else None
+    if _SUMMARY_WER.match(lines[0]) is None or m_ser is None:
+        _fail(path, 1, "not a SpeechBrain WER summary (%WER and %SER lines)")
+    ids, right = [], []
+    # blocks of 5 lines after the header and the format example: rule, utterance line, 3 rows
+    for i in range(12, len(lines), 5):
+        match = _UTT_HEADER.match(lines[i])
+        if lines[i - 1] != _RULE or match is None:
+            _fail(path, i + 1, f"expected '<id>, %WER ...' after a rule line, got {lines[i]!r}")
+        ids.append(match["id"])
+        right.append(int(match["edits"]) == 0)
+    if len(ids) != int(m_ser["n"]) or right.count(False) != int(m_ser["err"]):
+        _fail(
+            path,
+            2,
+            f"the %SER line says {m_ser['err']} / {m_ser['n']}, the utterance lines give "
+            f"{right.count(False)} / {len(ids)}",
+        )
+    return {"ids": ids, "right": right}
