@@ -21,6 +21,7 @@ and SA) on the speaker's B3 and prints the word recognition accuracy table.
 import argparse
 import logging
 import sys
+import warnings
 
 from local.rehearsal_models import SI_NAME, RehearsalError, evaluate_greedy, read_presets, train_models
 
@@ -35,17 +36,39 @@ def build_parser():
     parser.add_argument("--seed", type=int, help="default: the preset's")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--overrides",
+        default="",
+        help='hparams on top of the preset, a yaml mapping: "{si: {number_of_epochs: 2}, lm: {lr: 0.003}}"',
+    )
     parser.add_argument("--noprogressbar", action="store_true")
     parser.add_argument("--cross", nargs="+", metavar="SPK", help="speakers whose B3 every model decodes (greedy)")
     return parser
 
 
+def parse_overrides(text):
+    import ruamel.yaml
+
+    if not text:
+        return {}
+    try:
+        value = ruamel.yaml.YAML(typ="safe").load(text)
+    except Exception as err:  # noqa: BLE001 - one line naming the option
+        raise RehearsalError(f"--overrides is not a yaml mapping: {err}".splitlines()[0]) from None
+    if not isinstance(value, dict):
+        raise RehearsalError(f"--overrides={text!r} is not a yaml mapping")
+    return value
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    # torch's notice about SpeechBrain's masks of two types, once per model: noise on the console
+    warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
     console = logging.StreamHandler()
     console.setLevel(logging.WARNING)  # SpeechBrain's INFO lines go to each model's log.txt
     logging.basicConfig(level=logging.INFO, handlers=[console], format="%(levelname)s %(name)s: %(message)s")
     try:
+        overrides = parse_overrides(args.overrides)
         if args.cross:
             unknown = [s for s in args.cross if args.speakers and s not in args.speakers]
             if unknown:
@@ -59,6 +82,7 @@ def main(argv=None):
             threads=args.threads,
             speakers=args.speakers,
             seed=args.seed,
+            overrides=overrides,
             progressbar=not args.noprogressbar,
         )
         if args.cross:

@@ -77,8 +77,20 @@ def asr_dataset(csv_files, data_root, tokenizer, hparams, train=False):
 
 
 def train_loader_kwargs(dataset, hparams):
-    """The training loader's options: ``sorting: random`` shuffles with SpeechBrain's
-    ReproducibleRandomSampler seeded by the hparams' seed (the Brain sets its epoch)."""
+    """The training loader's options: SpeechBrain's DynamicBatchSampler when the hparams ask for
+    dynamic batching (as the SA yaml), else ``batch_size`` utterances shuffled by
+    ReproducibleRandomSampler (``sorting: random``); both seeded by the hparams' seed, their epoch
+    set by the Brain."""
+    if hparams.get("dynamic_batching"):
+        from speechbrain.dataio.sampler import DynamicBatchSampler
+
+        sampler = DynamicBatchSampler(
+            dataset,
+            length_func=lambda x: float(x["duration"]),
+            seed=int(hparams["seed"]),
+            **hparams["dynamic_batch_sampler_train"],
+        )
+        return {"batch_sampler": sampler, "num_workers": hparams["num_workers"]}
     kwargs = dict(hparams["train_dataloader_opts"])
     if hparams["sorting"] == "random":
         kwargs["sampler"] = ReproducibleRandomSampler(dataset, seed=int(hparams["seed"]))
@@ -112,6 +124,7 @@ class SeededBrain(sb.Brain):
 
     def on_stage_start(self, stage, epoch=None):
         self.stage_start = time.time()
+        self.stage_cpu = time.process_time()  # CPU seconds of every thread: the cost on shared cores
         if stage == sb.Stage.TRAIN:
             self.epoch = epoch
             sampler = getattr(self, "sampler", None)
@@ -126,7 +139,7 @@ class SeededBrain(sb.Brain):
             self.hparams.noam_annealing(self.optimizer)
 
     def fit_with_sampler(self, epoch_counter, train_set, valid_set, train_kwargs, valid_kwargs, progressbar):
-        self.sampler = train_kwargs.get("sampler")
+        self.sampler = train_kwargs.get("sampler", train_kwargs.get("batch_sampler"))
         self.validates = valid_set is not None
         self.fit(
             epoch_counter,
@@ -189,6 +202,7 @@ class ASRBrain(SeededBrain):
         stats = {"loss": stage_loss}
         if stage == sb.Stage.TRAIN:
             stats["train_time"] = round(time.time() - self.stage_start, 1)
+            stats["train_cpu"] = round(time.process_time() - self.stage_cpu, 1)
             self.train_stats = stats
             if not self.validates:
                 # The SI model has no validation set (it trains on every B1 and B2): it keeps its
@@ -208,6 +222,7 @@ class ASRBrain(SeededBrain):
         stats["CER"] = self.cer_metric.summarize("error_rate")
         stats["WRA"] = self.words_right / max(self.words_total, 1)
         stats["inference_time"] = round(time.time() - self.stage_start, 1)
+        stats["inference_cpu"] = round(time.process_time() - self.stage_cpu, 1)
         self.last_stats = stats
         if stage == sb.Stage.VALID:
             self.hparams.train_logger.log_stats(
@@ -259,7 +274,11 @@ class LMBrain(SeededBrain):
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         if stage == sb.Stage.TRAIN:
-            stats = {"loss": stage_loss, "train_time": round(time.time() - self.stage_start, 1)}
+            stats = {
+                "loss": stage_loss,
+                "train_time": round(time.time() - self.stage_start, 1),
+                "train_cpu": round(time.process_time() - self.stage_cpu, 1),
+            }
             self.hparams.train_logger.log_stats(stats_meta={"epoch": epoch}, train_stats=stats)
             self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "epoch": epoch}, num_to_keep=1)
             self.last_loss = stage_loss

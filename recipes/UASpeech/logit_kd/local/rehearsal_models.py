@@ -79,6 +79,8 @@ class Corpus:
     csvs: dict  # speaker -> block -> CSV path
     counts: dict = field(default_factory=dict)  # speaker -> block -> utterances
     words: list = field(default_factory=list)  # every word of every block
+    unk_words: list = field(default_factory=list)  # words with an <unk> piece
+    check_seconds: float = 0.0  # reading and checking every CSV and audio header
 
 
 def read_corpus(folder, speakers=None):
@@ -138,13 +140,16 @@ def _sha256(path):
 
 
 def _diff(old, new, where=""):
-    """The first key path at which two JSON-like values differ, with both values."""
+    """The first key path (in ``new``'s key order) at which two JSON-like values differ, with
+    both values."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            if key not in old or key not in new or old[key] != new[key]:
-                if key in old and key in new:
-                    return _diff(old[key], new[key], f"{where}.{key}" if where else key)
-                return f"{where}.{key}" if where else key
+        for key in [*new, *(k for k in old if k not in new)]:
+            path = f"{where}.{key}" if where else key
+            if key not in old or key not in new:
+                return f"{path} only in {'the new' if key in new else 'the existing'} one"
+            found = _diff(old[key], new[key], path)
+            if found is not None:
+                return found
         return None
     return f"{where} ({old!r} -> {new!r})" if old != new else None
 
@@ -163,44 +168,69 @@ class Plan:
     config: dict  # the fingerprint of the whole stage
 
 
-def make_plan(corpus_dir, models_dir, tokenizer_file, preset="full", speakers=None, seed=None):
+def _yaml_keys(path):
+    import ruamel.yaml
+
+    with open(path, encoding="utf-8") as handle:
+        return set(ruamel.yaml.YAML().load(handle))
+
+
+def merge_overrides(preset, extra):
+    """The preset's overrides with ``extra`` ({asr|si|sa|lm: {key: value}}) on top, every key
+    checked against the hparams file it overrides."""
+    known = {"asr": _yaml_keys(ASR_HPARAMS), "si": _yaml_keys(ASR_HPARAMS), "sa": _yaml_keys(ASR_HPARAMS)}
+    known["lm"] = _yaml_keys(LM_HPARAMS)
+    if not isinstance(extra, dict) or set(extra) - set(known):
+        raise RehearsalError(f"--overrides={extra!r} is not allowed: a mapping of {', '.join(known)} to mappings")
+    merged = {part: dict(preset.get(part) or {}) for part in known}
+    for part, values in extra.items():
+        if not isinstance(values, dict):
+            raise RehearsalError(f"--overrides: {part} must map hparams keys to values, not {values!r}")
+        merged[part].update(values)
+    for part, values in merged.items():
+        unknown = sorted(set(values) - known[part] - {"seed"})
+        if unknown:
+            target = LM_HPARAMS if part == "lm" else ASR_HPARAMS
+            raise RehearsalError(f"--overrides: {part}.{unknown[0]} is not a key of {target.name}")
+    return merged
+
+
+def make_plan(corpus_dir, models_dir, tokenizer_file, preset="full", speakers=None, seed=None, overrides=None):
     """Checks every option and input, and returns the plan; nothing is written."""
     from local.store import LogitStoreError, load_tokenizer
 
     presets = read_presets()
     if preset not in presets:
         raise RehearsalError(f"--preset={preset} is not allowed: one of {', '.join(presets)}")
+    parts = merge_overrides(presets[preset], overrides or {})
     if seed is not None and (not isinstance(seed, int) or seed < 0):
         raise RehearsalError(f"--seed={seed} is not allowed: a non-negative integer")
     try:
         tokenizer = load_tokenizer(tokenizer_file)
     except LogitStoreError as err:
         raise RehearsalError(str(err)) from None
+    tick = time.time()
     corpus = read_corpus(corpus_dir, speakers)
-    for word in corpus.words:
-        if tokenizer.unk_id() in tokenizer.encode_as_ids(word):
-            raise RehearsalError(f"--tokenizer_file {tokenizer_file}: the corpus word {word!r} has an <unk> piece")
-    chosen = presets[preset]
-    seed = int(seed if seed is not None else chosen.get("seed", 1986))
+    corpus.check_seconds = round(time.time() - tick, 1)
+    # Words the tokenizer cannot spell whole (the SA tokenizer has no "-": X-RAY, ROLY-POLY,
+    # THIRTY-FIVE of UASpeech's B3) keep their <unk> piece, as in the SA pipeline's training.
+    corpus.unk_words = [w for w in corpus.words if tokenizer.unk_id() in tokenizer.encode_as_ids(w)]
+    seed = int(seed if seed is not None else presets[preset].get("seed", 1986))
     vocab = tokenizer.vocab_size()
-    lm = {**chosen.get("lm", {}), "seed": seed, "output_neurons": vocab}
+    lm = {**parts["lm"], "seed": seed, "output_neurons": vocab}
     lm_arch = {k: lm[k] for k in ("d_model", "nhead", "num_encoder_layers", "d_ffn") if k in lm}
     lm_arch = {**_lm_architecture(), **lm_arch}
-    asr = {**chosen.get("asr", {}), "seed": seed, "output_neurons": vocab}
+    asr = {**parts["asr"], "seed": seed, "output_neurons": vocab}
     asr.update({f"lm_{k}": v for k, v in lm_arch.items()})
-    overrides = {
-        "lm": lm,
-        "si": {**asr, **chosen.get("si", {})},
-        "sa": {**asr, **chosen.get("sa", {})},
-    }
+    overrides = {"lm": lm, "si": {**asr, **parts["si"]}, "sa": {**asr, **parts["sa"]}}
     config = {
         "preset": preset,
         "seed": seed,
-        "overrides": overrides,
-        "hparams": {p.name: _sha256(p) for p in (ASR_HPARAMS, LM_HPARAMS)},
-        "tokenizer_sha256": _sha256(tokenizer_file),
         "speakers": corpus.speakers,
+        "tokenizer_sha256": _sha256(tokenizer_file),
         "csv_sha256": {f"{s}_{b}": _sha256(corpus.csvs[s][b]) for s in corpus.speakers for b in BLOCKS},
+        "hparams": {p.name: _sha256(p) for p in (ASR_HPARAMS, LM_HPARAMS)},
+        "overrides": overrides,
     }
     plan = Plan(corpus, Path(models_dir), Path(tokenizer_file), vocab, preset, seed, overrides, config)
     check_models_dir(plan)
@@ -244,6 +274,11 @@ def check_models_dir(plan):
 
 def _mb(nbytes):
     return f"{nbytes / 1e6:.1f} MB"
+
+
+def _took(record):
+    """Wall and CPU seconds (CPU: every thread's; on cores shared with others, the cost)."""
+    return f"{record['seconds']:.1f} s (CPU {record['cpu_seconds']:.1f} s)"
 
 
 def _record_matches(folder, fingerprint):
@@ -356,7 +391,7 @@ def train_lm(plan, device, progressbar, log):
     if record is not None:
         log(f"{LM_NAME}: finished, skipped ({record['seconds']:.1f} s when trained)")
         return record
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     overrides = {**plan.overrides["lm"], "output_folder": str(folder.resolve())}
     write_hparams(LM_HPARAMS, overrides, folder / "hyperparams.yaml")
     with _ModelLog(folder):
@@ -364,12 +399,15 @@ def train_lm(plan, device, progressbar, log):
             hp = load_hyperpyyaml(handle)
         tokenizer = load_tokenizer(plan.tokenizer_file)
         data = lm_dataset(plan.corpus.words, tokenizer, hp)
+        checkpointer = _checkpointer(hp)
+        if checkpointer.find_checkpoint() is not None:
+            log(f"{LM_NAME}: resuming from {checkpointer.find_checkpoint().path.name}")
         brain = LMBrain(
             modules=hp["modules"],
             opt_class=hp["optimizer"],
             hparams=hp,
             run_opts=_run_opts(device, progressbar, hp),
-            checkpointer=_checkpointer(hp),
+            checkpointer=checkpointer,
         )
         brain.fit_with_sampler(hp["epoch_counter"], data, None, train_loader_kwargs(data, hp), {}, progressbar)
         lm = hp["lm_model"]
@@ -384,12 +422,13 @@ def train_lm(plan, device, progressbar, log):
         "train_loss": round(float(getattr(brain, "last_loss", float("nan"))), 4),
         "parameters": sum(p.numel() for p in lm.parameters()),
         "seconds": round(time.time() - start, 1),
+        "cpu_seconds": round(time.process_time() - start_cpu, 1),
         "bytes": folder_size(folder),
     }
     write_json(folder / DONE, record)
     log(
         f"{LM_NAME}: TransformerLM on {len(plan.corpus.words)} words, {record['epochs']} epochs: "
-        f"{record['seconds']:.1f} s, {_mb(record['bytes'])}"
+        f"{_took(record)}, {_mb(record['bytes'])}"
     )
     return record
 
@@ -439,7 +478,7 @@ def train_asr(plan, stage, speaker, device, progressbar, log, si_checkpoint=None
         _keep_only(folder / "save", Path(record["checkpoint"]))
         log(f"{speaker}: finished, skipped ({record['seconds']:.1f} s when trained)")
         return record
-    start = time.time()
+    start, start_cpu = time.time(), time.process_time()
     write_hparams(ASR_HPARAMS, asr_overrides(plan, stage, speaker, si_checkpoint), folder / "hyperparams.yaml")
     with _ModelLog(folder):
         with open(folder / "hyperparams.yaml", encoding="utf-8") as handle:
@@ -494,6 +533,7 @@ def train_asr(plan, stage, speaker, device, progressbar, log, si_checkpoint=None
         "test_greedy_wra_by_speaker": {k: round(v, 4) for k, v in brain.wra_by_speaker.items()},
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - start, 1),
+        "cpu_seconds": round(time.process_time() - start_cpu, 1),
     }
     write_json(folder / DONE, record)
     _keep_only(folder / "save", chosen)
@@ -507,7 +547,7 @@ def train_asr(plan, stage, speaker, device, progressbar, log, si_checkpoint=None
     log(
         f"{speaker}: {stage.upper()} on {', '.join(record['train_csv'][:2])}"
         f"{' ...' if len(record['train_csv']) > 2 else ''} ({len(train)} utterances): {valid_text}"
-        f"B3 WRA {100 * test_stats['WRA']:.1f} (greedy); {record['seconds']:.1f} s, {_mb(record['bytes'])}"
+        f"B3 WRA {100 * test_stats['WRA']:.1f} (greedy); {_took(record)}, {_mb(record['bytes'])}"
     )
     return record
 
@@ -549,14 +589,16 @@ def train_models(
     threads=None,
     speakers=None,
     seed=None,
+    overrides=None,
     progressbar=True,
     log=print,
 ):
     """The model stage: LM, SI, then one SA model per speaker (see the module docstring).
     Deterministic for a seed; resumable; returns the manifest (``<models>/rehearsal_models.json``).
-    Every option and input is checked first (RehearsalError, nothing written)."""
+    ``overrides`` ({asr|si|sa|lm: {hparams key: value}}) go on top of the preset. Every option and
+    input is checked first (RehearsalError, nothing written)."""
     check_device(device, threads)
-    plan = make_plan(corpus, models_dir, tokenizer_file, preset, speakers, seed)
+    plan = make_plan(corpus, models_dir, tokenizer_file, preset, speakers, seed, overrides)
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -575,8 +617,14 @@ def train_models(
         log(
             f"models: preset {plan.preset}, seed {plan.seed}, {len(plan.corpus.speakers)} speakers "
             f"({sum(c['B1'] + c['B2'] for c in counts.values())} B1+B2 utterances), "
-            f"{plan.vocab_size} pieces, device {device}, {torch.get_num_threads()} thread(s)"
+            f"{plan.vocab_size} pieces, device {device}, {torch.get_num_threads()} thread(s); "
+            f"{sum(sum(c.values()) for c in counts.values())} utterances checked in {plan.corpus.check_seconds:.1f} s"
         )
+        if plan.corpus.unk_words:
+            log(
+                f"models: {len(plan.corpus.unk_words)} word(s) have an <unk> piece in the tokenizer "
+                f"(kept, as the SA pipeline kept them): {', '.join(plan.corpus.unk_words[:8])}"
+            )
 
         def done(record):
             manifest["models"][record["model"]] = {k: v for k, v in record.items() if k != "fingerprint"}
@@ -603,6 +651,7 @@ def evaluate_greedy(models_dir, corpus, pairs, device="cpu", progressbar=True, l
     fraction), each pair's ``wer_<SPK>.txt`` in ``<models>/greedy_B3/<MODEL>/``; pairs already
     there are read back, not decoded again."""
     from hyperpyyaml import load_hyperpyyaml
+    from speechbrain.utils.train_logger import FileTrainLogger
 
     from local.rehearsal_asr import ASRBrain, asr_dataset
 
@@ -617,6 +666,9 @@ def evaluate_greedy(models_dir, corpus, pairs, device="cpu", progressbar=True, l
         with open(models_dir / model / "hyperparams.yaml", encoding="utf-8") as handle:
             hp = load_hyperpyyaml(handle)
         hp["tokenizer"].load(str(models_dir / model / "save" / "tokenizer.ckpt"))
+        # the model folder is finished: this decode logs beside its wer files, not in its train_log.txt
+        (out / model).mkdir(parents=True, exist_ok=True)
+        hp["train_logger"] = FileTrainLogger(out / model / "train_log.txt")
         brain = ASRBrain(
             modules=hp["modules"], hparams=hp, run_opts={"device": device, "noprogressbar": not progressbar}
         )
