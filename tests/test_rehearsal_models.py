@@ -224,8 +224,8 @@ def test_killed_run_resumes_to_the_same_models(tiny, tmp_path):
     """A run killed while an SA model trains, run again: the finished models (LM, SI) are skipped,
     the SA model resumes from its SpeechBrain checkpoint, and every model ends bit-identical to an
     uninterrupted run's (deterministic for the seed). A third run redoes nothing."""
-    extra = ["--overrides", "{sa: {number_of_epochs: 3}}"]
-    _train(tiny["corpus"], tmp_path / "reference", tiny["tokenizer"], overrides={"sa": {"number_of_epochs": 3}})
+    extra = ["--overrides", "{sa: {number_of_epochs: 2}}"]
+    _train(tiny["corpus"], tmp_path / "reference", tiny["tokenizer"], overrides={"sa": {"number_of_epochs": 2}})
     models = tmp_path / "models"
     proc = subprocess.Popen(
         _run_cli(tiny["corpus"], models, tiny["tokenizer"], *extra),
@@ -328,18 +328,6 @@ def test_bad_options_stop_with_one_line(tiny, tmp_path, capsys, case):
         assert not models.exists()
     else:
         assert {p: p.stat().st_mtime_ns for p in models.rglob("*")} == before
-
-
-def test_models_learn_the_words(tmp_path):
-    """Not a test of the layout: the SI model and the SA fine-tunes learn. The tiny architecture,
-    trained for more epochs on the four-word corpus, recognises the held-out block B3 far above
-    chance (1 in 4), greedy."""
-    corpus = make_corpus(tmp_path / "corpus", ("F02", "M08"))
-    tokenizer = _tokenizer(tmp_path / "tokenizer.model", corpus)
-    overrides = {"asr": {"number_of_epochs": 20, "lr_adam": 0.003}, "sa": {"number_of_epochs": 3}}
-    manifest, _ = _train(corpus, tmp_path / "models", tokenizer, overrides=overrides)
-    for name in ("SI", "F02", "M08"):
-        assert manifest["models"][name]["test_greedy"]["WRA"] >= 0.75, (name, manifest["models"][name])
 
 
 def test_the_sa_tokenizer_and_its_5000_pieces(shared_uaspeech, tmp_path):

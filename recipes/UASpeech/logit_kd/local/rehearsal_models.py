@@ -411,7 +411,8 @@ def train_lm(plan, device, progressbar, log):
         )
         brain.fit_with_sampler(hp["epoch_counter"], data, None, train_loader_kwargs(data, hp), {}, progressbar)
         lm = hp["lm_model"]
-        atomic_write(folder / "lm.ckpt", lambda handle: torch.save(lm.state_dict(), handle), binary=True)
+        state = {k: v.detach().cpu() for k, v in lm.state_dict().items()}  # a CPU file, whatever the device
+        atomic_write(folder / "lm.ckpt", lambda handle: torch.save(state, handle), binary=True)
         atomic_write(folder / "tokenizer.ckpt", lambda h: h.write(plan.tokenizer_file.read_bytes()), binary=True)
     record = {
         "fingerprint": fingerprint,
@@ -437,11 +438,12 @@ def asr_overrides(plan, stage, speaker, si_checkpoint=None):
     """The overrides of rehearsal_asr.yaml for one model (its data, folders and stage)."""
     corpus = plan.corpus
     folder = (plan.models_dir / speaker).resolve()
+    csv = {s: {b: str(Path(p).resolve()) for b, p in blocks.items()} for s, blocks in corpus.csvs.items()}
     if stage == "si":
-        train = [str(corpus.csvs[s][b]) for s in corpus.speakers for b in ("B1", "B2")]
-        valid, test = [], [str(corpus.csvs[s]["B3"]) for s in corpus.speakers]
+        train = [csv[s][b] for s in corpus.speakers for b in ("B1", "B2")]
+        valid, test = [], [csv[s]["B3"] for s in corpus.speakers]
     else:
-        train, valid, test = ([str(corpus.csvs[speaker][b])] for b in BLOCKS)
+        train, valid, test = ([csv[speaker][b]] for b in BLOCKS)
     return {
         **plan.overrides[stage],
         "stage": stage,
@@ -640,10 +642,29 @@ def train_models(
         manifest["seconds"] = round(time.time() - start, 1)
         manifest["bytes"] = folder_size(plan.models_dir)
         write_json(old, manifest)
+        for line in summary_table(manifest):
+            log(line)
         log(f"models: done in {manifest['seconds']:.1f} s (this run), {_mb(manifest['bytes'])} in {plan.models_dir}")
         return manifest
     finally:
         torch.set_num_threads(saved_threads)
+
+
+def summary_table(manifest):
+    """The stage's figures, one line per model (greedy WRA in %; times of the run that trained it)."""
+    lines = ["model  trained on            epoch kept  B2 WRA  B3 WRA   seconds  CPU s"]
+    for name, r in manifest["models"].items():
+        if r["stage"] == "lm":
+            lines.append(f"{name:6} {r['words']} words{'':13}{'':26}{r['seconds']:8.1f} {r['cpu_seconds']:6.1f}")
+            continue
+        meta = r.get("checkpoint_meta", {})
+        b2 = f"{100 * meta['WRA']:6.1f}" if "WRA" in meta else f"{'-':>6}"
+        trained = f"{r['train_utterances']} utts ({len(r['train_csv'])} CSV)"
+        lines.append(
+            f"{name:6} {trained:21} {meta.get('epoch', '-')!s:>10}  {b2}  {100 * r['test_greedy']['WRA']:6.1f} "
+            f"{r['seconds']:8.1f} {r['cpu_seconds']:6.1f}"
+        )
+    return lines
 
 
 def evaluate_greedy(models_dir, corpus, pairs, device="cpu", progressbar=True, log=print):
