@@ -366,6 +366,7 @@ def test_build_is_deterministic(tiny_corpus, tmp_path):
 def test_killed_build_resumes_to_the_same_bytes(tiny_corpus, tmp_path):
     corpus = tmp_path / "killed"
     command = [sys.executable, "make_rehearsal.py", "--corpus", str(corpus), "--preset", "tiny", "--jobs", "2"]
+    command += ["--stage", "audio"]
     command += ["--noprogressbar"] + (["--metadata_dir", str(_metadata_dir())] if _metadata_dir() else [])
     proc = subprocess.Popen(command, cwd=RECIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -432,16 +433,21 @@ def _run_cli(args, env=None):
 
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     corpus = tmp_path / "corpus"
-    proc = _run_cli(["--corpus", str(corpus), "--preset", "huge"])
+    proc = _run_cli(["--corpus", str(corpus), "--stage", "audio", "--preset", "huge"])
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("ERROR: hparams file") and "no preset 'huge' (presets: full, tiny)" in proc.stderr
     empty_path = tmp_path / "bin"
     empty_path.mkdir()
-    proc = _run_cli(["--corpus", str(corpus), "--preset", "tiny"], env={**os.environ, "PATH": str(empty_path)})
+    proc = _run_cli(
+        ["--corpus", str(corpus), "--stage", "audio", "--preset", "tiny"], env={**os.environ, "PATH": str(empty_path)}
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "ERROR: espeak-ng is missing (not on PATH): apt-get install espeak-ng"
-    proc = _run_cli(["--corpus", str(corpus), "--jobs", "0"])
-    assert proc.returncode == 1 and proc.stderr.strip() == "ERROR: jobs must be an integer >= 1, not 0"
+    proc = _run_cli(["--corpus", str(corpus), "--stage", "audio", "--jobs", "0"])
+    assert proc.returncode == 1 and proc.stderr.strip() == "ERROR: --jobs=0 is not allowed: it must be an integer >= 1"
+    proc = _run_cli(["--corpus", str(corpus), "--preset", "tiny"])  # every stage: the later ones need the tokenizer
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "ERROR: --tokenizer_file is needed for the models, logits and cross stages"
     assert not corpus.exists()
 
 

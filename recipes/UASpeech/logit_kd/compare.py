@@ -41,6 +41,7 @@ from local.scoring import rates
 from local.significance import bootstrap_ci, paired_test
 from local.tables import RULE, text_table
 from local.wer_files import WerFile, read_exactness, read_wer_file
+from local import data_kind
 
 # ----------------------------------------------------------------------------- provenance
 
@@ -69,8 +70,13 @@ def provenance(path):
             decoding = f"free-running CTC ({_CTC_FILE.match(path.name)['decoder']}) of the audio"
         else:
             decoding = info.get("decoding", "unknown (no decoding in test_results.json)")
-        synthetic = bool(info.get("synthetic_data"))
-        origin = {"synthetic": synthetic, "decoding": decoding, "source": f"recipe output ({results})"}
+        kind = data_kind.of_info(info)
+        origin = {
+            "synthetic": kind != data_kind.REAL,
+            "kind": kind,
+            "decoding": decoding,
+            "source": f"recipe output ({results})",
+        }
         if info.get("partial"):
             origin["partial"] = info["partial"]
         system = (entry or {}).get("system", "")
@@ -78,10 +84,11 @@ def provenance(path):
         if system.startswith("teacher_") and system[len("teacher_") :] in ranking:
             origin["ranking"] = ranking[system[len("teacher_") :]]
         return origin
-    for parent in path.resolve().parents:
-        if (parent / "SYNTHETIC.json").is_file():
-            return {"synthetic": True, "decoding": "unknown", "source": f"a synthetic tree ({parent})"}
-    return {"synthetic": False, "decoding": SPEECHBRAIN_DECODING, "source": "a SpeechBrain wer file"}
+    kind = data_kind.of_folder(path.parent)
+    if kind == data_kind.DEMO:
+        return {"synthetic": True, "kind": kind, "decoding": "unknown", "source": "a synthetic demo tree"}
+    source = "a SpeechBrain wer file" + (" of the rehearsal corpus" if kind == data_kind.REHEARSAL else "")
+    return {"synthetic": kind != data_kind.REAL, "kind": kind, "decoding": SPEECHBRAIN_DECODING, "source": source}
 
 
 def demo_references(wf):
@@ -105,12 +112,22 @@ def demo_references(wf):
 def check_comparable(paths, origins):
     """Refuses synthetic and real data in one comparison (ValueError naming a file of each); returns
     the warnings: one when the systems were decoded differently."""
+    kinds = {}
+    for p, o in zip(paths, origins):
+        kinds.setdefault(o.get("kind", data_kind.DEMO if o["synthetic"] else data_kind.REAL), []).append(p)
+    if len(kinds) > 1 and data_kind.REAL not in kinds:
+        (a, pa), (b, pb) = list(kinds.items())[:2]
+        raise ValueError(
+            f"refusing to compare {data_kind.LABELS[a]} ({pa[0]}) with {data_kind.LABELS[b]} ({pb[0]}): "
+            "compare each kind on its own"
+        )
     synthetic = [p for p, o in zip(paths, origins) if o["synthetic"]]
     real = [p for p, o in zip(paths, origins) if not o["synthetic"]]
     if synthetic and real:
         raise ValueError(
-            f"refusing to compare SYNTHETIC with real data: {synthetic[0]} comes from the synthetic demo "
-            f"tree ({origins[paths.index(synthetic[0])]['source']}) but {real[0]} does not "
+            f"refusing to compare SYNTHETIC with real data: {synthetic[0]} comes from the "
+            f"{data_kind.LABELS[origins[paths.index(synthetic[0])]['kind']]} "
+            f"({origins[paths.index(synthetic[0])]['source']}) but {real[0]} does not "
             f"({len(synthetic)} synthetic, {len(real)} real files): compare each kind on its own"
         )
     partial = [
@@ -255,7 +272,7 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0, v
     for wf, origin in zip(parsed, origins):
         hits = 0 if origin["synthetic"] else demo_references(wf)
         if hits:
-            origin.update(synthetic=True, source=f"its references hold {hits} made-up words of the demo tree")
+            origin.update(synthetic=True, kind=data_kind.DEMO, source=f"its references hold {hits} made-up words of the demo tree")
     warnings = check_comparable(paths, origins)
     names = list(names) if names is not None else default_names(paths)
     if len(names) != len(parsed):
@@ -380,6 +397,7 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0, v
         "reference": names[ref_idx],
         "names": names,
         "synthetic_data": origins[0]["synthetic"],
+        "data_kind": origins[0]["kind"],
         "warnings": warnings,
         "n_shared": len(shared),
         "mean_of_systems": {"n_systems": len(names), **mean_of_systems},
@@ -468,7 +486,9 @@ def comparison_table(result):
         ["oracle (any system right)", o["n"], f"{o['WER']:.2f}", "", f"{o['SER']:.2f}", f"{o['WRA_any_right']:.2f}"]
     )
     lines = list(result["warnings"])
-    if result["synthetic_data"]:
+    if result.get("data_kind") == data_kind.REHEARSAL:
+        lines.append("REHEARSAL corpus: SYNTHETIC speech, real models: not UASpeech figures")
+    elif result["synthetic_data"]:
         lines.append("SYNTHETIC data (the demo tree): these figures only show that the tools run")
     lines.append("how each system was decoded, and what ranks it for the vote's ties:")
     lines.append(

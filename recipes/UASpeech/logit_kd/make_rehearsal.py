@@ -1,21 +1,30 @@
 #!/usr/bin/env python3
-"""Build the rehearsal corpus: SYNTHETIC speech shaped like UASpeech (NOT UASpeech recordings).
+"""Build the rehearsal corpus: SYNTHETIC speech shaped like UASpeech (NOT UASpeech recordings), SA
+models trained on it the SA pipeline's way, and every input of this recipe made by its own jobs.
 
-Stages (this version has the audio only; docs/rehearsal.md describes the corpus):
+One command runs every stage in order; ``--stage`` runs one (docs/rehearsal.md says what each
+makes and how long it took here):
 
 - ``audio``: every speaker's B1, B2 and B3 words spoken by a Debian synthesizer voice (espeak-ng
-  or festival), changed by simulated dysarthria of the speaker's severity, recorded on two or more
+  or festival), changed by simulated dysarthria of the speaker's severity, recorded on two
   simulated microphones; SpeechBrain CSVs per speaker and block; ``corpus.json``.
-- ``audio_check``: listening proxies of a built corpus (durations, levels, and a template
-  recognizer's accuracy by speaker, which should fall with the severity).
+- ``models``: a TransformerLM on the word list, a speaker-independent TransformerASR (joint
+  CTC/attention) on every speaker's B1+B2, then one speaker-adapted copy per speaker (its B1,
+  selection on its B2), each an SA experiment folder under ``<corpus>/models/<SPK>``.
+- ``logits``: ``extract_logits.py``, every model on every speaker's B3 -> ``<corpus>/logit_extraction``.
+- ``cross``: every model's beam search + CTC + LM decode of every other speaker's B3 ->
+  ``<corpus>/cross_testing/<MODEL>/wer_<SPK>.txt``.
+- ``audio_check`` (not part of ``all``): listening proxies of the audio.
 
-Deterministic for a seed; a killed build resumes where it stopped when run again; it prints its
-time and size. A missing synthesizer or voice stops with one line naming the Debian package.
+Deterministic for a seed; a killed build resumes where it stopped when run again; each stage prints
+its time and size (kept in ``corpus.json``). A missing synthesizer or voice stops with one line
+naming the Debian package; every option is checked before anything is written.
 
 Usage (from recipes/UASpeech/logit_kd)::
 
-    python make_rehearsal.py --corpus rehearsal_data/full --metadata_dir /data/uaspeech/metadata
-    python make_rehearsal.py --corpus rehearsal_data/tiny --preset tiny --jobs 1
+    python make_rehearsal.py --corpus rehearsal_data/full --metadata_dir /data/uaspeech/metadata \\
+        --tokenizer_file /data/uaspeech/sa_tokenizer.model
+    python make_rehearsal.py --corpus rehearsal_data/tiny --preset tiny --tokenizer_file ... --jobs 1
     python make_rehearsal.py --corpus rehearsal_data/full --stage audio_check
 
 Without ``--metadata_dir`` (the real ``<SPK>_metadata.json`` files) the B3 words are the demo
@@ -25,52 +34,154 @@ tree's word list, and the log and ``corpus.json`` say so.
 import argparse
 import os
 import sys
+import time
+from pathlib import Path
 
+from local import cpu_kernels  # first: the CPU math libraries' paths, before torch loads
 from local.rehearsal_audio import DEFAULT_HPARAMS, RehearsalError, build_audio, listen_report
 
-STAGES = ("audio", "audio_check")
+STAGES = ("audio", "models", "logits", "cross")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", required=True, help="folder of the corpus (made if absent)")
-    parser.add_argument("--stage", choices=STAGES, default="audio", help="what to build (default: audio)")
-    parser.add_argument("--preset", default="full", help="a preset of the hparams file: full (default) or tiny")
-    parser.add_argument("--hparams", default=str(DEFAULT_HPARAMS), help="the corpus's hparams (rehearsal.yaml)")
-    parser.add_argument("--seed", type=int, help="replaces the hparams file's seed")
+    parser.add_argument(
+        "--stage", choices=("all", *STAGES, "audio_check"), default="all", help="what to build (default: all)"
+    )
+    parser.add_argument("--preset", default="full", help="full (default) or tiny (three speakers, 20 words)")
+    parser.add_argument("--hparams", default=str(DEFAULT_HPARAMS), help="the corpus's audio hparams (rehearsal.yaml)")
+    parser.add_argument("--seed", type=int, help="replaces the hparams files' seeds")
     parser.add_argument("--metadata_dir", help="folder of the real <SPK>_metadata.json files: the B3 words")
     parser.add_argument(
-        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: 2, or 1 on one core)"
+        "--tokenizer_file", help="the SA models' SentencePiece model (a file path): every stage but audio"
     )
-    parser.add_argument("--noprogressbar", action="store_true", help="no progress bar")
+    parser.add_argument("--models_dir", help="where the SA models go (default: <corpus>/models)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the models stage (default: --jobs)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--extract_batch", type=int, default=16, help="utterances per forward pass of extraction")
+    parser.add_argument("--cross_beam", type=int, default=8, help="beam of the cross-testing decodes (SA: 66)")
+    parser.add_argument("--cross_batch", type=int, default=16, help="utterances per batch of those decodes")
+    parser.add_argument("--noprogressbar", action="store_true", help="no progress bars")
     return parser
+
+
+def check_options(args):
+    """RehearsalError (one line naming the option) before anything is written."""
+    for key in ("jobs", "extract_batch", "cross_beam", "cross_batch"):
+        if getattr(args, key) < 1:
+            raise RehearsalError(f"--{key}={getattr(args, key)} is not allowed: it must be an integer >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise RehearsalError(f"--threads={args.threads} is not allowed: it must be an integer >= 1")
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if any(s != "audio" and s != "audio_check" for s in stages):
+        if not args.tokenizer_file:
+            raise RehearsalError("--tokenizer_file is needed for the models, logits and cross stages")
+        if not Path(args.tokenizer_file).is_file():
+            raise RehearsalError(f"--tokenizer_file={args.tokenizer_file} is not allowed: no such file")
+    if args.device != "cpu":
+        from local.sa_models import ExtractionError, check_device
+
+        try:
+            check_device(args.device)
+        except ExtractionError as err:
+            raise RehearsalError(str(err)) from None
+    return stages
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from local.files import DiskFullError
+    from local.sa_models import ExtractionError
     from local.synthesizers import SynthesizerError
     from local.word_list import WordListError
 
+    progress = not args.noprogressbar
+    models_dir = Path(args.models_dir or Path(args.corpus) / "models")
+    started = time.monotonic()
     try:
-        if args.stage == "audio":
-            build_audio(
-                args.corpus,
-                hparams_file=args.hparams,
-                preset=args.preset,
-                seed=args.seed,
-                metadata_dir=args.metadata_dir,
-                jobs=args.jobs,
-                progress=not args.noprogressbar,
-            )
-        else:
+        stages = check_options(args)
+        if args.stage == "audio_check":
             listen_report(args.corpus)
-    except (RehearsalError, SynthesizerError, WordListError, DiskFullError) as err:
+            return 0
+        for stage in stages:
+            if stage == "audio":
+                build_audio(
+                    args.corpus,
+                    hparams_file=args.hparams,
+                    preset=args.preset,
+                    seed=args.seed,
+                    metadata_dir=args.metadata_dir,
+                    jobs=args.jobs,
+                    progress=progress,
+                )
+            elif stage == "models":
+                from local.rehearsal_build import record_stage
+                from local.rehearsal_models import train_models
+
+                t0 = time.monotonic()
+                manifest = train_models(
+                    args.corpus,
+                    models_dir,
+                    args.tokenizer_file,
+                    preset=args.preset,
+                    device=args.device,
+                    threads=args.threads or args.jobs,
+                    seed=args.seed,
+                    progressbar=progress,
+                )
+                from local.rehearsal_build import folder_size
+
+                size, files = folder_size(models_dir)
+                record_stage(
+                    args.corpus,
+                    "models",
+                    {
+                        "seconds": round(time.monotonic() - t0, 1),
+                        "bytes": size,
+                        "files": files,
+                        "folder": str(models_dir),
+                        # a resumed stage skips finished models: their training time is in the manifest
+                        "trained_seconds": round(sum(r["seconds"] for r in manifest["models"].values()), 1),
+                        "trained_cpu_seconds": round(
+                            sum(r.get("cpu_seconds", 0) for r in manifest["models"].values()), 1
+                        ),
+                    },
+                )
+                print(f"models stage: {time.monotonic() - t0:.1f} s, {size / 1e6:.1f} MB -> {models_dir}")
+                del manifest
+            elif stage == "logits":
+                from local.rehearsal_build import extract
+
+                extract(args.corpus, models_dir, args.tokenizer_file, args.extract_batch, args.device)
+            elif stage == "cross":
+                from local.rehearsal_build import cross_decodes
+
+                cross_decodes(
+                    args.corpus,
+                    models_dir,
+                    args.tokenizer_file,
+                    beam_size=args.cross_beam,
+                    batch_size=args.cross_batch,
+                    jobs=args.jobs,
+                    device=args.device,
+                    progress=progress,
+                )
+    except (RehearsalError, SynthesizerError, WordListError, DiskFullError, ExtractionError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1
     except FileNotFoundError as err:
-        print(f"ERROR: {err.filename}: not found (build the audio stage first?)", file=sys.stderr)
+        print(f"ERROR: {err.filename}: not found (build the earlier stages first?)", file=sys.stderr)
         return 1
+    if len(stages) > 1:
+        from local.rehearsal_build import record_stage, stage_table
+
+        record_stage(
+            args.corpus, "all", {"seconds": round(time.monotonic() - started, 1), "cpu_kernels": cpu_kernels.describe()}
+        )
+        print(stage_table(args.corpus))
+        print(f"rehearsal corpus built in {time.monotonic() - started:.0f} s (this command) -> {args.corpus}")
     return 0
 
 

@@ -35,6 +35,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from local import data_kind
 from local.files import atomic_write
 
 RECIPE = Path(__file__).resolve().parent
@@ -86,12 +87,19 @@ class TableError(ValueError):
 
 def _data_line(runs):
     """What the figures are computed on, from the runs themselves (never typed)."""
-    kinds = {bool(r["synthetic_data"]) for r in runs}
-    if kinds == {True}:
+    kinds = {data_kind.of_info(r) for r in runs}
+    if kinds == {data_kind.DEMO}:
         return "SYNTHETIC demo tree: these figures show that the recipe runs, nothing about UASpeech."
-    if kinds == {False}:
+    if kinds == {data_kind.REHEARSAL}:
+        return (
+            "Rehearsal corpus: SYNTHETIC speech (Debian's synthesizers, simulated dysarthria), real "
+            "SpeechBrain models trained on it. Not UASpeech."
+        )
+    if kinds == {data_kind.REAL}:
         return "Real logits."
-    raise TableError("synthetic and real runs in one table: their figures cannot stand side by side")
+    raise TableError(
+        f"runs of different data ({', '.join(sorted(kinds))}) in one table: their figures cannot stand side by side"
+    )
 
 
 def _kernels(runs):

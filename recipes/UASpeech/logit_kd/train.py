@@ -58,6 +58,7 @@ from local.options import HparamsError, check_hparams, check_run_options, descri
 from local.run_folder import LOG_CONFIG, OutputLock, check_writable, made_by_this_run, remove, write_hyperparams
 from local.scoring import SystemScores, majority_vote, results_table, teacher_ranks, write_utterances
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
+from local import data_kind
 from local.synthetic import DemoTreeError, ensure_demo_tree
 
 logger = logging.getLogger(__name__)
@@ -386,7 +387,7 @@ def load_fold(hparams):
     targets = EnsembleTargets(
         train_store, target_sets, hparams["temperature"], hparams["target_aggregation"], weights, dtype, cache
     )
-    synthetic = uses_demo_tree(hparams) or (Path(hparams["logit_root"]).parent / "SYNTHETIC.json").is_file()
+    kind = data_kind.DEMO if uses_demo_tree(hparams) else data_kind.of_folder(hparams["logit_root"])
     info = {
         "held_out": held_out,
         "group": intelligibility_group(held_out),
@@ -400,7 +401,8 @@ def load_fold(hparams):
         "seed": hparams["seed"],
         "logit_root": str(Path(hparams["logit_root"]).resolve()),
         "tokenizer_file": str(Path(hparams["tokenizer_file"]).resolve()),
-        "synthetic_data": synthetic,
+        "synthetic_data": kind != data_kind.REAL,  # demo tree or rehearsal corpus
+        "data_kind": kind,
         # The teachers' accuracy on the training audio (train + valid items), the ranking's first key
         "teacher_accuracy": {m: r["accuracy"] for m, r in ranking.items()},
         "teacher_ranking": ranking,
@@ -542,7 +544,12 @@ def main(argv):
     # line at a time (a full disk then loses nothing of a finished folder: local/run_folder.py)
     write_hyperparams(hparams["output_folder"], base_file, fold_overrides)
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"], log_config=str(LOG_CONFIG))
-    if fold.info["synthetic_data"]:
+    if fold.info["data_kind"] == data_kind.REHEARSAL:
+        logger.warning(
+            "The input is the rehearsal corpus (%s): SYNTHETIC speech, real models. Not UASpeech.",
+            hparams["logit_root"],
+        )
+    elif fold.info["synthetic_data"]:
         logger.warning(
             "The input is a SYNTHETIC logit tree (%s), not UASpeech: its figures only show that "
             "the recipe runs. Give --logit_root and --tokenizer_file for real data.",

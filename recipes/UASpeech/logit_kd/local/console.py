@@ -13,6 +13,7 @@ from pathlib import Path
 
 from local.corpus import intelligibility_group
 from local.scoring import results_table
+from local import data_kind
 
 RULE = "=" * 78
 
@@ -31,11 +32,11 @@ def closing_block(results_file, seconds=None):
     """The lines that end a run, from the results file it wrote (and its wall time, when given)."""
     results_file = Path(results_file)
     info = json.loads(results_file.read_text(encoding="utf-8"))
-    kind = (
-        "SYNTHETIC demo data: the figures only show that the recipe runs"
-        if info.get("synthetic_data")
-        else "real logits"
-    )
+    kind = {
+        data_kind.DEMO: "SYNTHETIC demo data: the figures only show that the recipe runs",
+        data_kind.REHEARSAL: "rehearsal corpus: SYNTHETIC speech, real models (not UASpeech)",
+        data_kind.REAL: "real logits",
+    }[data_kind.of_info(info)]
     systems = {"student": info["student"], **info.get("baselines", {})}
     lines = [RULE]
     if info.get("partial"):

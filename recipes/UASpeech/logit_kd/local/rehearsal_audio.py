@@ -544,10 +544,13 @@ def build_audio(
         manifest = _manifest(corpus, plan)
         size, disk, files = folder_bytes(corpus)
         seconds, cpu = time.monotonic() - started, _cpu_seconds() - cpu_started
+        before = manifest.get("stages", {}).get("audio", {})
         manifest["stages"] = {
             **manifest.get("stages", {}),
             "audio": {
                 "seconds": round(seconds, 1),
+                # a resumed or rerun stage: the sum over its runs (a rerun finding it done costs ~0)
+                "seconds_all_runs": round(before.get("seconds_all_runs", before.get("seconds", 0)) + seconds, 1),
                 "cpu_seconds": round(cpu, 1),  # this process, its workers and the synthesizers they ran
                 "bytes": size,  # of the recordings and CSVs (the manifest is a few kB more)
                 "disk_bytes": disk,

@@ -57,8 +57,8 @@ CROSS_FOLDER = "greedy_B3"
 logger = logging.getLogger(__name__)
 
 
-class RehearsalError(RuntimeError):
-    """Bad options or input; the message names the option, the file, the speaker or the utterance."""
+# One error type for every stage of the rehearsal corpus, so make_rehearsal.py reports them alike.
+from local.rehearsal_audio import RehearsalError  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import numpy as np
 from local.corpus import GROUPS, INTELLIGIBILITY, WORD_CATEGORIES, production_of
 from local.files import atomic_write
 from local.significance import hierarchical_ci, holm, paired_test
+from local import data_kind
 
 RESULTS_FILE = "test_results.json"
 UTTERANCES_FILE = "test_utterances.json"  # written by train.py beside it: every system on every utterance
@@ -443,10 +444,18 @@ def _shown(rows):
 
 def markdown(rows, cells, not_finished, n_boot, n_perm, seed, folder_name):
     runs = [r for folds in cells.values() for members in folds.values() for r in members]
-    synthetic = any(r.info.get("synthetic_data") for r in runs)
+    kind = runs_kind(runs)
     seeds = sorted({r.info.get("seed") for r in runs})
     lines = ["# Logit-level KD on UASpeech: student vs baselines", ""]
-    if synthetic:
+    if kind == data_kind.REHEARSAL:
+        lines += [
+            "> **REHEARSAL CORPUS: SYNTHETIC SPEECH, REAL MODELS.** These runs read the logits of "
+            "SpeechBrain models trained on speech from Debian's synthesizers with simulated dysarthria "
+            "(`make_rehearsal.py`), not UASpeech: real confusions and confidences of real models, but "
+            "not UASpeech results.",
+            "",
+        ]
+    if kind == data_kind.DEMO:
         lines += [
             "> **SYNTHETIC DATA.** These runs read the embedded synthetic demo logit tree (`synthetic_data: "
             "true`), not UASpeech: the numbers show that the recipe and the report run, and how the "
@@ -527,7 +536,7 @@ def markdown(rows, cells, not_finished, n_boot, n_perm, seed, folder_name):
     return "\n".join(lines)
 
 
-def figure(rows, path, synthetic):
+def figure(rows, path, kind):
     """WRA per held-out speaker (x: intelligibility group, ascending), one bar per distinct system with
     its 95 % interval over seeds and productions; one panel per configuration."""
     import matplotlib
@@ -577,9 +586,11 @@ def figure(rows, path, synthetic):
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     title = "Word recognition accuracy by intelligibility group (mean over seeds, 95 % CI over seeds and words)"
-    if synthetic:
+    if kind == data_kind.DEMO:
         title = "SYNTHETIC DATA (demo tree, not UASpeech)\n" + title
-    fig.suptitle(title, fontsize=10, color="darkred" if synthetic else "black")
+    if kind == data_kind.REHEARSAL:
+        title = "REHEARSAL CORPUS: SYNTHETIC speech, real models (not UASpeech)\n" + title
+    fig.suptitle(title, fontsize=10, color="black" if kind == data_kind.REAL else "darkred")
     fig.subplots_adjust(hspace=0.6)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None}, bbox_inches="tight")
@@ -598,6 +609,15 @@ def _not_finished(study_folder, runs):
     return [f"{r['name']} ({r.get('status', 'pending')})" for r in listed if r["name"] not in done]
 
 
+def runs_kind(runs):
+    """The one data kind of a set of runs (local/data_kind.py); ValueError when they mix kinds, whose
+    figures cannot stand side by side."""
+    kinds = {data_kind.of_info(r.info) for r in runs}
+    if len(kinds) > 1:
+        raise ValueError(f"runs of different data ({', '.join(sorted(kinds))}) in one study: their figures cannot stand side by side")
+    return kinds.pop()
+
+
 def write_report(study_folder, n_boot=2000, n_perm=10000, seed=0):
     """Writes study.md, study.csv and study.png into the study folder; returns the Markdown."""
     study_folder = Path(study_folder)
@@ -608,6 +628,6 @@ def write_report(study_folder, n_boot=2000, n_perm=10000, seed=0):
     rows = study_rows(runs, n_boot=n_boot, n_perm=n_perm, seed=seed)
     text = markdown(rows, cells, _not_finished(study_folder, runs), n_boot, n_perm, seed, study_folder.resolve().name)
     write_csv(rows, study_folder / "study.csv")
-    figure(rows, study_folder / "study.png", any(r.info.get("synthetic_data") for r in runs))
+    figure(rows, study_folder / "study.png", runs_kind(runs))
     atomic_write(study_folder / "study.md", lambda handle: handle.write(text))
     return text

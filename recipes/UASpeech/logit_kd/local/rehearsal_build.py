@@ -1,0 +1,275 @@
+"""The later stages of the rehearsal corpus (``make_rehearsal.py``): the inputs of the recipe, made
+by the recipe's own jobs from the SA models the ``models`` stage trained.
+
+- ``logits``: ``extract_logits.py`` with every model on every speaker's B3 (the layout and the
+  metadata of the real extraction; decoder logits only, ``--ctc none``: no job of the study reads
+  the CTC files, which would be about ten times the size), into ``<corpus>/logit_extraction``.
+- ``cross``: every model's beam search + CTC + LM decode of every other speaker's B3, with the
+  models' own ``test_search`` settings except the beam (``cross_beam``, below 66 for the time it
+  takes on CPU) and the partial CTC scoring (``local/free_running.py``), written as SpeechBrain
+  ``wer_*.txt`` files in the layout of the SA project's cross-testing files:
+  ``<corpus>/cross_testing/<MODEL>/wer_<SPK>.txt``; ``decoding.json`` beside them says how.
+
+Each stage is resumable (a finished pair or file is not redone; a half-written one never appears)
+and records its seconds and bytes in ``corpus.json``; a rerun with other settings is refused.
+"""
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+from local import data_kind
+from local.files import write_json
+from local.rehearsal_audio import MANIFEST, RehearsalError
+
+LOGITS = "logit_extraction"
+CROSS = "cross_testing"
+DECODING_FILE = "decoding.json"
+
+
+def folder_size(folder):
+    """(bytes, files) under ``folder``."""
+    total, count = 0, 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            total += os.stat(os.path.join(root, name)).st_size
+            count += 1
+    return total, count
+
+
+def record_stage(corpus, stage, info):
+    """Adds ``info`` (seconds, bytes, ...) of ``stage`` to ``corpus.json``'s ``stages``; a stage
+    resumed or rerun keeps the sum of its runs' seconds (``seconds_all_runs``): a rerun that finds
+    everything done costs nearly nothing and must not hide what building it cost."""
+    path = Path(corpus) / MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    old = manifest.setdefault("stages", {}).get(stage, {})
+    if "seconds" in info and stage != "all":
+        info = {**info, "seconds_all_runs": round(old.get("seconds_all_runs", old.get("seconds", 0)) + info["seconds"], 1)}
+    manifest["stages"][stage] = info
+    write_json(path, manifest)
+
+
+def stage_table(corpus):
+    """The stages' seconds and sizes recorded in ``corpus.json``, as a small table."""
+    from local.tables import text_table
+
+    manifest = json.loads((Path(corpus) / MANIFEST).read_text(encoding="utf-8"))
+    rows = []
+    for name, info in manifest.get("stages", {}).items():
+        if name == "all":
+            continue
+        size = info.get("bytes")
+        # the models stage skips finished models: the time that trained them is in their manifest
+        seconds = info.get("trained_seconds", info.get("seconds_all_runs", info.get("seconds", 0)))
+        rows.append([name, f"{seconds:.0f}", f"{info.get('seconds', 0):.0f}", "" if size is None else f"{size / 1e6:.0f}"])
+    return text_table(["stage", "seconds to build", "this run", "MB"], rows)
+
+
+def speakers_of(corpus):
+    """The corpus's speakers (those with a test CSV), in the recipe's order."""
+    from local.corpus import SPEAKERS
+
+    found = [s for s in SPEAKERS if (Path(corpus) / "csv" / f"{s}.csv").is_file()]
+    if not found:
+        raise RehearsalError(f"{corpus} holds no speaker CSV (csv/<SPK>.csv): build the audio stage first")
+    return found
+
+
+def model_folders(models_dir, speakers):
+    """{speaker: SA experiment folder} of the models stage (``<models>/<SPK>/hyperparams.yaml``,
+    ``save/``); RehearsalError naming the first that is missing."""
+    folders = {}
+    for spk in speakers:
+        folder = Path(models_dir) / spk
+        if not (folder / "hyperparams.yaml").is_file() or not (folder / "save").is_dir():
+            raise RehearsalError(f"no SA model of {spk} in {folder}: build the models stage first")
+        folders[spk] = folder
+    return folders
+
+
+def mark(corpus):
+    """``REHEARSAL.json`` at the corpus root: every job reading its logit tree or its cross-testing
+    files then labels its figures "synthetic speech, real models" (local/data_kind.py)."""
+    manifest = json.loads((Path(corpus) / "corpus.json").read_text(encoding="utf-8"))
+    data_kind.write_rehearsal_marker(corpus, {"corpus_fingerprint": manifest.get("fingerprint")})
+
+
+def extract(corpus, models_dir, tokenizer_file, batch_size=16, device="cpu", log=print):
+    """The ``logits`` stage: ``extract_logits.py`` on every (model, speaker) pair. Returns its
+    record (seconds, bytes)."""
+    import extract_logits
+
+    started = time.monotonic()
+    speakers = speakers_of(corpus)
+    folders = model_folders(models_dir, speakers)
+    root = Path(corpus) / LOGITS
+    argv = [
+        "--logit_root",
+        str(root),
+        "--tokenizer_file",
+        str(tokenizer_file),
+        "--data_root",
+        str(corpus),
+        "--device",
+        device,
+        "--batch_size",
+        str(batch_size),
+        "--ctc",
+        "none",
+        "--pairs",
+        "all",
+        "--models",
+        *(f"{s}={f / 'hyperparams.yaml'}:{f / 'save'}" for s, f in folders.items()),
+        "--speakers",
+        *(f"{s}={Path(corpus) / 'csv' / f'{s}.csv'}" for s in speakers),
+    ]
+    log(f"logits: extract_logits.py, {len(speakers)} models x {len(speakers)} speakers -> {root}")
+    mark(corpus)
+    status = extract_logits.main(argv)
+    if status != 0:
+        raise RehearsalError(f"extract_logits.py failed (exit status {status}): its log says which pair")
+    size, files = folder_size(root)
+    info = {"seconds": round(time.monotonic() - started, 1), "bytes": size, "files": files, "batch_size": batch_size}
+    record_stage(corpus, "logits", info)
+    log(f"logits stage: {info['seconds']:.1f} s, {size / 1e6:.1f} MB in {files} files")
+    return info
+
+
+def decoding_record(hparams_file, beam_size, ctc_scoring, scorer_beam_scale):
+    """How the cross-testing files are decoded: the models' test_search settings with ``beam_size``."""
+    from local.free_running import search_settings
+
+    settings, source = search_settings(hparams_file)
+    settings["beam_size"] = int(beam_size)
+    return {
+        "search": "beam",
+        "settings": settings,
+        "settings_from": source,
+        "ctc_scoring": ctc_scoring,
+        "scorer_beam_scale": scorer_beam_scale,
+        "note": "beam search + CTC + TransformerLM of each SA model alone on another speaker's B3 "
+        "(SpeechBrain S2STransformerBeamSearcher), a smaller beam than the SA pipeline's 66",
+    }
+
+
+def cross_decodes(
+    corpus,
+    models_dir,
+    tokenizer_file,
+    beam_size=8,
+    batch_size=16,
+    ctc_scoring="partial",
+    scorer_beam_scale=2.0,
+    jobs=2,
+    device="cpu",
+    progress=True,
+    log=print,
+):
+    """The ``cross`` stage: every model decodes every other speaker's B3 (beam + CTC + LM). One
+    worker process per model at a time (``jobs`` of them, one torch thread each); a finished
+    ``wer_<SPK>.txt`` is not redone. Returns the stage's record."""
+    from tqdm import tqdm
+
+    started = time.monotonic()
+    speakers = speakers_of(corpus)
+    folders = model_folders(models_dir, speakers)
+    out = Path(corpus) / CROSS
+    record = decoding_record(folders[speakers[0]] / "hyperparams.yaml", beam_size, ctc_scoring, scorer_beam_scale)
+    path = out / DECODING_FILE
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if old != record:
+            raise RehearsalError(
+                f"{out} holds decodes made with other settings ({DECODING_FILE}): remove the folder to redo them"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    mark(corpus)
+    write_json(path, record)
+    todo = {m: [s for s in speakers if s != m and not (out / m / f"wer_{s}.txt").is_file()] for m in speakers}
+    todo = {m: s for m, s in todo.items() if s}
+    total = sum(len(s) for s in todo.values())
+    log(
+        f"cross: {total} of {len(speakers) * (len(speakers) - 1)} model/speaker decodes to make (beam {beam_size}, "
+        f"CTC {ctc_scoring}, {jobs} process(es)) -> {out}"
+    )
+    bar = tqdm(total=total, unit="decode", desc="cross", disable=not progress, dynamic_ncols=True)
+    args = (str(corpus), str(tokenizer_file), beam_size, batch_size, ctc_scoring, scorer_beam_scale, device)
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            for model, targets in todo.items():
+                for _ in _decode_model(model, str(folders[model]), targets, *args):
+                    bar.update(1)
+        else:
+            with ProcessPoolExecutor(max_workers=jobs, initializer=_one_thread) as pool:
+                futures = {
+                    pool.submit(_decode_model_all, m, str(folders[m]), targets, *args): len(targets)
+                    for m, targets in todo.items()
+                }
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update(futures[future])
+    finally:
+        bar.close()
+    size, files = folder_size(out)
+    info = {
+        "seconds": round(time.monotonic() - started, 1),
+        "bytes": size,
+        "files": files,
+        "decodes_made": total,
+        "beam_size": beam_size,
+        "ctc_scoring": ctc_scoring,
+        "jobs": jobs,
+    }
+    record_stage(corpus, "cross", info)
+    log(f"cross stage: {info['seconds']:.1f} s, {total} decodes, {size / 1e6:.1f} MB in {files} files")
+    return info
+
+
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _decode_model_all(*args):
+    for _ in _decode_model(*args):
+        pass
+
+
+def _decode_model(
+    model_name, folder, targets, corpus, tokenizer_file, beam_size, batch_size, ctc_scoring, scale, device
+):
+    """Decodes ``targets`` (speakers) with one SA model; yields after each file is written."""
+    import torch
+
+    from local.free_running import decode_utterances, search_settings, single_model_systems, write_wer_file
+    from local.sa_models import SAModel, load_language_model, read_speaker_csv, set_tf32
+    from local.store import load_tokenizer
+
+    set_tf32(False)
+    folder = Path(folder)
+    tokenizer = load_tokenizer(tokenizer_file)
+    model = SAModel(model_name, folder / "hyperparams.yaml", folder / "save", device=device)
+    settings, _ = search_settings(folder / "hyperparams.yaml")
+    settings["beam_size"] = int(beam_size)
+    lm = load_language_model(folder / "hyperparams.yaml", folder / "save" / "lm.ckpt", device)
+    systems = single_model_systems({model_name: model})
+    for spk in targets:
+        utts = read_speaker_csv(Path(corpus) / "csv" / f"{spk}.csv", spk, data_root=corpus)
+        with torch.no_grad():
+            hyps = decode_utterances(
+                utts,
+                systems,
+                ("beam",),
+                settings,
+                lm,
+                batch_size=batch_size,
+                ctc_scoring=ctc_scoring,
+                scorer_beam_scale=scale,
+                progress=False,
+            )
+        write_wer_file(Path(corpus) / CROSS / model_name / f"wer_{spk}.txt", utts, hyps["beam"][model_name], tokenizer)
+        yield spk
