@@ -287,7 +287,14 @@ def test_best_single_teacher_is_chosen_on_the_teachers(study, tmp_path):
             "majority_vote",
             "best_single_teacher",
             "best_teacher_on_test",
+            "oracle",
         }
+        # the oracle: an utterance is right when any teacher is (the fewest edits of any teacher)
+        utts = json.loads((folder / "M05_run" / "test_utterances.json").read_text())["systems"]
+        right = [min(a, b) == 0 for a, b in zip(utts["teacher_F04"]["edits"], utts["teacher_M11"]["edits"])]
+        assert float(rows["oracle"]["WRA"]) == pytest.approx(100.0 * sum(right) / len(right), abs=1e-9)
+        assert float(rows["oracle"]["WRA"]) >= max(float(rows[t]["WRA"]) for t in ("teacher_F04", "teacher_M11"))
+        assert rows["oracle"]["p_WRA"] == "" and rows["oracle"]["p_WRA_holm"] == ""  # a ceiling: not tested
         chosen = max(accuracy, key=accuracy.get)  # on the teacher speakers, never the test
         row = rows["best_single_teacher"]
         assert row["chosen"] == chosen

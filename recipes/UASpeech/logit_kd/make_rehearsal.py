@@ -62,6 +62,13 @@ def build_parser():
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--extract_batch", type=int, default=16, help="utterances per forward pass of extraction")
     parser.add_argument("--cross_beam", type=int, default=8, help="beam of the cross-testing decodes (SA: 66)")
+    parser.add_argument(
+        "--cross_speakers",
+        nargs="+",
+        metavar="SPK",
+        help="cross stage: decode these speakers' audio only (default: every speaker's; the folds need "
+        "M08 M05 M16 M01)",
+    )
     parser.add_argument("--cross_batch", type=int, default=16, help="utterances per batch of those decodes")
     parser.add_argument("--noprogressbar", action="store_true", help="no progress bars")
     return parser
@@ -164,6 +171,7 @@ def main(argv=None):
                     args.tokenizer_file,
                     beam_size=args.cross_beam,
                     batch_size=args.cross_batch,
+                    audio_speakers=args.cross_speakers,
                     jobs=args.jobs,
                     device=args.device,
                     progress=progress,

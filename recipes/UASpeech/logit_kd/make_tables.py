@@ -218,6 +218,64 @@ def demo_study(results):
     return "\n".join(lines).strip()
 
 
+def rehearsal_study(results):
+    """docs/rehearsal_study.md: the study's report on the rehearsal corpus (synthetic speech, real
+    models), as demo_study renders the demo's."""
+    text = (results / "rehearsal_study" / "study.md").read_text(encoding="utf-8")
+    lines = []
+    for line in text.splitlines()[1:]:
+        if line.startswith("Files: "):
+            break
+        lines.append(f"**{line[3:]}**" if line.startswith("## ") else line)
+    return "\n".join(lines).strip()
+
+
+def rehearsal_summary(results):
+    """The README's row of results on the rehearsal corpus: per configuration and fold, the student's
+    WRA against what needs no training (from the study's study.csv; the full report is in
+    docs/rehearsal_study.md)."""
+    import csv
+
+    path = results / "rehearsal_study" / "study.csv"
+    with open(path, encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or any(r["synthetic_data"] != "true" for r in rows):
+        raise TableError(f"{path}: not a study of the rehearsal corpus (synthetic_data must be true)")
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["teacher_set"], r["input_streams"], r["fusion"]), {}).setdefault(r["fold"], {})[r["system"]] = r
+
+    def wra(row):
+        return "" if row is None else f"{float(row['WRA']):.1f}"
+
+    def delta(row):
+        if row is None or row.get("dWRA") in (None, ""):
+            return ""
+        p = float(row["p_WRA_holm"]) if row.get("p_WRA_holm") else None
+        mark = "" if p is None else (" *" if p < 0.05 else "")
+        return f"{float(row['dWRA']):+.1f}{mark}"
+
+    lines = [
+        "Rehearsal corpus: SYNTHETIC speech (Debian's synthesizers, simulated dysarthria), real SpeechBrain "
+        "models trained on it; not UASpeech. Teacher-forced greedy decoding; WRA %, mean over "
+        f"{rows[0]['seeds']} seeds; Δ = student − system (\\* Holm-corrected p < 0.05).",
+        "",
+        "| teachers | streams | fold | student | mean | Δ | vote | Δ | best teacher | Δ | oracle | `sa_self` | Δ |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (teacher_set, streams, fusion), folds in cells.items():
+        for fold, systems in folds.items():
+            s = systems.get
+            student = s("student")
+            lines.append(
+                f"| {teacher_set} | {streams} | {fold.replace(' ', ', ') if len(fold) > 3 else fold} | "
+                f"**{wra(student)}** | {wra(s('mean'))} | {delta(s('mean'))} | {wra(s('majority_vote'))} | "
+                f"{delta(s('majority_vote'))} | {wra(s('best_single_teacher'))} | {delta(s('best_single_teacher'))} | "
+                f"{wra(s('oracle'))} | {wra(s('sa_self'))} | {delta(s('sa_self'))} |"
+            )
+    return "\n".join(lines)
+
+
 def compare_m08(results):
     """docs/study.md: compare.py on the SA project's real decodes of M08."""
     return "```\n" + (results / "compare_M08" / "compare.txt").read_text(encoding="utf-8").rstrip() + "\n```"
@@ -259,6 +317,24 @@ DECODE_BENCHMARK = (
 )
 
 
+# The rehearsal corpus (make_rehearsal.py: about 90 minutes on 2 CPU cores, docs/rehearsal.md) and
+# the study on it (both teacher sets, matched and cross, three seeds).
+REHEARSAL_BUILD = [
+    "python", "make_rehearsal.py", "--corpus", "{results}/rehearsal_corpus", "--metadata_dir", _shared("metadata"),
+    "--tokenizer_file", _shared("sa_tokenizer.model"), "--noprogressbar",
+]  # fmt: skip
+# cross is run with a CPU-sized budget: 1500 items drawn per epoch, 20 epochs (an epoch of the 14
+# all_others streams on all 6412 training items took 40 s here; docs/rehearsal_study.md).
+REHEARSAL_STUDY = [
+    [
+        "python", "run_study.py", "--logit_root={results}/rehearsal_corpus/logit_extraction",
+        f"--tokenizer_file={_shared('sa_tokenizer.model')}", "--input_streams", *streams,
+        f"--study_folder={{results}}/rehearsal_study/{streams[0]}", "--no_progress", *extra,
+    ]
+    for streams, extra in ((["matched"], []), (["cross"], ["--", "--max_train_items=1500", "--number_of_epochs=20"]))
+] + [["python", "study_report.py", "{results}/rehearsal_study", "--quiet"]]  # fmt: skip
+
+
 # name -> (render function, commands (lists) that write its result files, the files under results/
 # that say they finished: --run runs the commands when one is missing; a shell line writes its
 # output to a .part file renamed when the command succeeded)
@@ -291,6 +367,16 @@ TABLES = {
         demo_study,
         [["python", "run_study.py", "--study_folder={results}/demo_study"]],
         ["demo_study/study.md"],
+    ),
+    "rehearsal_summary": (
+        rehearsal_summary,
+        [REHEARSAL_BUILD, *REHEARSAL_STUDY],
+        ["rehearsal_study/study.md"],
+    ),
+    "rehearsal_study": (
+        rehearsal_study,
+        [REHEARSAL_BUILD, *REHEARSAL_STUDY],
+        ["rehearsal_study/study.md"],
     ),
     "benchmark_float32": (
         benchmark("float32"),

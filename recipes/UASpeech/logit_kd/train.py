@@ -613,7 +613,9 @@ def main(argv):
                 datasets["train"],
                 datasets["valid"],
                 train_loader_kwargs={
-                    "batch_sampler": GlobalBatchSampler(len(datasets["train"]), hparams["batch_size"], hparams["seed"]),
+                    "batch_sampler": GlobalBatchSampler(
+                        len(datasets["train"]), hparams["batch_size"], hparams["seed"], hparams["max_train_items"]
+                    ),
                     "collate_fn": collate["train"],
                     "num_workers": hparams["num_workers"],
                 },

@@ -54,8 +54,10 @@ class GlobalBatchSampler:
     from (seed + epoch), cut into ``batch_size`` items. SpeechBrain calls ``set_epoch``; its
     checkpoints fast-forward the sampler by the number of batches done (mid-epoch resume)."""
 
-    def __init__(self, n_items, batch_size, seed):
+    def __init__(self, n_items, batch_size, seed, max_items=None):
         self.n_items, self.batch_size, self.seed = n_items, batch_size, seed
+        # at most max_items of the permutation per epoch: another draw each epoch
+        self.n_drawn = n_items if max_items is None else min(n_items, int(max_items))
         self.epoch = 0
 
     def set_epoch(self, epoch):
@@ -63,12 +65,12 @@ class GlobalBatchSampler:
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(int(self.seed) + int(self.epoch))
-        order = torch.randperm(self.n_items, generator=generator).tolist()
-        for start in range(0, self.n_items, self.batch_size):
+        order = torch.randperm(self.n_items, generator=generator).tolist()[: self.n_drawn]
+        for start in range(0, self.n_drawn, self.batch_size):
             yield order[start : start + self.batch_size]
 
     def __len__(self):
-        return (self.n_items + self.batch_size - 1) // self.batch_size
+        return (self.n_drawn + self.batch_size - 1) // self.batch_size
 
 
 class FoldBatch:

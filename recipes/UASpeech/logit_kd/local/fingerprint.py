@@ -17,6 +17,7 @@ from local.packed import file_signature
 # executed, what else the test reports. (threads: float summation order only; the same model.)
 # number_of_epochs is not here either: a run resumed with more epochs continues the same model,
 # and check_epochs refuses a folder whose checkpoints went past the epochs asked for.
+ADDED_LATER = ("max_train_items",)
 NOT_THE_MODEL = {
     "number_of_epochs",
     "output_folder",
@@ -70,6 +71,11 @@ def option_fingerprint(hparams, teachers, run_opts=None):
     model (as loaded), the SpeechBrain run options among them, and the fold's teachers."""
     run_opts = dict(run_opts or {})
     options = {k: _plain(hparams[k]) for k in sorted(CHECKS) if k in hparams and k not in NOT_THE_MODEL}
+    # Options added later enter the fingerprint only when set, so that folders made before them
+    # (with their default) still resume and are still recognised as finished.
+    for key in ADDED_LATER:
+        if options.get(key) is None:
+            options.pop(key, None)
     for key, default in MODEL_RUN_OPTIONS.items():
         value = hparams.get(key, run_opts.get(key))
         options[key] = _plain(default if value is None else value)

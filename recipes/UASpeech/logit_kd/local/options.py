@@ -63,6 +63,18 @@ def integer(low=None):
     return check
 
 
+def optional(check):
+    """``check``, or null."""
+
+    def maybe(value):
+        if value is None:
+            return None
+        problem = check(value)
+        return None if problem is None else f"null or {problem}"
+
+    return maybe
+
+
 def number(low=None, high=None, low_open=False, high_open=False):
     def check(value):
         ok = _is_number(value)
@@ -203,6 +215,7 @@ CHECKS = {
     "number_of_epochs": integer(1),
     "early_stop_patience": integer(1),
     "batch_size": integer(1),
+    "max_train_items": optional(integer(1)),
     "lr": number(0, low_open=True),
     "warmup_steps": integer(1),
     "max_grad_norm": number(0, low_open=True),

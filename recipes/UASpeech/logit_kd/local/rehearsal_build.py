@@ -167,6 +167,7 @@ def cross_decodes(
     device="cpu",
     progress=True,
     log=print,
+    audio_speakers=None,
 ):
     """The ``cross`` stage: every model decodes every other speaker's B3 (beam + CTC + LM). One
     worker process per model at a time (``jobs`` of them, one torch thread each); a finished
@@ -188,11 +189,18 @@ def cross_decodes(
     out.mkdir(parents=True, exist_ok=True)
     mark(corpus)
     write_json(path, record)
-    todo = {m: [s for s in speakers if s != m and not (out / m / f"wer_{s}.txt").is_file()] for m in speakers}
+    # Every model on every other speaker's B3, or on the audio of the given speakers only (e.g. the
+    # four held-out speakers of the folds: what compare.py and the calibration statistics read).
+    audio = speakers if audio_speakers is None else [s for s in speakers if s in set(audio_speakers)]
+    missing = sorted(set(audio_speakers or ()) - set(speakers))
+    if missing:
+        raise RehearsalError(f"--cross_speakers: {', '.join(missing)} not in the corpus ({', '.join(speakers)})")
+    todo = {m: [s for s in audio if s != m and not (out / m / f"wer_{s}.txt").is_file()] for m in speakers}
     todo = {m: s for m, s in todo.items() if s}
     total = sum(len(s) for s in todo.values())
+    wanted = sum(1 for m in speakers for s in audio if s != m)
     log(
-        f"cross: {total} of {len(speakers) * (len(speakers) - 1)} model/speaker decodes to make (beam {beam_size}, "
+        f"cross: {total} of {wanted} model/speaker decodes to make (beam {beam_size}, "
         f"CTC {ctc_scoring}, {jobs} process(es)) -> {out}"
     )
     bar = tqdm(total=total, unit="decode", desc="cross", disable=not progress, dynamic_ncols=True)
@@ -219,6 +227,7 @@ def cross_decodes(
         "bytes": size,
         "files": files,
         "decodes_made": total,
+        "audio_speakers": audio,
         "beam_size": beam_size,
         "ctc_scoring": ctc_scoring,
         "jobs": jobs,
