@@ -14,6 +14,12 @@ Usage (from recipes/UASpeech/logit_kd)::
     python calibrate_demo.py                                    # demo vs docs/calibration_real.json
     python calibrate_demo.py --cross_testing ../../../../shared/uaspeech/cross_testing \\
         --tokenizer_file ../../../../shared/uaspeech/sa_tokenizer.model --write_real
+    python calibrate_demo.py --rehearsal results/rehearsal_corpus/cross_testing \\
+        --tokenizer_file ../../../../shared/uaspeech/sa_tokenizer.model --out results/rehearsal_calibration
+
+``--rehearsal`` puts the rehearsal corpus's own cross-testing decodes (``make_rehearsal.py``'s
+cross stage: beam search + CTC + LM, as the real files) in the demo's place: the same statistics
+beside the real ones, the same tolerances, every statistic outside its tolerance marked.
 """
 
 import argparse
@@ -82,7 +88,7 @@ def comparison(demo, real):
     return rows, ok
 
 
-def table(rows):
+def table(rows, label="demo"):
     """One row per statistic: demo and real per held-out speaker, the tolerance; a statistic out of
     its tolerance is marked with ✗."""
 
@@ -90,7 +96,7 @@ def table(rows):
         return f"{value:.2f}" if name == "phi" else f"{value:.1f}"
 
     cells = {(s, n): (d, r, w) for s, n, d, r, _, _, w in rows}
-    header = ["statistic", *(f"{s} demo / real" for s in FOLDS), "tolerance"]
+    header = ["statistic", *(f"{s} {label} / real" for s in FOLDS), "tolerance"]
     body = []
     for name in STATISTICS:
         line = [name]
@@ -111,6 +117,11 @@ def main(argv=None):
         "--write_real", action="store_true", help="write the real statistics to docs/calibration_real.json"
     )
     parser.add_argument("--tree", help="the demo tree to measure (default: a temporary one)")
+    parser.add_argument(
+        "--rehearsal",
+        help="measure this cross_testing folder of the rehearsal corpus instead of the demo tree "
+        "(with --tokenizer_file)",
+    )
     parser.add_argument("--out", help="write calibration.json and calibration.md here")
     args = parser.parse_args(argv)
     if args.cross_testing:
@@ -128,17 +139,25 @@ def main(argv=None):
             )
     else:
         real = json.loads(REAL.read_text())["statistics"]
-    with tempfile.TemporaryDirectory() as tmp:
-        demo = demo_statistics(Path(args.tree) if args.tree else Path(tmp) / "demo_data")
+    if args.rehearsal:
+        if not args.tokenizer_file:
+            parser.error("--rehearsal needs --tokenizer_file (the SA tokenizer)")
+        demo = real_statistics(args.rehearsal, args.tokenizer_file)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            demo = demo_statistics(Path(args.tree) if args.tree else Path(tmp) / "demo_data")
     rows, ok = comparison(demo, real)
-    text = table(rows)
+    text = table(rows, "rehearsal" if args.rehearsal else "demo")
     print(text)
     print("\nevery statistic within its tolerance" if ok else "\nNOT every statistic within its tolerance")
     if args.out:
         out = Path(args.out)
-        write_json(out / "calibration.json", {"demo": demo, "real": real, "tolerance": TOLERANCE, "ok": ok})
+        side = "rehearsal" if args.rehearsal else "demo"
+        write_json(out / "calibration.json", {side: demo, "real": real, "tolerance": TOLERANCE, "ok": ok})
         (out / "calibration.md").write_text(text + "\n", encoding="utf-8")
-    return 0 if ok else 1
+    # The demo tree is tuned to the real statistics: out of tolerance is a failure. The rehearsal
+    # corpus is not tuned to them (its speech is what it is): its distance is a finding, reported.
+    return 0 if ok or args.rehearsal else 1
 
 
 if __name__ == "__main__":

@@ -276,6 +276,84 @@ def rehearsal_summary(results):
     return "\n".join(lines)
 
 
+REHEARSAL_DECODE_SEED = 1986
+# (input_streams, teacher_set) of the free-running decodes of the rehearsal study (seed 1986 of each)
+REHEARSAL_DECODED = (("matched", "same_level"), ("matched", "all_others"), ("cross", "same_level"), ("cross", "all_others"))
+REHEARSAL_BEAM = "beam_partialctc"
+
+
+def _rehearsal_run(streams, teacher_set, fold):
+    return f"rehearsal_study/{streams}/{fold}_{teacher_set}_{streams}_transformer/{REHEARSAL_DECODE_SEED}"
+
+
+def _rehearsal_decode(streams, teacher_set, fold):
+    """decode.py on one run of the rehearsal study: the fold's test-stream models (and the held-out
+    speaker's own, for sa_self), greedy and beam 8 + partial CTC + LM (CPU-sized: docs/rehearsal_study.md)."""
+    from local.folds import teacher_speakers
+
+    models = [fold] if streams == "matched" else [*teacher_speakers(fold, teacher_set), fold]
+    corpus = "{results}/rehearsal_corpus"
+    return [
+        "python", "decode.py", "{results}/" + _rehearsal_run(streams, teacher_set, fold), "--models",
+        *(f"{m}={corpus}/models/{m}/hyperparams.yaml:{corpus}/models/{m}/save" for m in models),
+        f"--speaker_csv={corpus}/csv/{fold}.csv", f"--data_root={corpus}", "--search", "greedy", "beam",
+        "--beam_size=8", "--ctc_scoring=partial", "--noprogressbar",
+    ]  # fmt: skip
+
+
+def rehearsal_free(results):
+    """docs/rehearsal_study.md: the free-running decodes of the rehearsal study's seed-1986 runs,
+    student against the same baselines, each decoded by the same search."""
+    from local.wer_files import read_wer_file
+
+    lines = []
+    header = (
+        "| streams | teachers | fold | search | student | `sa_self` | mean | vote | best teacher | oracle‡ |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    )
+    lines += list(header)
+    infos = []
+    for streams, teacher_set in REHEARSAL_DECODED:
+        for fold in FOLDS:
+            folder = results / _rehearsal_run(streams, teacher_set, fold)
+            info = _run(folder)
+            infos.append(info)
+            for key, search in (("greedy", "greedy"), (REHEARSAL_BEAM, "beam 8 + CTC + LM")):
+                free = (info.get("free_running") or {}).get(key)
+                if free is None:
+                    raise TableError(f"{folder / 'test_results.json'}: no free_running.{key} (run decode.py)")
+                if free.get("subset"):
+                    raise TableError(f"{folder}: free_running.{key} covers a subset of the fold's utterances")
+                systems = free["systems"]
+
+                def wra(name):
+                    return f"{systems[name]['WRA']:.1f}" if name in systems else ""
+
+                best = (info.get("best_single_teacher") or {}).get("name")
+                teachers = [n for n in systems if n.startswith("teacher_")]
+                oracle = ""
+                if len(teachers) > 1:
+                    files = [read_wer_file(folder / f"wer_test_free_{key}_{t}.txt") for t in teachers]
+                    right_by_id = {}
+                    for f in files:
+                        for u in f.utterances:
+                            right_by_id[u.id] = right_by_id.get(u.id, False) or u.correct
+                    right = list(right_by_id.values())
+                    oracle = f"{100.0 * sum(right) / len(right):.1f}"
+                lines.append(
+                    f"| {streams} | {teacher_set} | {fold} | {search} | **{wra('student')}** | {wra('sa_self')} | "
+                    f"{wra('mean')} | {wra('majority_vote')} | "
+                    f"{wra('teacher_' + best) + f' ({best})' if best and 'teacher_' + best in systems else ''} | {oracle} |"
+                )
+    head = (
+        f"{_data_line(infos)} WRA %, seed {REHEARSAL_DECODE_SEED} of each configuration, all "
+        f"{infos[0]['student']['n']}+ test utterances of each fold; the student in the loop; every system "
+        "decoded by the same search (beam: each system with its own streams' CTC and the held-out "
+        "speaker's TransformerLM). ‡ a ceiling, not a system: right when any teacher alone is."
+    )
+    return "\n".join([head, "", *lines])
+
+
 def compare_m08(results):
     """docs/study.md: compare.py on the SA project's real decodes of M08."""
     return "```\n" + (results / "compare_M08" / "compare.txt").read_text(encoding="utf-8").rstrip() + "\n```"
@@ -321,7 +399,7 @@ DECODE_BENCHMARK = (
 # the study on it (both teacher sets, matched and cross, three seeds).
 REHEARSAL_BUILD = [
     "python", "make_rehearsal.py", "--corpus", "{results}/rehearsal_corpus", "--metadata_dir", _shared("metadata"),
-    "--tokenizer_file", _shared("sa_tokenizer.model"), "--noprogressbar",
+    "--tokenizer_file", _shared("sa_tokenizer.model"), "--cross_speakers", *FOLDS, "--noprogressbar",
 ]  # fmt: skip
 # cross is run with a CPU-sized budget: 1500 items drawn per epoch, 20 epochs (an epoch of the 14
 # all_others streams on all 6412 training items took 40 s here; docs/rehearsal_study.md).
@@ -368,6 +446,17 @@ TABLES = {
         [["python", "run_study.py", "--study_folder={results}/demo_study"]],
         ["demo_study/study.md"],
     ),
+    "rehearsal_calibration": (
+        lambda results: (results / "rehearsal_calibration" / "calibration.md").read_text(encoding="utf-8").rstrip(),
+        [
+            REHEARSAL_BUILD,
+            [
+                "python", "calibrate_demo.py", "--rehearsal", "{results}/rehearsal_corpus/cross_testing",
+                "--tokenizer_file", _shared("sa_tokenizer.model"), "--out", "{results}/rehearsal_calibration",
+            ],
+        ],  # fmt: skip
+        ["rehearsal_calibration/calibration.md"],
+    ),
     "rehearsal_summary": (
         rehearsal_summary,
         [REHEARSAL_BUILD, *REHEARSAL_STUDY],
@@ -377,6 +466,12 @@ TABLES = {
         rehearsal_study,
         [REHEARSAL_BUILD, *REHEARSAL_STUDY],
         ["rehearsal_study/study.md"],
+    ),
+    "rehearsal_free": (
+        rehearsal_free,
+        [REHEARSAL_BUILD, *REHEARSAL_STUDY]
+        + [_rehearsal_decode(s, t, f) for s, t in REHEARSAL_DECODED for f in FOLDS],
+        [f"{_rehearsal_run(s, t, f)}/wer_test_free_{REHEARSAL_BEAM}.txt" for s, t in REHEARSAL_DECODED for f in FOLDS],
     ),
     "benchmark_float32": (
         benchmark("float32"),
@@ -430,7 +525,9 @@ TABLES = {
         ["compare_M08/compare.txt"],
     ),
 }
-FILES = ("README.md", "docs/results.md", "docs/study.md", "docs/benchmark.md")
+FILES = (
+    "README.md", "docs/results.md", "docs/study.md", "docs/benchmark.md", "docs/rehearsal.md", "docs/rehearsal_study.md"
+)  # fmt: skip
 _BLOCK = re.compile(
     r"(<!-- table: (?P<name>\w+) \(generated by make_tables.py; do not edit\) -->\n)(?P<body>.*?)"
     r"(<!-- end table: (?P=name) -->)",
