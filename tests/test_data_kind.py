@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from conftest import RECIPE  # noqa: F401  (puts the recipe on sys.path)
 from local import data_kind
+
+from conftest import RECIPE  # noqa: F401  (puts the recipe on sys.path)
 
 
 def test_kind_of_a_folder_comes_from_the_first_marker_above_it(tmp_path):
@@ -30,6 +31,7 @@ def test_kind_of_a_run_and_of_older_runs():
 
 def test_tables_and_reports_refuse_two_kinds():
     import make_tables
+
     from local.report import Run, runs_kind
 
     with pytest.raises(make_tables.TableError, match="rehearsal"):

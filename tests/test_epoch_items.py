@@ -1,8 +1,9 @@
 """max_train_items: an epoch draws at most that many training items, another draw each epoch, and
 the option enters the fingerprint only when set (folders made before it still resume)."""
 
-from conftest import RECIPE  # noqa: F401
 from local.batch import GlobalBatchSampler
+
+from conftest import RECIPE  # noqa: F401
 
 
 def test_an_epoch_draws_at_most_max_items_and_each_epoch_another_draw():
@@ -29,5 +30,8 @@ def test_the_option_enters_the_fingerprint_only_when_set():
     base = {"seed": 1, "batch_size": 8, "max_train_items": None}
     assert "max_train_items" not in option_fingerprint(base, ["F02"])["options"]
     assert option_fingerprint({**base, "max_train_items": 50}, ["F02"])["options"]["max_train_items"] == 50
-    assert check_value("max_train_items", 0) == "--max_train_items=0 is not allowed: max_train_items must be null or an integer >= 1"
+    assert (
+        check_value("max_train_items", 0)
+        == "--max_train_items=0 is not allowed: max_train_items must be null or an integer >= 1"
+    )
     assert check_value("max_train_items", None) is None

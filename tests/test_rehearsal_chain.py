@@ -128,7 +128,7 @@ def test_train_labels_the_run_rehearsal_and_scores_every_test_utterance(chain):
 
 
 def test_decode_writes_free_running_files_for_the_student_and_its_baselines(chain):
-    run, corpus = chain["run"], chain["corpus"]
+    run = chain["run"]
     info = json.loads((run / "test_results.json").read_text())
     n_test = info["student"]["n"]
     assert set(info["free_running"]) >= {"greedy", "beam"}

@@ -34,6 +34,7 @@ import re
 import sys
 from pathlib import Path
 
+from local import data_kind
 from local.combine import ORACLE_RULE, VOTE_RULE, oracle, pick, rank_key, vote
 from local.corpus import SPEAKERS, parse_utterance_id, production_of
 from local.files import write_json
@@ -41,7 +42,6 @@ from local.scoring import rates
 from local.significance import bootstrap_ci, paired_test
 from local.tables import RULE, text_table
 from local.wer_files import WerFile, read_exactness, read_wer_file
-from local import data_kind
 
 # ----------------------------------------------------------------------------- provenance
 
@@ -272,7 +272,9 @@ def compare(files, names=None, reference=0, n_perm=10000, n_boot=2000, seed=0, v
     for wf, origin in zip(parsed, origins):
         hits = 0 if origin["synthetic"] else demo_references(wf)
         if hits:
-            origin.update(synthetic=True, kind=data_kind.DEMO, source=f"its references hold {hits} made-up words of the demo tree")
+            origin.update(
+                synthetic=True, kind=data_kind.DEMO, source=f"its references hold {hits} made-up words of the demo tree"
+            )
     warnings = check_comparable(paths, origins)
     names = list(names) if names is not None else default_names(paths)
     if len(names) != len(parsed):

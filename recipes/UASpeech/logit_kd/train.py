@@ -33,6 +33,7 @@ import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.utils.distributed import ddp_all_reduce, if_main_process
 
+from local import data_kind
 from local.batch import OUTPUT_KEYS, FoldBatch, GlobalBatchSampler, StepNoise
 from local.checkpoints import FINGERPRINT, CheckpointError, RunFingerprint, check_checkpoints
 from local.combine import RANKING_RULE, best_single, rank_key
@@ -58,7 +59,6 @@ from local.options import HparamsError, check_hparams, check_run_options, descri
 from local.run_folder import LOG_CONFIG, OutputLock, check_writable, made_by_this_run, remove, write_hyperparams
 from local.scoring import SystemScores, majority_vote, results_table, teacher_ranks, write_utterances
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
-from local import data_kind
 from local.synthetic import DemoTreeError, ensure_demo_tree
 
 logger = logging.getLogger(__name__)

@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from local import data_kind
 from local.corpus import intelligibility_group
 from local.scoring import results_table
-from local import data_kind
 
 RULE = "=" * 78
 

@@ -47,7 +47,10 @@ def record_stage(corpus, stage, info):
     manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     old = manifest.setdefault("stages", {}).get(stage, {})
     if "seconds" in info and stage != "all":
-        info = {**info, "seconds_all_runs": round(old.get("seconds_all_runs", old.get("seconds", 0)) + info["seconds"], 1)}
+        info = {
+            **info,
+            "seconds_all_runs": round(old.get("seconds_all_runs", old.get("seconds", 0)) + info["seconds"], 1),
+        }
     manifest["stages"][stage] = info
     write_json(path, manifest)
 
@@ -64,7 +67,9 @@ def stage_table(corpus):
         size = info.get("bytes")
         # the models stage skips finished models: the time that trained them is in their manifest
         seconds = info.get("trained_seconds", info.get("seconds_all_runs", info.get("seconds", 0)))
-        rows.append([name, f"{seconds:.0f}", f"{info.get('seconds', 0):.0f}", "" if size is None else f"{size / 1e6:.0f}"])
+        rows.append(
+            [name, f"{seconds:.0f}", f"{info.get('seconds', 0):.0f}", "" if size is None else f"{size / 1e6:.0f}"]
+        )
     return text_table(["stage", "seconds to build", "this run", "MB"], rows)
 
 

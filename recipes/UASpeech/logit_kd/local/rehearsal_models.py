@@ -60,7 +60,6 @@ logger = logging.getLogger(__name__)
 # One error type for every stage of the rehearsal corpus, so make_rehearsal.py reports them alike.
 from local.rehearsal_audio import RehearsalError  # noqa: E402
 
-
 # --------------------------------------------------------------------------------------------
 # Options and corpus
 # --------------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from local import data_kind
 from local.corpus import GROUPS, INTELLIGIBILITY, WORD_CATEGORIES, production_of
 from local.files import atomic_write
 from local.significance import hierarchical_ci, holm, paired_test
-from local import data_kind
 
 RESULTS_FILE = "test_results.json"
 UTTERANCES_FILE = "test_utterances.json"  # written by train.py beside it: every system on every utterance
@@ -628,7 +628,9 @@ def runs_kind(runs):
     figures cannot stand side by side."""
     kinds = {data_kind.of_info(r.info) for r in runs}
     if len(kinds) > 1:
-        raise ValueError(f"runs of different data ({', '.join(sorted(kinds))}) in one study: their figures cannot stand side by side")
+        raise ValueError(
+            f"runs of different data ({', '.join(sorted(kinds))}) in one study: their figures cannot stand side by side"
+        )
     return kinds.pop()
 
 
