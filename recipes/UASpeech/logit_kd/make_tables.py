@@ -312,15 +312,18 @@ def _rehearsal_decode(streams, teacher_set, fold):
 def rehearsal_free(results):
     """docs/rehearsal_study.md: the free-running decodes of the rehearsal study's seed-1986 runs,
     student against the same baselines, each decoded by the same search."""
+    from local.corpus import production_of
+    from local.significance import holm, paired_test
     from local.wer_files import read_wer_file
 
     lines = []
     header = (
-        "| streams | teachers | fold | search | student | `sa_self` | mean | vote | best teacher | oracle‡ |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| streams | teachers | fold | search | student | `sa_self` | mean | vote | best teacher | oracle‡ "
+        "| Δ, p (Holm) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     )
     lines += list(header)
-    infos = []
+    infos, tests = [], []
     for streams, teacher_set, fold in REHEARSAL_DECODED:
         folder = results / _rehearsal_run(streams, teacher_set, fold)
         info = _run(folder)
@@ -347,16 +350,33 @@ def rehearsal_free(results):
                         right_by_id[u.id] = right_by_id.get(u.id, False) or u.correct
                 right = list(right_by_id.values())
                 oracle = f"{100.0 * sum(right) / len(right):.1f}"
+            # the student against what needs no training: the held-out speaker's own model (matched),
+            # the teachers' vote (cross); paired sign-flip test on whole productions, Holm below
+            against = "sa_self" if streams == "matched" else "majority_vote"
+            a = {u.id: u for u in read_wer_file(folder / f"wer_test_free_{key}.txt").utterances}
+            b = {u.id: u for u in read_wer_file(folder / f"wer_test_free_{key}_{against}.txt").utterances}
+            ids = sorted(a)
+            test = paired_test(
+                [int(not a[i].correct) for i in ids],
+                [int(not b[i].correct) for i in ids],
+                [production_of(i) for i in ids],
+            )
+            tests.append((len(lines), against, 100.0 * -test["mean_diff"], test["p_value"]))
+            chosen = f"{wra('teacher_' + best)} ({best})" if best and f"teacher_{best}" in systems else ""
             lines.append(
                 f"| {streams} | {teacher_set} | {fold} | {search} | **{wra('student')}** | {wra('sa_self')} | "
-                f"{wra('mean')} | {wra('majority_vote')} | "
-                f"{wra('teacher_' + best) + f' ({best})' if best and 'teacher_' + best in systems else ''} | {oracle} |"
+                f"{wra('mean')} | {wra('majority_vote')} | {chosen} | {oracle} | "
             )
+    for (row, against, delta, _), p in zip(tests, holm([t[3] for t in tests])):
+        shown = "vote" if against == "majority_vote" else against
+        lines[row] += f"{delta:+.1f} vs {shown}, p {p:.3f} |" if p >= 0.001 else f"{delta:+.1f} vs {shown}, p < 0.001 |"
     head = (
-        f"{_data_line(infos)} WRA %, seed {REHEARSAL_DECODE_SEED} of each configuration, all "
-        f"{infos[0]['student']['n']}+ test utterances of each fold; the student in the loop; every system "
+        f"{_data_line(infos)} WRA %, seed {REHEARSAL_DECODE_SEED} of each configuration, every test "
+        "utterance of each fold (a subset is refused); the student in the loop; every system "
         "decoded by the same search (beam: each system with its own streams' CTC and the held-out "
-        "speaker's TransformerLM). ‡ a ceiling, not a system: right when any teacher alone is."
+        "speaker's TransformerLM). ‡ a ceiling, not a system: right when any teacher alone is. Δ: the "
+        "student's WRA minus `sa_self`'s (matched) or the vote's (cross), percentage points; p: paired sign-flip "
+        "test (10000 permutations, whole productions), Holm-corrected over the table."
     )
     return "\n".join([head, "", *lines])
 
