@@ -551,3 +551,27 @@ def test_the_cpu_kernels_are_pinned_and_matter(demo_tree, tmp_path):
     same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
     if "native" in weights:
         assert not same(weights["pinned"], weights["native"])
+
+
+def test_testing_a_finished_run_again_keeps_its_free_running_decodes(demo_tree, tmp_path):
+    """decode.py's decodes of the tested checkpoint survive a rerun of train.py on the finished
+    folder (which tests it again and rewrites test_results.json); decodes of another epoch do not."""
+    out = tmp_path / "run"
+    args = ("M16", f"--output_folder={out}", "--number_of_epochs=2", *FAST)
+    run_recipe(*args, demo_tree=demo_tree)
+    info = _results(out)
+    decoded = {"greedy": {"decoding": "free-running greedy", "systems": {"student": {"WRA": 12.5}}}}
+    info["free_running"] = decoded
+    info["wer_files"]["wer_test_free_greedy.txt"] = {"system": "student", "decoding": "free-running greedy"}
+    (out / "test_results.json").write_text(json.dumps(info))
+    run_recipe(*args, demo_tree=demo_tree)
+    again = _results(out)
+    assert again["free_running"] == decoded
+    assert again["wer_files"]["wer_test_free_greedy.txt"]["decoding"] == "free-running greedy"
+    assert again["student"] == info["student"]  # the same checkpoint, tested again
+    # decodes recorded for another checkpoint are not carried over
+    again["epoch_loaded"] = again["epoch_loaded"] + 7
+    (out / "test_results.json").write_text(json.dumps(again))
+    run_recipe(*args, demo_tree=demo_tree)
+    assert "free_running" not in _results(out)
+    assert "wer_test_free_greedy.txt" not in _results(out)["wer_files"]

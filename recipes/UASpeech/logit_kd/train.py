@@ -78,6 +78,31 @@ CTC_DECODINGS = {
 }
 
 
+def kept_free_running(results_file, epoch):
+    """What a new test_results.json keeps of the old one: decode.py's free-running decodes
+    (``free_running`` and their ``wer_test_free_*`` files) when they decoded the checkpoint tested
+    now (same epoch; the fingerprint refuses a finished folder with other options). Testing a
+    finished run again must not lose them; decodes of another checkpoint are dropped, said in the log."""
+    path = Path(results_file)
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or not old.get("free_running"):
+        return {}
+    if old.get("epoch_loaded") != epoch:
+        logger.warning(
+            "%s: the free-running decodes of epoch %s are not of the checkpoint tested now (epoch %s): "
+            "dropped from test_results.json (run decode.py again)",
+            path,
+            old.get("epoch_loaded"),
+            epoch,
+        )
+        return {}
+    files = {k: v for k, v in old.get("wer_files", {}).items() if k.startswith("wer_test_free_")}
+    return {"free_running": old["free_running"], "wer_files": files}
+
+
 class FusionKD(sb.Brain):
     """Trains the fusion student on teacher logits; scores it like the SA pipeline."""
 
@@ -207,6 +232,8 @@ class FusionKD(sb.Brain):
                 scores.write_stats(out / name)
                 wer_files[name] = {"system": system, "decoding": CTC_DECODINGS[decoder]}
         write_utterances(self.hparams.test_utterances_file, self.scores)
+        kept = kept_free_running(self.hparams.test_results_file, self.hparams.epoch_counter.current)
+        wer_files.update(kept.get("wer_files", {}))
         partial = partial_run(self.debug, results["student"]["n"], self.hparams.n_test_items)
         if partial:
             logger.warning("PARTIAL RUN: %s: these are not the fold's figures", partial)
@@ -228,6 +255,8 @@ class FusionKD(sb.Brain):
                 "baselines": {name: r for name, r in results.items() if name != "student"},
                 # Free-running CTC decodes of the held-out audio: they do not see the reference.
                 "free_running_ctc": ctc,
+                # decode.py's decodes of this same checkpoint, kept when a finished run is tested again
+                **({"free_running": kept["free_running"]} if kept.get("free_running") else {}),
             },
         )
         if ctc:
