@@ -448,6 +448,13 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path):
     proc = _run_cli(["--corpus", str(corpus), "--preset", "tiny"])  # every stage: the later ones need the tokenizer
     assert proc.returncode == 1
     assert proc.stderr.strip() == "ERROR: --tokenizer_file is needed for the models, logits and cross stages"
+    tokenizer = tmp_path / "tokenizer.model"
+    tokenizer.write_bytes(b"not read before the options are checked")
+    proc = _run_cli(
+        ["--corpus", str(corpus), "--preset", "tiny", "--tokenizer_file", str(tokenizer), "--cross_speakers", "M08"]
+    )
+    assert proc.returncode == 1  # the tiny preset has no M08: said before hours of earlier stages
+    assert proc.stderr.strip() == "ERROR: --cross_speakers: M08 not among the corpus's speakers (F02, M07, M16)"
     assert not corpus.exists()
 
 

@@ -87,6 +87,21 @@ def check_options(args):
             raise RehearsalError("--tokenizer_file is needed for the models, logits and cross stages")
         if not Path(args.tokenizer_file).is_file():
             raise RehearsalError(f"--tokenizer_file={args.tokenizer_file} is not allowed: no such file")
+    if args.cross_speakers and "cross" in stages:
+        # the corpus's speakers (or, before its audio exists, the preset's): known now, not after
+        # the hours the earlier stages take
+        from local.rehearsal_audio import load_settings
+
+        csv = Path(args.corpus) / "csv"
+        if csv.is_dir():
+            known = sorted(p.stem for p in csv.glob("*.csv") if "_" not in p.stem)
+        else:
+            known = load_settings(args.hparams or DEFAULT_HPARAMS, args.preset, args.seed)["speakers"]
+        unknown = [s for s in args.cross_speakers if s not in known]
+        if unknown:
+            raise RehearsalError(
+                f"--cross_speakers: {', '.join(unknown)} not among the corpus's speakers ({', '.join(known)})"
+            )
     if args.device != "cpu":
         from local.sa_models import ExtractionError, check_device
 
