@@ -50,9 +50,20 @@ TOLERANCE = {
 
 
 def real_statistics(cross_testing, tokenizer_file):
-    from word_fusion import read_cross_testing
+    """The statistics of a cross-testing folder (``<MODEL>/wer_<SPK>.txt``); ValueError (one line)
+    when it lacks a held-out speaker's decodes or its files are unreadable."""
+    from word_fusion import CrossTestingError, read_cross_testing
 
-    files, _ = read_cross_testing(cross_testing)
+    try:
+        files, _ = read_cross_testing(cross_testing)
+    except (CrossTestingError, OSError, ValueError) as err:
+        raise ValueError(str(err)) from None
+    for speaker in FOLDS:
+        if sum(1 for _, spk in files if spk == speaker) < 2:
+            raise ValueError(
+                f"{cross_testing}: fewer than two models' decodes of {speaker}'s audio (the statistics need "
+                f"{', '.join(FOLDS)}: make_rehearsal.py --cross_speakers {' '.join(FOLDS)})"
+            )
     sp = load_tokenizer(tokenizer_file)
     words = {" ".join(u.ref) for f in files.values() for u in f.utterances}
     out = {}
@@ -127,7 +138,11 @@ def main(argv=None):
     if args.cross_testing:
         if not args.tokenizer_file:
             parser.error("--cross_testing needs --tokenizer_file (the SA tokenizer)")
-        real = real_statistics(args.cross_testing, args.tokenizer_file)
+        try:
+            real = real_statistics(args.cross_testing, args.tokenizer_file)
+        except ValueError as err:
+            print(f"ERROR: {err}", file=sys.stderr)
+            return 1
         if args.write_real:
             write_json(
                 REAL,
@@ -142,7 +157,11 @@ def main(argv=None):
     if args.rehearsal:
         if not args.tokenizer_file:
             parser.error("--rehearsal needs --tokenizer_file (the SA tokenizer)")
-        demo = real_statistics(args.rehearsal, args.tokenizer_file)
+        try:
+            demo = real_statistics(args.rehearsal, args.tokenizer_file)
+        except ValueError as err:
+            print(f"ERROR: {err}", file=sys.stderr)
+            return 1
     else:
         with tempfile.TemporaryDirectory() as tmp:
             demo = demo_statistics(Path(args.tree) if args.tree else Path(tmp) / "demo_data")
