@@ -279,13 +279,13 @@ def rehearsal_summary(results):
 
 
 REHEARSAL_DECODE_SEED = 1986
-# (input_streams, teacher_set, fold) of the free-running decodes of the rehearsal study (seed 1986):
-# what 2 CPU cores could decode in the time (cross all_others runs 17 searches of 15 models per
-# utterance: two folds of it).
-REHEARSAL_DECODED = (
-    *(("matched", "same_level", f) for f in FOLDS),
-    *(("cross", "same_level", f) for f in FOLDS),
-    *(("cross", "all_others", f) for f in ("M08", "M16")),
+# (input_streams, teacher_set, fold) of the free-running decodes of the rehearsal study: seed 1986
+# of every configuration and fold.
+REHEARSAL_DECODED = tuple(
+    (streams, teacher_set, fold)
+    for streams in ("matched", "cross")
+    for teacher_set in ("same_level", "all_others")
+    for fold in FOLDS
 )
 REHEARSAL_BEAM = "beam_partialctc"
 
@@ -422,11 +422,15 @@ DECODE_BENCHMARK = (
 )
 
 
+# The held-out speakers whose audio the rehearsal corpus's cross stage decodes with every other
+# model: a beam search of one model on one speaker's B3 took about 65 s on one core here, so the 210
+# decodes of all speakers would take about 4 hours; these two took about 15 minutes on 2 cores.
+REHEARSAL_CROSS = ("M08", "M16")
 # The rehearsal corpus (make_rehearsal.py: about 90 minutes on 2 CPU cores, docs/rehearsal.md) and
 # the study on it (both teacher sets, matched and cross, three seeds).
 REHEARSAL_BUILD = [
     "python", "make_rehearsal.py", "--corpus", "{results}/rehearsal_corpus", "--metadata_dir", _shared("metadata"),
-    "--tokenizer_file", _shared("sa_tokenizer.model"), "--cross_speakers", *FOLDS, "--noprogressbar",
+    "--tokenizer_file", _shared("sa_tokenizer.model"), "--cross_speakers", *REHEARSAL_CROSS, "--noprogressbar",
 ]  # fmt: skip
 # cross is run with a CPU-sized budget: 1500 items drawn per epoch, 20 epochs (an epoch of the 14
 # all_others streams on all 6412 training items took 40 s here; docs/rehearsal_study.md).
@@ -484,6 +488,8 @@ TABLES = {
                 "{results}/rehearsal_corpus/cross_testing",
                 "--tokenizer_file",
                 _shared("sa_tokenizer.model"),
+                "--speakers",
+                *REHEARSAL_CROSS,
                 "--out",
                 "{results}/rehearsal_calibration",
             ],
