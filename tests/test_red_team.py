@@ -348,7 +348,7 @@ def test_make_tables_bad_results_are_one_line(tmp_path, monkeypatch, capsys):
         (results / "demo_folds" / spk / "test_results.json").write_text("{not json")
     assert make_tables.main(["--results", str(results), "--only", "demo_folds"]) == 1
     assert "is not a results file of train.py (bad JSON" in capsys.readouterr().err
-    with pytest.raises(make_tables.TableError, match="synthetic and real runs in one table"):
+    with pytest.raises(make_tables.TableError, match=r"runs of different data \(demo, real\) in one table"):
         make_tables._data_line([{"synthetic_data": True}, {"synthetic_data": False}])
 
 
