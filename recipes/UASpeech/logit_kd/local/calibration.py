@@ -143,8 +143,10 @@ def tree_decodes(logit_root, tokenizer, pairs):
         logits = torch.load(files["decoder"], weights_only=True)
         if isinstance(logits, torch.Tensor):
             logits = list(logits.unbind(0))
+        lengths = torch.tensor([z.shape[0] for z in logits])
+        decoded = greedy_ids(torch.nn.utils.rnn.pad_sequence(list(logits), batch_first=True), lengths)
         out[(model, speaker)] = {
-            utt_id: (tokenizer.decode_ids(greedy_ids(z.unsqueeze(0), torch.tensor([z.shape[0]]))[0]), word)
-            for utt_id, word, z in zip(meta["utterance_ids"], meta["target_words"], logits)
+            utt_id: (tokenizer.decode_ids(ids), word)
+            for utt_id, word, ids in zip(meta["utterance_ids"], meta["target_words"], decoded)
         }
     return out
