@@ -17,7 +17,11 @@ For an audio speaker decoded by the 14 other SA models (each model's hypothesis 
   pattern of wrong words gives the reference away: on the real files it stays well below the
   oracle; a synthetic tree whose wrong words identify the reference (an earlier generator drew
   them from one list per reference shared by every model) puts it far above, and a student
-  trained on such a tree learns that answer where every teacher is wrong.
+  trained on such a tree learns that answer where every teacher is wrong;
+- ``fusion, pieces known``: the same fusion told how many tokenizer pieces the reference has (its
+  words restricted to those of that length), which a teacher-forced decode shows a student
+  (U = pieces + 1): on a short word list that number narrows the candidates far more than on the
+  real list of 255 words.
 
 The real files are beam search + CTC + LM decodes of the audio; a synthetic tree's decodes are the
 teacher-forced greedy decodes of its logits (``scoring.greedy_ids``): the statistics compare what
@@ -44,6 +48,7 @@ STATISTICS = (
     "first piece right",
     "oracle",
     "learned-confusion fusion",
+    "fusion, pieces known",
 )
 # add-one smoothing of each model's P(output | reference) (see confusion_fusion)
 SMOOTHING = 1.0
@@ -70,6 +75,7 @@ def speaker_statistics(decodes, speaker, list_words, first_piece):
     wrong = [(hyps[m][i], refs[i]) for m in models for i in ids if hyps[m][i] != refs[i]]
     multi = [(h, r) for h, r in wrong if first_piece.multi(r)]
     fused = confusion_fusion(decodes, speaker)
+    fused_known = confusion_fusion(decodes, speaker, pieces=first_piece.count)
     return {
         "WRA mean": float(wra.mean()),
         "WRA best": float(wra.max()),
@@ -79,6 +85,7 @@ def speaker_statistics(decodes, speaker, list_words, first_piece):
         "first piece right": 100.0 * sum(first_piece(h) == first_piece(r) for h, r in multi) / max(1, len(multi)),
         "oracle": 100.0 * float(right.max(0).mean()),
         "learned-confusion fusion": 100.0 * float(np.mean([fused[i] == refs[i] for i in ids])),
+        "fusion, pieces known": 100.0 * float(np.mean([fused_known[i] == refs[i] for i in ids])),
         "models": len(models),
         "utterances": len(ids),
     }
@@ -89,13 +96,15 @@ def fold_models(decodes, speaker):
     return [m for m in teacher_speakers(speaker, "all_others") if (m, speaker) in decodes]
 
 
-def confusion_fusion(decodes, speaker, smoothing=SMOOTHING):
+def confusion_fusion(decodes, speaker, smoothing=SMOOTHING, pieces=None):
     """{utt_id: fused word} of ``speaker``'s audio by a word-level naive-Bayes fusion of its fold's
     models. Each model's P(output | reference) is counted on its decodes of the *teacher* speakers'
     audio only (the 14 others but itself; nothing of ``speaker``), with add-``smoothing`` over the
     outputs that model produced there plus one slot for an output it never produced; an
     utterance's fused word is the word of the teacher speakers' list that maximises the product of
-    the models' P(their output | word) (a uniform prior; ties to the alphabetically first word)."""
+    the models' P(their output | word) (a uniform prior; ties to the alphabetically first word).
+    ``pieces`` (text -> its number of tokenizer pieces), when given, restricts the words to those of
+    the reference's number of pieces: what a teacher-forced decode shows (U = pieces + 1)."""
     models = fold_models(decodes, speaker)
     teachers = teacher_speakers(speaker, "all_others")
     seen = {m: [d for s in teachers if s != m and (m, s) in decodes for d in decodes[(m, s)].values()] for m in models}
@@ -111,6 +120,10 @@ def confusion_fusion(decodes, speaker, smoothing=SMOOTHING):
         log_p = np.log(counts + smoothing) - np.log(counts.sum(0) + smoothing * counts.shape[0])
         rows = [outputs.get(decodes[(m, speaker)][i][0], len(outputs)) for i in ids]
         score += log_p[rows]
+    if pieces is not None:
+        length = np.array([pieces(w) for w in words])
+        wanted = np.array([pieces(decodes[(models[0], speaker)][i][1]) for i in ids])
+        score = np.where(length[None, :] == wanted[:, None], score, -np.inf)
     return {i: words[k] for i, k in zip(ids, score.argmax(1))}
 
 
@@ -125,7 +138,10 @@ class FirstPiece:
         return pieces[0] if pieces else None
 
     def multi(self, text):
-        return len(self.sp.encode_as_ids(text)) >= 2
+        return self.count(text) >= 2
+
+    def count(self, text):
+        return len(self.sp.encode_as_ids(text))
 
 
 def real_decodes(files):
