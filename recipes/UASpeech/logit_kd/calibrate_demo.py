@@ -6,12 +6,15 @@ speakers' audio decoded by the 14 other SA models.
 The real statistics come from the SA project's cross-testing files (beam search + CTC + LM decodes)
 and the SA tokenizer; they are written to ``docs/calibration_real.json``, which the demo side is
 compared with when the real files are absent (a fresh clone, CI). The demo statistics come from a
-demo tree holding those 56 pairs (generated into ``--tree`` when it lacks them) and its teacher-
-forced greedy decodes. Each statistic must lie within its tolerance (``TOLERANCE``) of the real one.
+demo tree holding every SA model on every other speaker's audio (the held-out speakers' decodes, and
+the teacher speakers' ones on which the learned-confusion fusion is fitted; generated into
+``--tree`` when it lacks them) and its teacher-forced greedy decodes. Each statistic must lie
+within its tolerance (``TOLERANCE``) of the real one.
 
 Usage (from recipes/UASpeech/logit_kd)::
 
     python calibrate_demo.py                                    # demo vs docs/calibration_real.json
+    python calibrate_demo.py --seed 1                           # another demo tree than the embedded one
     python calibrate_demo.py --cross_testing ../../../../shared/uaspeech/cross_testing \\
         --tokenizer_file ../../../../shared/uaspeech/sa_tokenizer.model --write_real
     python calibrate_demo.py --rehearsal results/rehearsal_corpus/cross_testing \\
@@ -28,9 +31,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from local.calibration import STATISTICS, FirstPiece, real_hypotheses, speaker_statistics, tree_hypotheses
+from local.calibration import STATISTICS, FirstPiece, real_decodes, speaker_statistics, tree_decodes
 from local.corpus import HELD_OUT, SPEAKERS
 from local.files import write_json
+from local.folds import teacher_speakers
 from local.store import load_tokenizer
 from local.synthetic import DEMO_SEED, ensure_demo_tree
 from local.tables import markdown_table
@@ -46,6 +50,12 @@ TOLERANCE = {
     "phi": 0.12,
     "not a list word": 12.0,
     "first piece right": 8.0,
+    "oracle": 8.0,
+    # a tree whose wrong words identify the reference puts these two far above the real figures,
+    # and above the oracle (generator 7: 93 on M05 and 72 on M01 against 56 and 16); a test also
+    # keeps them below the demo's own oracle
+    "learned-confusion fusion": 8.0,
+    "fusion, pieces known": 8.0,
 }
 
 
@@ -65,34 +75,38 @@ def real_statistics(cross_testing, tokenizer_file, speakers=FOLDS):
                 f"{', '.join(speakers)}: make_rehearsal.py --cross_speakers {' '.join(speakers)})"
             )
     sp = load_tokenizer(tokenizer_file)
-    words = {" ".join(u.ref) for f in files.values() for u in f.utterances}
-    out = {}
-    for speaker in speakers:
-        hyps, refs = real_hypotheses(files, speaker)
-        out[speaker] = speaker_statistics(hyps, refs, words, FirstPiece(sp))
-    return out
+    decodes = real_decodes(files)
+    words = {ref for pair in decodes.values() for _, ref in pair.values()}
+    # The learned-confusion fusion learns on the fold models' decodes of the teacher speakers' audio:
+    # a folder with only the held-out speakers' decodes (a cross stage run with --cross_speakers)
+    # gives the other statistics, not the fusion's (nor the oracle, reported beside it).
+    decoded = {spk for _, spk in decodes}
+    return {
+        speaker: speaker_statistics(
+            decodes, speaker, words, FirstPiece(sp), fusion=set(teacher_speakers(speaker, "all_others")) <= decoded
+        )
+        for speaker in speakers
+    }
 
 
 def demo_statistics(tree, seed=DEMO_SEED):
-    """The statistics of a demo tree (generated or extended under ``tree`` with the 56 pairs)."""
-    pairs = [(m, s) for s in FOLDS for m in SPEAKERS if m != s]
+    """The statistics of a demo tree (generated or extended under ``tree`` with every model on every
+    other speaker's audio: the four held-out speakers' decodes, and the teacher speakers' on which
+    the confusion fusion learns)."""
+    pairs = [(m, s) for s in SPEAKERS for m in SPEAKERS if m != s]
     logit_root, tokenizer_file, _ = ensure_demo_tree(tree, seed=seed, pairs=pairs)
     sp = load_tokenizer(tokenizer_file)
-    out = {}
-    words = None
-    for speaker in FOLDS:
-        hyps, refs = tree_hypotheses(logit_root, sp, [m for m in SPEAKERS if m != speaker], speaker)
-        words = words or set(refs.values())
-        out[speaker] = speaker_statistics(hyps, refs, set(refs.values()), FirstPiece(sp))
-    return out
+    decodes = tree_decodes(logit_root, sp, pairs)
+    words = {ref for pair in decodes.values() for _, ref in pair.values()}
+    return {speaker: speaker_statistics(decodes, speaker, words, FirstPiece(sp)) for speaker in FOLDS}
 
 
 def comparison(demo, real):
     """Rows (speaker, statistic, demo, real, difference, tolerance, within) and whether all hold
-    (the speakers ``demo`` has)."""
+    (the speakers and statistics ``demo`` has)."""
     rows, ok = [], True
     for speaker in [s for s in FOLDS if s in demo]:
-        for name in STATISTICS:
+        for name in [n for n in STATISTICS if n in demo[speaker]]:
             d, r = demo[speaker][name], real[speaker][name]
             within = abs(d - r) <= TOLERANCE[name]
             ok &= within
@@ -111,7 +125,7 @@ def table(rows, label="demo"):
     speakers = [s for s in FOLDS if any(k[0] == s for k in cells)]
     header = ["statistic", *(f"{s} {label} / real" for s in speakers), "tolerance"]
     body = []
-    for name in STATISTICS:
+    for name in [n for n in STATISTICS if any(k[1] == n for k in cells)]:
         line = [name]
         for speaker in speakers:
             d, r, within = cells[(speaker, name)]
@@ -141,6 +155,13 @@ def main(argv=None):
         "--rehearsal",
         help="measure this cross_testing folder of the rehearsal corpus instead of the demo tree "
         "(with --tokenizer_file)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=DEMO_SEED,
+        help=f"the demo tree's seed (default {DEMO_SEED}, the embedded tree's): another seed shows how much "
+        "the statistics vary from one demo tree to another",
     )
     parser.add_argument("--out", help="write calibration.json and calibration.md here")
     args = parser.parse_args(argv)
@@ -173,7 +194,7 @@ def main(argv=None):
             return 1
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            demo = demo_statistics(Path(args.tree) if args.tree else Path(tmp) / "demo_data")
+            demo = demo_statistics(Path(args.tree) if args.tree else Path(tmp) / "demo_data", seed=args.seed)
     rows, ok = comparison(demo, real)
     text = table(rows, "rehearsal" if args.rehearsal else "demo")
     print(text)
