@@ -12,6 +12,11 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "UASpeech" / "logit_kd"
 sys.path.insert(0, str(RECIPE))
 
+# The CPU math libraries' code paths pinned before any test imports torch, as every job pins them:
+# a model trained in this process and one trained by a job in a subprocess (which inherits the
+# pin) are then computed alike, whether or not this CPU has AVX-512.
+from local import cpu_kernels  # noqa: E402, F401
+
 # Real artefacts of the SA pipeline (tokenizer, 15 metadata files, SpeechBrain wer_*.txt files) live
 # beside the checkout, never inside it. UASPEECH_SHARED points elsewhere if needed.
 SHARED = Path(os.environ.get("UASPEECH_SHARED", REPO.parent / "shared" / "uaspeech"))

@@ -330,7 +330,10 @@ def test_csvs_are_read_by_the_sa_pipeline_reader(tiny_corpus):
 
 
 def test_microphones_of_one_production_are_correlated(tiny_corpus):
-    """The two microphones of a production are far more alike than two productions of one word."""
+    """The two microphones of a production are far more alike than two productions of one word
+    (B1, B3 on one microphone). Not on every word: two productions of a word can come out nearly
+    alike (tiny corpus with the demo word list, M16 C6: 0.64 against 0.63 for its microphones), so
+    the test asks it of the medians and of 95 % of the (speaker, word) pairs."""
     from scipy import signal as sp
 
     from local.rehearsal_audio import read_wav
@@ -353,7 +356,9 @@ def test_microphones_of_one_production_are_correlated(tiny_corpus):
             assert not np.array_equal(m5, m6), "each microphone is its own channel"
             same.append(likeness(m5, m6))
             other.append(likeness(m5, b1))
-    assert min(same) > max(other), (min(same), max(other))
+    same, other = np.array(same), np.array(other)
+    assert np.median(same) > 0.6 and np.median(other) < 0.2, (np.median(same), np.median(other))
+    assert (same > other).mean() >= 0.95, list(zip(same.round(2), other.round(2)))
 
 
 def test_build_is_deterministic(tiny_corpus, tmp_path):

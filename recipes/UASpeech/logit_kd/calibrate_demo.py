@@ -31,6 +31,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from local import cpu_kernels  # noqa: F401  first: it pins the CPU math libraries' code paths before torch loads
+
+# isort: split
 from local.calibration import STATISTICS, FirstPiece, real_decodes, speaker_statistics, tree_decodes
 from local.corpus import HELD_OUT, SPEAKERS
 from local.files import write_json

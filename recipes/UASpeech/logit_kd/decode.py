@@ -84,6 +84,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from local import cpu_kernels  # noqa: F401  first: it pins the CPU math libraries' code paths before torch loads
+
+# isort: split
 import torch
 
 from local.console import RULE, OneLineParser

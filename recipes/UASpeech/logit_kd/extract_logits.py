@@ -124,6 +124,9 @@ import sys
 import time
 from pathlib import Path
 
+from local import cpu_kernels  # noqa: F401  first: it pins the CPU math libraries' code paths before torch loads
+
+# isort: split
 import torch
 
 from local.console import OneLineParser

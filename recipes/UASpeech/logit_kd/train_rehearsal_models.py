@@ -23,6 +23,9 @@ import logging
 import sys
 import warnings
 
+from local import cpu_kernels  # noqa: F401  first: it pins the CPU math libraries' code paths before torch loads
+
+# isort: split
 from local.rehearsal_models import SI_NAME, RehearsalError, evaluate_greedy, read_presets, train_models
 
 
