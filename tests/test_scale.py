@@ -196,6 +196,38 @@ def test_ddp_scores_every_test_utterance_once(demo_tree, tmp_path):
     assert (ddp / "wer_test.txt").read_text() == (single / "wer_test.txt").read_text()
 
 
+def test_processes_leave_together_with_their_output_flushed(tmp_path):
+    """local.distributed.leave under torchrun: a process that is done waits for the others, then
+    ends there, without the interpreter's teardown (where a finished run was once killed by
+    SIGABRT): nothing after it runs, what was printed and logged before it comes out, exit status 0."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import atexit, logging, sys, time\n"
+        f"sys.path.insert(0, {str(RECIPE)!r})\n"
+        "import torch\n"
+        "from local.distributed import leave\n"
+        "torch.distributed.init_process_group('gloo')\n"
+        "rank = torch.distributed.get_rank()\n"
+        "logging.basicConfig(filename=f'{sys.argv[1]}/log{rank}.txt', level=logging.INFO)\n"
+        "time.sleep(2 * rank)  # rank 1 finishes last: rank 0 must wait for it\n"
+        "print(f'done {rank}', end='')\n"
+        "logging.getLogger('job').info('record %d', rank)\n"
+        "atexit.register(print, 'teardown ran')\n"
+        "leave(0)\n"
+        "print('never reached')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+         str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done 0" in proc.stdout and "done 1" in proc.stdout and "never reached" not in proc.stdout
+    assert "teardown ran" not in proc.stdout
+    for rank in (0, 1):
+        assert f"record {rank}" in (tmp_path / f"log{rank}.txt").read_text()
+
+
 def test_ddp_training_writes_once(demo_tree, tmp_path):
     proc = torchrun("M05", f"--output_folder={tmp_path}", "--number_of_epochs=2", *FAST, f"--demo_folder={demo_tree}")
     rows = read_train_log(tmp_path / "train_log.txt")

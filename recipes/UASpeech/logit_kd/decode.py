@@ -91,7 +91,7 @@ import torch
 
 from local.console import RULE, OneLineParser
 from local.corpus import parse_utterance_id, word_category
-from local.distributed import RunError, agree, is_distributed, local_rank, world_size
+from local.distributed import RunError, agree, is_distributed, leave, local_rank, world_size
 from local.files import DiskFullError, write_json
 from local.free_running import (
     CTC_SCORING,
@@ -796,4 +796,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # under torchrun: every process leaves together, past the interpreter's teardown

@@ -41,7 +41,16 @@ from local.console import closing_block
 from local.corpus import SPEAKERS, intelligibility_group
 from local.ctc import ctc_systems, score_ctc
 from local.decode_stage import run_after_test
-from local.distributed import RunError, agree, is_distributed, local_rank, release_at_exit, stop, world_size
+from local.distributed import (
+    RunError,
+    agree,
+    is_distributed,
+    leave,
+    local_rank,
+    release_at_exit,
+    stop,
+    world_size,
+)
 from local.files import DiskFullError, write_json
 from local.fingerprint import FingerprintError, check_epochs, check_fingerprint, make_fingerprint, option_fingerprint
 from local.folds import (
@@ -669,3 +678,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    leave(0)  # under torchrun: every process leaves together, past the interpreter's teardown
