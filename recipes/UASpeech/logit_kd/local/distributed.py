@@ -51,7 +51,7 @@ def leave(code=0):
     """Ends a job's process with ``code``. Under torchrun, a process that finished its work waits
     for the others (a barrier), destroys the process group, flushes its output and ends with
     ``os._exit``, without the interpreter's teardown. With the group destroyed at exit only
-    (``release_at_exit``), about one CI run in three still had one torchrun run fail: a process whose
+    (``release_at_exit``), one CI run of three on one day still had a torchrun run fail: a process whose
     results were all written died in that teardown with "terminate called without an active
     exception" (SIGABRT, a C++ thread object destroyed while running), torchrun stopped the other
     and reported the run as failed. A failing process (``code`` != 0) leaves as before: the others
