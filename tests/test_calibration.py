@@ -10,6 +10,7 @@ import sys
 from calibrate_demo import REAL, TOLERANCE, real_statistics
 
 from local.calibration import STATISTICS, confusion_fusion, speaker_statistics
+from local.corpus import SPEAKERS
 
 from conftest import RECIPE, check_table
 
@@ -61,7 +62,7 @@ def test_rehearsal_calibration_needs_every_fold_speaker_and_says_so_in_one_line(
 
     from conftest import RECIPE
 
-    folder = tmp_path / "cross_testing" / "F02"
+    folder = _rehearsal_corpus(tmp_path, list(SPEAKERS)) / "F02"
     folder.mkdir(parents=True)
     rule = "=" * 80
     (folder / "wer_M16.txt").write_text(
@@ -177,3 +178,146 @@ def test_a_folder_of_the_held_out_speakers_decodes_only_gives_no_fusion_statisti
     rows, _ = comparison(partial, json.loads(REAL.read_text())["statistics"])
     text = table(rows, "rehearsal")
     assert "first piece right" in text and not any(name in text for name in FUSION_STATISTICS)
+
+
+# ----------------------------------------------------------------------------- calibrate_demo.py --rehearsal
+
+
+def _rehearsal_corpus(root, speakers):
+    """A rehearsal corpus's root as make_rehearsal.py marks it (REHEARSAL.json, corpus.json with
+    ``speakers``); returns its empty cross_testing folder."""
+    from local import data_kind
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "corpus.json").write_text(json.dumps({"speakers": {s: {} for s in speakers}}), encoding="utf-8")
+    data_kind.write_rehearsal_marker(root, {"corpus_fingerprint": "test"})
+    (root / "cross_testing").mkdir()
+    return root / "cross_testing"
+
+
+def _calibrate(*args):
+    return subprocess.run(
+        [sys.executable, "calibrate_demo.py", *map(str, args)], cwd=RECIPE, capture_output=True, text=True, timeout=600
+    )
+
+
+def _one_error_line(proc):
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERROR: "), proc.stderr
+    return lines[0]
+
+
+def _wer_text(results):
+    """A SpeechBrain wer_*.txt of one-word utterances: [(utterance id, hypothesis, reference)]."""
+    rule = "=" * 80
+    wrong = sum(h != r for _, h, r in results)
+    head = (
+        f"%WER {100 * wrong / len(results):.2f} [ {wrong} / {len(results)}, 0 ins, 0 del, {wrong} sub ]\n"
+        f"%SER {100 * wrong / len(results):.2f} [ {wrong} / {len(results)} ]\n"
+        f"Scored {len(results)} sentences, 0 not present in hyp.\n{rule}\nALIGNMENTS\n\nFormat:\n"
+        "<utterance-id>, WER DETAILS\n<eps> ; reference  ; on ; the ; first ;  line\n"
+        "  I   ;     S      ; =  ;  =  ;   S   ;   D  \n and  ; hypothesis ; on ; the ; third ; <eps>\n"
+    )
+    body = "".join(
+        f"{rule}\n{u}, %WER {100.0 * (h != r):.2f} [ {int(h != r)} / 1, 0 ins, 0 del, {int(h != r)} sub ]\n"
+        + "\n".join(x.center(max(len(h), len(r))) for x in (r, "=" if h == r else "S", h))
+        + "\n"
+        for u, h, r in results
+    )
+    return head + body
+
+
+def test_rehearsal_calibration_refuses_a_folder_not_marked_as_rehearsal(shared_uaspeech, tmp_path):
+    """The real SA cross-testing folder (or any folder whose corpus has no REHEARSAL.json) is not
+    measured as "rehearsal": one line naming the folder and the marker, exit 1."""
+    tokenizer = shared_uaspeech / "sa_tokenizer.model"
+    real = shared_uaspeech / "cross_testing"
+    line = _one_error_line(_calibrate("--rehearsal", real, "--tokenizer_file", tokenizer, "--speakers", "M08", "M16"))
+    assert str(real) in line and "REHEARSAL.json" in line and "not the cross_testing folder of a rehearsal" in line
+    # a corpus.json alone does not make a rehearsal corpus
+    unmarked = tmp_path / "corpus" / "cross_testing" / "F02"
+    unmarked.mkdir(parents=True)
+    (tmp_path / "corpus" / "corpus.json").write_text(json.dumps({"speakers": {"F02": {}, "M08": {}}}))
+    (unmarked / "wer_M08.txt").write_bytes((real / "F02" / "wer_M08.txt").read_bytes())
+    line = _one_error_line(
+        _calibrate("--rehearsal", unmarked.parent, "--tokenizer_file", tokenizer, "--speakers", "M08")
+    )
+    assert "REHEARSAL.json" in line and str(tmp_path / "corpus") in line
+
+
+def test_rehearsal_calibration_refuses_a_partial_cross_stage(shared_uaspeech, tmp_path):
+    """2 of the 14 models' decodes of M08 (a killed cross stage): one line naming the speaker and
+    the 12 missing models, exit 1, not a table said to be within tolerance; a speaker the corpus does
+    not have: one line too."""
+    cross = _rehearsal_corpus(tmp_path / "corpus", list(SPEAKERS))
+    for model in ("F02", "F03"):
+        (cross / model).mkdir()
+        (cross / model / "wer_M08.txt").write_bytes(
+            (shared_uaspeech / "cross_testing" / model / "wer_M08.txt").read_bytes()
+        )
+    tokenizer = shared_uaspeech / "sa_tokenizer.model"
+    proc = _calibrate("--rehearsal", cross, "--tokenizer_file", tokenizer, "--speakers", "M08", "--out", tmp_path / "o")
+    line = _one_error_line(proc)
+    missing = [s for s in SPEAKERS if s not in ("F02", "F03", "M08")]
+    assert "M08" in line and "12 of the 14" in line and ", ".join(missing) in line, line
+    assert "tolerance" not in proc.stdout and not (tmp_path / "o").exists()
+    small = _rehearsal_corpus(tmp_path / "small", ["F02", "F03", "M16"])
+    line = _one_error_line(_calibrate("--rehearsal", small, "--tokenizer_file", tokenizer, "--speakers", "M08"))
+    assert "M08 is not a speaker of the rehearsal corpus (F02, F03, M16" in line
+
+
+def test_rehearsal_calibration_says_what_it_could_not_compute(shared_uaspeech, tmp_path):
+    """The tiny corpus (3 speakers, M16 held out): one pair of models, one of them right on every
+    word, gives no phi: null in calibration.json (valid JSON), a dash in the table, a line saying so,
+    not counted as within its tolerance. A rerun into its own folder replaces its own files."""
+    cross = _rehearsal_corpus(tmp_path / "corpus", ["F02", "M07", "M16"])
+    words = ["ALPHA", "BRAVO", "DELTA", "ECHO", "GOLF", "HOTEL"]
+    ids = [(f"M16_B3_W{i}_M{k}", w) for i, w in enumerate(words) for k in (2, 3)]
+    for model, hyp in (("F02", lambda n, w: w if n % 3 else "ALPHA"), ("M07", lambda n, w: w)):
+        (cross / model).mkdir()
+        results = [(u, hyp(n, w), w) for n, (u, w) in enumerate(ids)]
+        (cross / model / "wer_M16.txt").write_text(_wer_text(results), encoding="utf-8")
+    out = tmp_path / "out"
+    args = ("--rehearsal", cross, "--tokenizer_file", shared_uaspeech / "sa_tokenizer.model", "--speakers", "M16")
+    for _ in range(2):
+        proc = _calibrate(*args, "--out", out)
+        assert proc.returncode == 0 and not proc.stderr.strip(), proc.stdout + proc.stderr
+        assert "M16 phi: could not be computed" in proc.stdout
+        assert proc.stdout.strip().splitlines()[-1] == "NOT every statistic within its tolerance"
+        phi_row = next(line for line in proc.stdout.splitlines() if line.startswith("| phi"))
+        assert "| – / " in phi_row and "nan" not in proc.stdout.lower()
+
+        def no_constant(name):
+            raise AssertionError(f"{name} in calibration.json")
+
+        data = json.loads((out / "calibration.json").read_text(), parse_constant=no_constant)
+        assert data["rehearsal"]["M16"]["phi"] is None and data["ok"] is False
+        assert "| – / " in (out / "calibration.md").read_text()
+
+
+def test_calibration_out_refuses_a_file_and_other_peoples_files(tmp_path):
+    """--out naming a file, or a folder holding a calibration.json/.md this job did not write: one
+    line, exit 1, before anything is computed, the files unchanged; what this job wrote (also before
+    it recorded ``written_by``) may be replaced."""
+    from calibrate_demo import check_out
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    line = _one_error_line(_calibrate("--out", afile, "--tree", tmp_path / "tree"))
+    assert str(afile) in line and "not a folder" in line and afile.read_text() == "mine\n"
+    _one_error_line(_calibrate("--out", afile / "sub", "--tree", tmp_path / "tree"))
+    for files in ({"calibration.json": '{"mine": 1}\n'}, {"calibration.md": "my notes\n"}):
+        folder = tmp_path / f"own{len(str(files))}"
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        line = _one_error_line(_calibrate("--out", folder, "--tree", tmp_path / "tree"))
+        assert str(folder) in line and "not overwritten" in line
+        assert {p.name: p.read_text() for p in folder.iterdir()} == files
+    assert not (tmp_path / "tree").exists()  # refused before the demo tree was made
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "calibration.json").write_text(json.dumps({"demo": {}, "real": {}, "tolerance": {}, "ok": True}))
+    (legacy / "calibration.md").write_text("| table |\n")
+    check_out(legacy)
