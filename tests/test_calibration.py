@@ -300,8 +300,6 @@ def test_calibration_out_refuses_a_file_and_other_peoples_files(tmp_path):
     """--out naming a file, or a folder holding a calibration.json/.md this job did not write: one
     line, exit 1, before anything is computed, the files unchanged; what this job wrote (also before
     it recorded ``written_by``) may be replaced."""
-    from calibrate_demo import check_out
-
     afile = tmp_path / "afile"
     afile.write_text("mine\n")
     line = _one_error_line(_calibrate("--out", afile, "--tree", tmp_path / "tree"))
@@ -316,6 +314,8 @@ def test_calibration_out_refuses_a_file_and_other_peoples_files(tmp_path):
         assert str(folder) in line and "not overwritten" in line
         assert {p.name: p.read_text() for p in folder.iterdir()} == files
     assert not (tmp_path / "tree").exists()  # refused before the demo tree was made
+    from calibrate_demo import check_out
+
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / "calibration.json").write_text(json.dumps({"demo": {}, "real": {}, "tolerance": {}, "ok": True}))
