@@ -280,6 +280,7 @@ def test_killed_run_resumes_to_the_same_models(tiny, tmp_path):
         "lower_case",
         "missing_audio",
         "other_configuration",
+        "cross",
     ],
 )
 def test_bad_options_stop_with_one_line(tiny, tmp_path, capsys, case):
@@ -318,6 +319,8 @@ def test_bad_options_stop_with_one_line(tiny, tmp_path, capsys, case):
     elif case == "other_configuration":
         models = tiny["models"]
         extra, expect = ["--seed", "7"], "holds models of another configuration (seed (1986 -> 7))"
+    elif case == "cross":  # without --speakers: checked against the corpus before anything is trained
+        extra, expect = ["--cross", "M99"], "--cross M99: no such speaker in the corpus"
     before = {p: p.stat().st_mtime_ns for p in models.rglob("*")} if models.exists() else None
     argv = _run_cli(corpus, models, tokenizer, *extra)[2:]
     rc = train_rehearsal_models.main(argv)
@@ -341,3 +344,79 @@ def test_the_sa_tokenizer_and_its_5000_pieces(shared_uaspeech, tmp_path):
     model = SAModel("M08", tmp_path / "models" / "M08" / "hyperparams.yaml", tmp_path / "models" / "M08" / "save")
     assert model.vocab_size == model.vocab_size_ctc == 5000
     assert (tmp_path / "models" / "M08" / "save" / "tokenizer.ckpt").read_bytes() == tokenizer.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("{si: {number_of_epochs: -1}}", "si.number_of_epochs=-1 is not allowed: a positive integer"),
+        ("{sa: {number_of_epochs: 0}}", "sa.number_of_epochs=0 is not allowed: a positive integer"),
+        ("{lm: {lr: .nan}}", "lm.lr=nan is not allowed: a finite number"),
+        ("{si: {lr_adam: .inf}}", "si.lr_adam=inf is not allowed: a finite number"),
+        ("{si: {number_of_epochs: abc}}", "si.number_of_epochs='abc' is not allowed: an integer"),
+        ("{si: {d_model: 0}}", "si.d_model=0 is not allowed: a positive integer"),
+        ("{asr: {d_model: 33}}", "si: d_model=33 is not a multiple of nhead=2"),
+        ("{si: {label_smoothing: 1.5}}", "si.label_smoothing=1.5 is not allowed: a number in [0, 1)"),
+        ("{si: {augment: 1}}", "si.augment=1 is not allowed: true or false"),
+        ("{si: {seed: 3}}", "si.seed=3 is not allowed: give --seed"),
+        ("{si: {stage: sa}}", "si.stage='sa' is not allowed: not a plain value"),
+    ],
+)
+def test_bad_override_values_stop_with_one_line(tiny, tmp_path, capsys, override, expect):
+    """Every --overrides value is checked against the value it replaces (type, finite, sign or the
+    knob's range) before anything is written: one ERROR line naming the override, exit status 2."""
+    import train_rehearsal_models
+
+    models = tmp_path / "models"
+    argv = _run_cli(tiny["corpus"], models, tiny["tokenizer"], "--overrides", override)[2:]
+    rc = train_rehearsal_models.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("ERROR: --overrides: ") and expect in err[0], err
+    assert not models.exists()
+
+
+def _copy_models(tiny, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny["models"], models, symlinks=True)
+    return models
+
+
+def test_damaged_finished_model_is_refused_not_skipped(tiny, tmp_path, capsys):
+    """A finished model records the size and sha256 of its checkpoint files: a rerun of an intact
+    folder skips every model and changes no model file; a truncated model.ckpt of a finished model
+    is refused (one ERROR line naming the file and saying to delete the folder), nothing written."""
+    import train_rehearsal_models
+
+    models = _copy_models(tiny, tmp_path)
+    for name in ("LM", *MODELS):
+        files = json.loads((models / name / "rehearsal_model.json").read_text())["files"]
+        assert any(rel.startswith("save/CKPT+") and rel.endswith("/model.ckpt") for rel in files), name
+    stamps = {p: p.stat().st_mtime_ns for p in models.rglob("*") if p.is_file()}
+    _, lines = _train(tiny["corpus"], models, tiny["tokenizer"])
+    assert sum("finished, skipped" in line for line in lines) == 1 + len(MODELS), lines
+    changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t and p.name != "rehearsal_models.json"]
+    assert not changed, changed
+    ckpt = next((models / "M05" / "save").glob("CKPT+*")) / "model.ckpt"
+    os.truncate(ckpt, ckpt.stat().st_size // 2)
+    stamps = {p: p.stat().st_mtime_ns for p in models.rglob("*")}
+    rc = train_rehearsal_models.main(_run_cli(tiny["corpus"], models, tiny["tokenizer"])[2:])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith(f"ERROR: M05: {ckpt} is ") and "delete" in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in models.rglob("*")} == stamps
+
+
+def test_resumed_model_times_are_marked_as_the_last_run_only(tiny, tmp_path):
+    """A finished model whose rehearsal_model.json is lost resumes from its checkpoint (it only
+    decodes B3 again): the summary table marks its times as those of the last run only."""
+    models = _copy_models(tiny, tmp_path)
+    (models / "SI" / "rehearsal_model.json").write_text("{not json")
+    _, lines = _train(tiny["corpus"], models, tiny["tokenizer"])
+    assert "SI: resuming from CKPT+" in "\n".join(lines)
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ("LM", *MODELS)}
+    assert rows["SI"].endswith(" *") and not rows["M05"].endswith(" *"), lines
+    assert any(line.startswith("* resumed from a checkpoint") for line in lines), lines
+    assert json.loads((models / "SI" / "rehearsal_model.json").read_text())["resumed"] is True

@@ -12,10 +12,14 @@ Usage (from recipes/UASpeech/logit_kd)::
 
 The corpus is the rehearsal corpus's layout (``csv/<SPK>_B1.csv``, ``_B2``, ``_B3``: SpeechBrain CSVs
 with ``$data_root`` paths; ``audio/<SPK>/<UTT_ID>.wav``). Every option and input file is checked
-before anything is written (one ``ERROR:`` line, exit status 2). A killed run resumes when the
-same command is run again: finished models are skipped, the others resume from their SpeechBrain
-checkpoints. ``--cross SPK...`` then decodes (greedy) every speaker given with every model (SI
-and SA) on the speaker's B3 and prints the word recognition accuracy table.
+before anything is written (one ``ERROR:`` line, exit status 2): the ``--overrides`` values
+against the preset's (local/rehearsal_models.py, check_override), the ``--cross`` speakers against
+the corpus, and the checkpoint files of every finished model against the sizes and checksums its
+``rehearsal_model.json`` recorded (a damaged model is refused, not skipped: delete its folder to
+train it again). A killed run resumes when the same command is run again: finished models are
+skipped, the others resume from their SpeechBrain checkpoints. ``--cross SPK...`` then decodes
+(greedy) every speaker given with every model (SI and SA) on the speaker's B3 and prints the word
+recognition accuracy table.
 """
 
 import argparse
@@ -87,12 +91,10 @@ def main(argv=None):
             seed=args.seed,
             overrides=overrides,
             progressbar=not args.noprogressbar,
+            cross=args.cross,  # checked with the other options, before anything is trained
         )
         if args.cross:
             speakers = manifest["config"]["speakers"]
-            missing = [s for s in args.cross if s not in speakers]
-            if missing:
-                raise RehearsalError(f"--cross {' '.join(missing)}: no such speaker in the corpus")
             models = [SI_NAME, *speakers]
             pairs = [(m, s) for m in models for s in args.cross]
             results = evaluate_greedy(

@@ -26,9 +26,12 @@ Each model folder is an SA experiment folder in the SA pipeline's layout::
 
 ``extract_logits.py --models NAME=<models>/NAME/hyperparams.yaml:<models>/NAME/save`` and
 ``decode.py`` load them as they load the user's SA models. ``rehearsal_model.json`` (written when
-the model is finished: its settings' fingerprint, times, sizes, WRA) makes a rerun skip it; a model
-killed before it resumes from its SpeechBrain checkpoints. ``<models>/rehearsal_models.json`` holds
-the stage's configuration (a folder of another configuration is refused) and every model's figures.
+the model is finished: its settings' fingerprint, times, sizes, WRA, and the size and sha256 of
+each file of its checkpoint) makes a rerun skip it, once its files are checked against it (a
+damaged finished model stops the run before anything is written); a model killed before it
+resumes from its SpeechBrain checkpoints (the summary table marks its times, of its last run only).
+``<models>/rehearsal_models.json`` holds the stage's configuration (a folder of another
+configuration is refused) and every model's figures.
 """
 
 import hashlib
@@ -97,6 +100,9 @@ def read_corpus(folder, speakers=None):
         speakers = [s for s in SPEAKERS if (folder / "csv" / f"{s}_B1.csv").is_file()]
         if not speakers:
             raise RehearsalError(f"--corpus {folder}: csv/ holds no <SPK>_B1.csv of a UASpeech speaker")
+    repeated = sorted({s for s in speakers if list(speakers).count(s) > 1})
+    if repeated:
+        raise RehearsalError(f"--speakers: {' '.join(repeated)} given more than once")
     corpus = Corpus(folder, list(speakers), {})
     words = set()
     for spk in speakers:
@@ -135,7 +141,11 @@ def read_corpus(folder, speakers=None):
 
 
 def _sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _diff(old, new, where=""):
@@ -165,23 +175,105 @@ class Plan:
     seed: int
     overrides: dict  # lm / si / sa -> hparams overrides (architecture and training)
     config: dict  # the fingerprint of the whole stage
+    finished: dict = field(default_factory=dict)  # model -> its rehearsal_model.json, files verified
 
 
 def _yaml_keys(path):
+    return set(_yaml_values(path))
+
+
+def _yaml_values(path):
+    """The top-level values of an hparams file, as written (tags such as ``!ref`` or
+    ``!PLACEHOLDER`` kept as ruamel objects)."""
     import ruamel.yaml
 
     with open(path, encoding="utf-8") as handle:
-        return set(ruamel.yaml.YAML().load(handle))
+        return dict(ruamel.yaml.YAML().load(handle))
+
+
+# Keys whose value the stage sets itself: an override of them would be silently replaced.
+STAGE_SET = {"seed": "give --seed", "output_neurons": "the stage sets it to the tokenizer's pieces"}
+# Knobs with a range of their own (the others: the rule of their preset value, see check_override).
+KNOB_RANGES = {
+    "label_smoothing": (0.0, 1.0, "a number in [0, 1)"),
+    "transformer_dropout": (0.0, 1.0, "a number in [0, 1)"),
+    "ctc_weight": (0.0, 1.0, "a number in [0, 1]"),
+    "ctc_weight_decode": (0.0, 1.0, "a number in [0, 1]"),
+    "lm_weight": (0.0, None, "a non-negative number"),
+    "ckpt_interval_minutes": (0.0, None, "a non-negative number (0: no intra-epoch checkpoints)"),
+}
+KNOB_CHOICES = {
+    "sorting": ("random", "ascending", "descending"),
+    "batch_ordering": ("random", "ascending", "descending"),
+    "precision": ("fp32", "fp16", "bf16"),
+}
+
+
+def _plain(value):
+    return value is None or isinstance(value, (bool, int, float, str)) and not hasattr(value, "tag")
+
+
+def check_override(name, key, value, base):
+    """Checks one override value against the value it replaces (``base``: the preset's, else the
+    hparams file's): the same type (an int for an int; an int or a float for a float; a bool for a
+    bool; a string for a string), finite, positive where ``base`` is positive and non-negative
+    where it is 0, or the knob's own range (KNOB_RANGES, KNOB_CHOICES). Keys the stage sets and
+    values that are not plain scalars in the yaml (references, objects, mappings) are refused."""
+    import math
+
+    def refuse(why):
+        raise RehearsalError(f"--overrides: {name}={value!r} is not allowed: {why}")
+
+    if key in STAGE_SET:
+        refuse(STAGE_SET[key])
+    if not _plain(base):
+        refuse("not a plain value of the hparams file (a reference, an object or a value the stage sets)")
+    if key in KNOB_CHOICES:
+        if value not in KNOB_CHOICES[key]:
+            refuse(f"one of {', '.join(KNOB_CHOICES[key])}")
+        return
+    if isinstance(base, bool):
+        if not isinstance(value, bool):
+            refuse(f"true or false (the preset's: {base})")
+    elif isinstance(base, (int, float)):
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(base, int) and not is_int:
+            refuse(f"an integer (the preset's: {base})")
+        if not is_int and not (isinstance(value, float) and math.isfinite(value)):
+            refuse(f"a finite number (the preset's: {base})")
+        if key in KNOB_RANGES:
+            low, high, what = KNOB_RANGES[key]
+            open_high = "[0, 1)" in what
+            if value < low or high is not None and (value >= high if open_high else value > high):
+                refuse(what)
+        elif base > 0 and value <= 0:
+            refuse(f"a positive {'integer' if isinstance(base, int) else 'number'} (the preset's: {base})")
+        elif base == 0 and value < 0:
+            refuse(f"a non-negative {'integer' if isinstance(base, int) else 'number'} (the preset's: {base})")
+    elif isinstance(base, str):
+        if not isinstance(value, str) or not value:
+            refuse(f"a string (the preset's: {base!r})")
+    elif base is None and not (value is None or isinstance(value, str)):
+        refuse("null or a string")
 
 
 def merge_overrides(preset, extra):
     """The preset's overrides with ``extra`` ({asr|si|sa|lm: {key: value}}) on top, every key
-    checked against the hparams file it overrides."""
-    known = {"asr": _yaml_keys(ASR_HPARAMS), "si": _yaml_keys(ASR_HPARAMS), "sa": _yaml_keys(ASR_HPARAMS)}
-    known["lm"] = _yaml_keys(LM_HPARAMS)
+    checked against the hparams file it overrides and every value of ``extra`` against the value
+    it replaces (check_override); the model sizes checked together (d_model a multiple of nhead)."""
+    yaml_values = {"asr": _yaml_values(ASR_HPARAMS), "lm": _yaml_values(LM_HPARAMS)}
+    known = {part: set(yaml_values["lm" if part == "lm" else "asr"]) for part in ("asr", "si", "sa", "lm")}
     if not isinstance(extra, dict) or set(extra) - set(known):
         raise RehearsalError(f"--overrides={extra!r} is not allowed: a mapping of {', '.join(known)} to mappings")
-    merged = {part: dict(preset.get(part) or {}) for part in known}
+    preset_parts = {part: dict(preset.get(part) or {}) for part in known}
+    merged = {part: dict(values) for part, values in preset_parts.items()}
+
+    def chain(parts, part):
+        """The values a part's model sees, in order of precedence (the asr part under si and sa)."""
+        base = yaml_values["lm" if part == "lm" else "asr"]
+        layers = [parts[part]] + ([parts["asr"]] if part in ("si", "sa") else []) + [base]
+        return lambda key: next(layer[key] for layer in layers if key in layer)
+
     for part, values in extra.items():
         if not isinstance(values, dict):
             raise RehearsalError(f"--overrides: {part} must map hparams keys to values, not {values!r}")
@@ -191,11 +283,25 @@ def merge_overrides(preset, extra):
         if unknown:
             target = LM_HPARAMS if part == "lm" else ASR_HPARAMS
             raise RehearsalError(f"--overrides: {part}.{unknown[0]} is not a key of {target.name}")
+    for part, values in extra.items():
+        base = chain(preset_parts, part)
+        for key, value in values.items():
+            check_override(f"{part}.{key}", key, value, base(key))
+    for part in ("si", "sa", "lm"):
+        value = chain(merged, part)
+        if value("d_model") % value("nhead"):
+            raise RehearsalError(
+                f"--overrides: {part}: d_model={value('d_model')} is not a multiple of nhead={value('nhead')}"
+            )
     return merged
 
 
-def make_plan(corpus_dir, models_dir, tokenizer_file, preset="full", speakers=None, seed=None, overrides=None):
-    """Checks every option and input, and returns the plan; nothing is written."""
+def make_plan(
+    corpus_dir, models_dir, tokenizer_file, preset="full", speakers=None, seed=None, overrides=None, cross=None
+):
+    """Checks every option and input (``cross``: speakers of the corpus that ``--cross`` decodes),
+    and the files of every finished model of ``models_dir``, and returns the plan; nothing is
+    written."""
     from local.store import LogitStoreError, load_tokenizer
 
     presets = read_presets()
@@ -211,6 +317,9 @@ def make_plan(corpus_dir, models_dir, tokenizer_file, preset="full", speakers=No
     tick = time.time()
     corpus = read_corpus(corpus_dir, speakers)
     corpus.check_seconds = round(time.time() - tick, 1)
+    missing = [s for s in cross or () if s not in corpus.speakers]
+    if missing:
+        raise RehearsalError(f"--cross {' '.join(missing)}: no such speaker in the corpus")
     # Words the tokenizer cannot spell whole (the SA tokenizer has no "-": X-RAY, ROLY-POLY,
     # THIRTY-FIVE of UASpeech's B3) keep their <unk> piece, as in the SA pipeline's training.
     corpus.unk_words = [w for w in corpus.words if tokenizer.unk_id() in tokenizer.encode_as_ids(w)]
@@ -233,6 +342,10 @@ def make_plan(corpus_dir, models_dir, tokenizer_file, preset="full", speakers=No
     }
     plan = Plan(corpus, Path(models_dir), Path(tokenizer_file), vocab, preset, seed, overrides, config)
     check_models_dir(plan)
+    for name, stage in ((LM_NAME, "lm"), (SI_NAME, "si"), *((s, "sa") for s in corpus.speakers)):
+        record = _record_matches(plan.models_dir / name, _fingerprint(plan, stage, name))
+        if record is not None:
+            plan.finished[name] = record
     return plan
 
 
@@ -281,6 +394,9 @@ def _took(record):
 
 
 def _record_matches(folder, fingerprint):
+    """The finished model's record (its ``rehearsal_model.json``) when it is of these settings,
+    its files checked against the sizes and checksums it recorded (RehearsalError naming the
+    first file that differs); None when the model is not finished (or its record unreadable)."""
     done = folder / DONE
     if not done.is_file():
         return None
@@ -288,7 +404,41 @@ def _record_matches(folder, fingerprint):
         record = json.loads(done.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return record if record.get("fingerprint") == fingerprint else None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return None
+    files = record.get("files") or {}
+    if not isinstance(files, dict) or not all(
+        isinstance(w, dict) and isinstance(w.get("bytes"), int) and isinstance(w.get("sha256"), str)
+        for w in files.values()
+    ):
+        raise RehearsalError(
+            f"{done}: its files' sizes and checksums are unreadable; delete {folder} to train it again"
+        )
+    for rel, want in files.items():
+        path = folder / rel
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != want["bytes"]:
+            problem = f"is {path.stat().st_size} bytes, {want['bytes']} when the model finished"
+        elif _sha256(path) != want["sha256"]:
+            problem = "differs from the file the model finished with (sha256)"
+        else:
+            continue
+        raise RehearsalError(
+            f"{folder.name}: {path} {problem}: the finished model is damaged; "
+            f"delete {folder} to train it again (nothing was written)"
+        )
+    return record
+
+
+def _files_record(folder, paths):
+    """Size and sha256 of each file (paths relative to the model folder): what identifies a
+    finished model's checkpoint, checked before a rerun skips it."""
+    files = {}
+    for path in sorted(paths):
+        rel = Path(path).relative_to(folder).as_posix()
+        files[rel] = {"bytes": Path(path).stat().st_size, "sha256": _sha256(path)}
+    return files
 
 
 def _fingerprint(plan, stage, speaker):
@@ -386,9 +536,9 @@ def train_lm(plan, device, progressbar, log):
 
     folder = plan.models_dir / LM_NAME
     fingerprint = _fingerprint(plan, "lm", LM_NAME)
-    record = _record_matches(folder, fingerprint)
+    record = plan.finished.get(LM_NAME)
     if record is not None:
-        log(f"{LM_NAME}: finished, skipped ({record['seconds']:.1f} s when trained)")
+        log(f"{LM_NAME}: finished, skipped ({record['seconds']:.1f} s when trained{_unverified(record)})")
         return record
     start, start_cpu = time.time(), time.process_time()
     overrides = {**plan.overrides["lm"], "output_folder": str(folder.resolve())}
@@ -399,7 +549,8 @@ def train_lm(plan, device, progressbar, log):
         tokenizer = load_tokenizer(plan.tokenizer_file)
         data = lm_dataset(plan.corpus.words, tokenizer, hp)
         checkpointer = _checkpointer(hp)
-        if checkpointer.find_checkpoint() is not None:
+        resumed = checkpointer.find_checkpoint() is not None
+        if resumed:
             log(f"{LM_NAME}: resuming from {checkpointer.find_checkpoint().path.name}")
         brain = LMBrain(
             modules=hp["modules"],
@@ -423,7 +574,11 @@ def train_lm(plan, device, progressbar, log):
         "parameters": sum(p.numel() for p in lm.parameters()),
         "seconds": round(time.time() - start, 1),
         "cpu_seconds": round(time.process_time() - start_cpu, 1),
+        "resumed": resumed,
         "bytes": folder_size(folder),
+        "files": _files_record(
+            folder, [*(folder / "save").glob("CKPT+*/*"), folder / "lm.ckpt", folder / "tokenizer.ckpt"]
+        ),
     }
     write_json(folder / DONE, record)
     log(
@@ -474,10 +629,10 @@ def train_asr(plan, stage, speaker, device, progressbar, log, si_checkpoint=None
 
     folder = plan.models_dir / speaker
     fingerprint = _fingerprint(plan, stage, speaker)
-    record = _record_matches(folder, fingerprint)
+    record = plan.finished.get(speaker)
     if record is not None:
-        _keep_only(folder / "save", Path(record["checkpoint"]))
-        log(f"{speaker}: finished, skipped ({record['seconds']:.1f} s when trained)")
+        _keep_only(folder / "save", folder / "save" / Path(record["checkpoint"]).name)
+        log(f"{speaker}: finished, skipped ({record['seconds']:.1f} s when trained{_unverified(record)})")
         return record
     start, start_cpu = time.time(), time.process_time()
     write_hparams(ASR_HPARAMS, asr_overrides(plan, stage, speaker, si_checkpoint), folder / "hyperparams.yaml")
@@ -535,6 +690,9 @@ def train_asr(plan, stage, speaker, device, progressbar, log, si_checkpoint=None
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - start, 1),
         "cpu_seconds": round(time.process_time() - start_cpu, 1),
+        "resumed": resumed,
+        # the chosen checkpoint's files (the others are deleted next)
+        "files": _files_record(folder, [p for p in (folder / "save" / Path(chosen).name).iterdir() if p.is_file()]),
     }
     write_json(folder / DONE, record)
     _keep_only(folder / "save", chosen)
@@ -551,6 +709,10 @@ def train_asr(plan, stage, speaker, device, progressbar, log, si_checkpoint=None
         f"B3 WRA {100 * test_stats['WRA']:.1f} (greedy); {_took(record)}, {_mb(record['bytes'])}"
     )
     return record
+
+
+def _unverified(record):
+    return "" if record.get("files") else "; no checksums recorded, its files not checked"
 
 
 def _keep_only(save_folder, chosen):
@@ -593,13 +755,17 @@ def train_models(
     overrides=None,
     progressbar=True,
     log=print,
+    cross=None,
 ):
     """The model stage: LM, SI, then one SA model per speaker (see the module docstring).
     Deterministic for a seed; resumable; returns the manifest (``<models>/rehearsal_models.json``).
-    ``overrides`` ({asr|si|sa|lm: {hparams key: value}}) go on top of the preset. Every option and
-    input is checked first (RehearsalError, nothing written)."""
+    ``overrides`` ({asr|si|sa|lm: {hparams key: value}}) go on top of the preset (each value
+    checked: check_override); ``cross``: speakers the caller decodes afterwards (checked to be of
+    the corpus). Every option and input, and the files of every finished model, is checked first
+    (RehearsalError, nothing written): a finished model whose checkpoint files differ from those
+    its rehearsal_model.json recorded is refused, not skipped."""
     check_device(device, threads)
-    plan = make_plan(corpus, models_dir, tokenizer_file, preset, speakers, seed, overrides)
+    plan = make_plan(corpus, models_dir, tokenizer_file, preset, speakers, seed, overrides, cross)
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -628,7 +794,7 @@ def train_models(
             )
 
         def done(record):
-            manifest["models"][record["model"]] = {k: v for k, v in record.items() if k != "fingerprint"}
+            manifest["models"][record["model"]] = {k: v for k, v in record.items() if k not in ("fingerprint", "files")}
             write_json(old, manifest)
 
         done(train_lm(plan, device, progressbar, log))
@@ -650,19 +816,23 @@ def train_models(
 
 
 def summary_table(manifest):
-    """The stage's figures, one line per model (greedy WRA in %; times of the run that trained it)."""
+    """The stage's figures, one line per model (greedy WRA in %; times of the run that finished
+    it: a model resumed from a checkpoint is marked ``*``, its times those of its last run only)."""
     lines = ["model  trained on            epoch kept  B2 WRA  B3 WRA   seconds  CPU s"]
     for name, r in manifest["models"].items():
+        mark = " *" if r.get("resumed") else ""
         if r["stage"] == "lm":
-            lines.append(f"{name:6} {r['words']} words{'':13}{'':26}{r['seconds']:8.1f} {r['cpu_seconds']:6.1f}")
+            lines.append(f"{name:6} {r['words']} words{'':13}{'':26}{r['seconds']:8.1f} {r['cpu_seconds']:6.1f}{mark}")
             continue
         meta = r.get("checkpoint_meta", {})
         b2 = f"{100 * meta['WRA']:6.1f}" if "WRA" in meta else f"{'-':>6}"
         trained = f"{r['train_utterances']} utts ({len(r['train_csv'])} CSV)"
         lines.append(
             f"{name:6} {trained:21} {meta.get('epoch', '-')!s:>10}  {b2}  {100 * r['test_greedy']['WRA']:6.1f} "
-            f"{r['seconds']:8.1f} {r['cpu_seconds']:6.1f}"
+            f"{r['seconds']:8.1f} {r['cpu_seconds']:6.1f}{mark}"
         )
+    if any(r.get("resumed") for r in manifest["models"].values()):
+        lines.append("* resumed from a checkpoint: the times are those of its last run only, not of its whole training")
     return lines
 
 
