@@ -92,12 +92,6 @@ def check_options(args):
             raise RehearsalError("--tokenizer_file is needed for the models, logits and cross stages")
         if not Path(args.tokenizer_file).is_file():
             raise RehearsalError(f"--tokenizer_file={args.tokenizer_file} is not allowed: no such file")
-        from local.store import LogitStoreError, load_tokenizer
-
-        try:  # loaded now, not after the hours of the audio stage
-            load_tokenizer(args.tokenizer_file)
-        except LogitStoreError as err:
-            raise RehearsalError(f"--tokenizer_file={args.tokenizer_file} is not allowed: {err}") from None
     if args.cross_speakers and "cross" in stages:
         # the corpus's speakers (or, before its audio exists, the preset's): known now, not after
         # the hours the earlier stages take
@@ -124,6 +118,13 @@ def check_options(args):
             check_device(args.device)
         except ExtractionError as err:
             raise RehearsalError(str(err)) from None
+    if args.tokenizer_file and any(s not in ("audio", "audio_check") for s in stages):
+        from local.store import LogitStoreError, load_tokenizer
+
+        try:  # loaded now, not after the hours of the audio stage
+            load_tokenizer(args.tokenizer_file)
+        except LogitStoreError as err:
+            raise RehearsalError(f"--tokenizer_file={args.tokenizer_file} is not allowed: {err}") from None
     return stages
 
 
