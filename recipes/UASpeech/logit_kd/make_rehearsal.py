@@ -14,11 +14,16 @@ makes and how long it took here):
 - ``logits``: ``extract_logits.py``, every model on every speaker's B3 -> ``<corpus>/logit_extraction``.
 - ``cross``: every model's beam search + CTC + LM decode of every other speaker's B3 ->
   ``<corpus>/cross_testing/<MODEL>/wer_<SPK>.txt``.
-- ``audio_check`` (not part of ``all``): listening proxies of the audio.
+- ``audio_check`` (not part of ``all``): listening proxies of the audio, after checking that every
+  recording the CSVs list is there and as long as its CSV says.
 
 Deterministic for a seed; a killed build resumes where it stopped when run again; each stage prints
 its time and size (kept in ``corpus.json``). A missing synthesizer or voice stops with one line
-naming the Debian package; every option is checked before anything is written.
+naming the Debian package; every option is checked before anything is written (the tokenizer is
+loaded, ``--device`` checked as the stages check it, a damaged ``corpus.json`` named). The stages
+after ``audio`` need a finished audio stage of a rehearsal corpus in the folder; logits and cross
+take only finished models of this corpus and tokenizer (``local/rehearsal_build.py``). One lock
+(``<corpus>/.lock``) is held for the whole command: a second command into the corpus is refused.
 
 Usage (from recipes/UASpeech/logit_kd)::
 
@@ -38,7 +43,7 @@ import time
 from pathlib import Path
 
 from local import cpu_kernels  # first: the CPU math libraries' paths, before torch loads
-from local.rehearsal_audio import DEFAULT_HPARAMS, RehearsalError, build_audio, listen_report
+from local.rehearsal_audio import DEFAULT_HPARAMS, CorpusLock, RehearsalError, build_audio, listen_report
 
 STAGES = ("audio", "models", "logits", "cross")
 
@@ -102,14 +107,69 @@ def check_options(args):
             raise RehearsalError(
                 f"--cross_speakers: {', '.join(unknown)} not among the corpus's speakers ({', '.join(known)})"
             )
-    if args.device != "cpu":
+    if "models" in stages:  # the models stage's own check, before any stage runs
+        from local.rehearsal_models import check_device as check_models_device
+
+        check_models_device(args.device, args.threads)
+    if any(s in ("logits", "cross") for s in stages):
         from local.sa_models import ExtractionError, check_device
 
         try:
             check_device(args.device)
         except ExtractionError as err:
             raise RehearsalError(str(err)) from None
+    if args.tokenizer_file and any(s not in ("audio", "audio_check") for s in stages):
+        from local.store import LogitStoreError, load_tokenizer
+
+        try:  # loaded now, not after the hours of the audio stage
+            load_tokenizer(args.tokenizer_file)
+        except LogitStoreError as err:
+            raise RehearsalError(f"--tokenizer_file={args.tokenizer_file} is not allowed: {err}") from None
     return stages
+
+
+def check_corpus(args, stages):
+    """The corpus folder before anything is written: its ``corpus.json`` readable when present;
+    with the audio stage, the audio stage's own checks (settings, words, voices, the folder); without
+    it, a finished audio stage of a rehearsal corpus there."""
+    from local.rehearsal_audio import MANIFEST, check_corpus_folder, prepare
+    from local.rehearsal_build import check_audio_stage, read_json_file
+
+    corpus = Path(args.corpus)
+    check_corpus_folder(corpus)
+    if (corpus / MANIFEST).is_file():
+        read_json_file(corpus / MANIFEST, "the corpus's manifest")
+    if "audio" in stages:
+        prepare(corpus, args.hparams, args.preset, args.seed, args.metadata_dir)
+    else:
+        check_audio_stage(corpus)
+
+
+def check_recordings(corpus):
+    """``--stage audio_check``: every recording the corpus's CSVs list is there, whole and at least
+    as long as the duration its CSV gives; RehearsalError (one line naming the first) otherwise."""
+    import csv as csv_module
+
+    from local.rehearsal_audio import wav_frames
+    from local.rehearsal_build import check_audio_stage
+
+    corpus = Path(corpus)
+    rate = check_audio_stage(corpus).get("sample_rate", 16000)
+    files = sorted((corpus / "csv").glob("*_B?.csv"))
+    if not files:
+        raise RehearsalError(f"{corpus / 'csv'} holds no <SPK>_B<n>.csv: build the audio stage first")
+    for path in files:
+        with open(path, encoding="utf-8", newline="") as handle:
+            for row in csv_module.DictReader(handle):
+                wav = Path(row["wav"].replace("$data_root", str(corpus)))
+                frames = wav_frames(wav, rate)
+                if frames is None:
+                    raise RehearsalError(f"{path.name}, utterance {row['ID']}: recording {wav} is missing or not whole")
+                if frames / rate < float(row["duration"]) - 1.0 / rate:
+                    raise RehearsalError(
+                        f"{path.name}, utterance {row['ID']}: recording {wav} is {frames / rate:.3f} s long, shorter "
+                        f"than the {float(row['duration']):.3f} s the CSV gives (truncated?)"
+                    )
 
 
 def main(argv=None):
@@ -122,12 +182,22 @@ def main(argv=None):
     progress = not args.noprogressbar
     models_dir = Path(args.models_dir or Path(args.corpus) / "models")
     started = time.monotonic()
+    lock = None
     try:
         stages = check_options(args)
         if args.stage == "audio_check":
+            check_recordings(args.corpus)
             listen_report(args.corpus)
             return 0
+        check_corpus(args, stages)
+        # one lock for the whole command: a second build into this corpus is refused, whatever its stages
+        lock = CorpusLock(args.corpus)
+        lock.__enter__()
         for stage in stages:
+            if stage != "audio":
+                from local.rehearsal_build import check_audio_stage
+
+                check_audio_stage(args.corpus)
             if stage == "audio":
                 build_audio(
                     args.corpus,
@@ -197,15 +267,21 @@ def main(argv=None):
     except FileNotFoundError as err:
         print(f"ERROR: {err.filename}: not found (build the earlier stages first?)", file=sys.stderr)
         return 1
-    if len(stages) > 1:
-        from local.rehearsal_build import record_stage, stage_table
+    else:
+        if len(stages) > 1:
+            from local.rehearsal_build import record_stage, stage_table
 
-        record_stage(
-            args.corpus, "all", {"seconds": round(time.monotonic() - started, 1), "cpu_kernels": cpu_kernels.describe()}
-        )
-        print(stage_table(args.corpus))
-        print(f"rehearsal corpus built in {time.monotonic() - started:.0f} s (this command) -> {args.corpus}")
-    return 0
+            record_stage(
+                args.corpus,
+                "all",
+                {"seconds": round(time.monotonic() - started, 1), "cpu_kernels": cpu_kernels.describe()},
+            )
+            print(stage_table(args.corpus))
+            print(f"rehearsal corpus built in {time.monotonic() - started:.0f} s (this command) -> {args.corpus}")
+        return 0
+    finally:
+        if lock is not None and lock.handle is not None:
+            lock.__exit__(None, None, None)
 
 
 if __name__ == "__main__":

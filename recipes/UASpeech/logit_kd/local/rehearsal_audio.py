@@ -408,7 +408,10 @@ def folder_bytes(corpus):
 class CorpusLock:
     """Exclusive lock of ``<corpus>/.lock`` while a build writes into it; the kernel drops it when
     the process dies. (The recipe's OutputLock does the same but imports torch, which this stage,
-    and its few seconds in CI, does without.)"""
+    and its few seconds in CI, does without.) Re-entrant within one process: ``make_rehearsal.py``
+    holds it for the whole command (every stage) and the audio stage takes it again."""
+
+    _held = {}  # resolved lock path -> [handle, depth], of this process
 
     def __init__(self, corpus):
         self.path = Path(corpus) / LOCK_FILE
@@ -416,21 +419,34 @@ class CorpusLock:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in CorpusLock._held:
+            CorpusLock._held[key][1] += 1
+            self.handle = CorpusLock._held[key][0]
+            return self
         self.handle = open(self.path, "a+", encoding="utf-8")
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.handle.seek(0)
-            holder = self.handle.read().strip() or "another process"
+            holder = " ".join(self.handle.read().split()) or "another process"
             self.handle.close()
             raise RehearsalError(f"corpus folder {self.path.parent} is in use by another build ({holder})") from None
         self.handle.seek(0)
         self.handle.truncate()
         self.handle.write(f"pid {os.getpid()}\n")
         self.handle.flush()
+        CorpusLock._held[key] = [self.handle, 1]
         return self
 
     def __exit__(self, *exc):
+        key = str(self.path.resolve())
+        held = CorpusLock._held.get(key)
+        if held is not None and held[0] is self.handle:
+            held[1] -= 1
+            if held[1] > 0:
+                return
+            del CorpusLock._held[key]
         self.handle.close()
 
 

@@ -12,6 +12,10 @@ by the recipe's own jobs from the SA models the ``models`` stage trained.
 
 Each stage is resumable (a finished pair or file is not redone; a half-written one never appears)
 and records its seconds and bytes in ``corpus.json``; a rerun with other settings is refused.
+Before writing anything, both stages check that the corpus holds a finished audio stage
+(``check_audio_stage``) and that every model is finished and was trained on this corpus with this
+tokenizer (``check_models``); the cross stage also refuses decodes of another tokenizer
+(``decoding.json`` records its checksum) and a damaged or incomplete existing ``wer_<SPK>.txt``.
 """
 
 import json
@@ -95,6 +99,97 @@ def model_folders(models_dir, speakers):
     return folders
 
 
+def read_json_file(path, what):
+    """The JSON object of ``path``; RehearsalError (one line naming the file) when it is absent,
+    unreadable or damaged."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RehearsalError(f"{path} does not exist ({what})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RehearsalError(f"{path} is unreadable or damaged ({what}: {err}); nothing was overwritten") from None
+    if not isinstance(data, dict):
+        raise RehearsalError(f"{path} is damaged ({what}: not a JSON object); nothing was overwritten")
+    return data
+
+
+def check_audio_stage(corpus):
+    """The corpus's ``corpus.json`` (its manifest), when ``corpus`` holds a finished audio stage of a
+    rehearsal corpus (``corpus.json`` with its ``stages.audio`` record and the audio stage's record
+    of the same fingerprint); RehearsalError (one line) otherwise. The later stages need it."""
+    from local.rehearsal_audio import STAGE_FILE
+
+    corpus = Path(corpus)
+    hint = "build the audio stage first (make_rehearsal.py --stage audio)"
+    if not (corpus / MANIFEST).is_file():
+        raise RehearsalError(f"{corpus} holds no rehearsal corpus ({MANIFEST} is missing): {hint}")
+    manifest = read_json_file(corpus / MANIFEST, "the corpus's manifest")
+    if "audio" not in manifest.get("stages", {}) or not (corpus / STAGE_FILE).is_file():
+        raise RehearsalError(f"{corpus} holds no finished audio stage of a rehearsal corpus ({MANIFEST}): {hint}")
+    record = read_json_file(corpus / STAGE_FILE, "the audio stage's record")
+    if record.get("fingerprint") != manifest.get("fingerprint"):
+        raise RehearsalError(
+            f"{corpus}: {MANIFEST} and {STAGE_FILE} are of different corpora (fingerprints differ): {hint}"
+        )
+    return manifest
+
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_models(corpus, models_dir, speakers, tokenizer_file):
+    """The models stage's SA models of ``speakers`` are finished (``rehearsal_model.json`` of this
+    configuration in each folder) and were made from this corpus (its CSVs' checksums in
+    ``rehearsal_models.json``) with this tokenizer (its checksum there and their ``tokenizer.ckpt``);
+    RehearsalError (one line naming the model or file) otherwise. Returns {speaker: folder}."""
+    from types import SimpleNamespace
+
+    from local.rehearsal_models import BLOCKS, DONE, _fingerprint
+    from local.rehearsal_models import MANIFEST as MODELS_MANIFEST
+
+    folders = model_folders(models_dir, speakers)
+    path = Path(models_dir) / MODELS_MANIFEST
+    if not path.is_file():
+        raise RehearsalError(f"{models_dir} has no {MODELS_MANIFEST}: not the models stage's folder (build it first)")
+    config = read_json_file(path, "the models stage's record").get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("csv_sha256"), dict):
+        raise RehearsalError(f"{path} is damaged (no config.csv_sha256); nothing was overwritten")
+    for spk in speakers:
+        for block in BLOCKS:
+            csv = Path(corpus) / "csv" / f"{spk}_{block}.csv"
+            if config["csv_sha256"].get(f"{spk}_{block}") != (_sha256(csv) if csv.is_file() else None):
+                raise RehearsalError(
+                    f"--models_dir {models_dir}: its models were not trained on this corpus ({csv} differs from "
+                    f"the one {MODELS_MANIFEST} records): give this corpus's models"
+                )
+    digest = _sha256(tokenizer_file)
+    if config.get("tokenizer_sha256") != digest:
+        raise RehearsalError(
+            f"--tokenizer_file {tokenizer_file} is not the tokenizer the models in {models_dir} were trained with "
+            f"({MODELS_MANIFEST} records another checksum)"
+        )
+    plan = SimpleNamespace(config=config)
+    for spk, folder in folders.items():
+        done = folder / DONE
+        if not done.is_file():
+            raise RehearsalError(
+                f"SA model {spk} in {folder} is unfinished (no {DONE}): finish the models stage (--stage models)"
+            )
+        if read_json_file(done, f"model {spk}'s record").get("fingerprint") != _fingerprint(plan, "sa", spk):
+            raise RehearsalError(f"SA model {spk} in {folder} is not of the configuration {MODELS_MANIFEST} records")
+        ckpt = folder / "save" / "tokenizer.ckpt"
+        if not ckpt.is_file() or _sha256(ckpt) != digest:
+            raise RehearsalError(
+                f"--tokenizer_file {tokenizer_file} is not the tokenizer of SA model {spk} "
+                f"({ckpt} differs or is missing)"
+            )
+    return folders
+
+
 def mark(corpus):
     """``REHEARSAL.json`` at the corpus root: every job reading its logit tree or its cross-testing
     files then labels its figures "synthetic speech, real models" (local/data_kind.py)."""
@@ -108,8 +203,9 @@ def extract(corpus, models_dir, tokenizer_file, batch_size=16, device="cpu", log
     import extract_logits
 
     started = time.monotonic()
+    check_audio_stage(corpus)
     speakers = speakers_of(corpus)
-    folders = model_folders(models_dir, speakers)
+    folders = check_models(corpus, models_dir, speakers, tokenizer_file)
     root = Path(corpus) / LOGITS
     argv = [
         "--logit_root",
@@ -180,26 +276,39 @@ def cross_decodes(
     from tqdm import tqdm
 
     started = time.monotonic()
+    check_audio_stage(corpus)
     speakers = speakers_of(corpus)
-    folders = model_folders(models_dir, speakers)
+    folders = check_models(corpus, models_dir, speakers, tokenizer_file)
     out = Path(corpus) / CROSS
     record = decoding_record(folders[speakers[0]] / "hyperparams.yaml", beam_size, ctc_scoring, scorer_beam_scale)
+    record["tokenizer_sha256"] = _sha256(tokenizer_file)
     path = out / DECODING_FILE
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = read_json_file(path, "how the cross-testing files were decoded")
+        # a record of before the tokenizer was recorded: its tokenizer is the models' (checked above)
+        old.setdefault("tokenizer_sha256", record["tokenizer_sha256"])
         if old != record:
+            what = "another tokenizer" if old["tokenizer_sha256"] != record["tokenizer_sha256"] else "other settings"
             raise RehearsalError(
-                f"{out} holds decodes made with other settings ({DECODING_FILE}): remove the folder to redo them"
+                f"{out} holds decodes made with {what} ({DECODING_FILE}): remove the folder to redo them"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    mark(corpus)
-    write_json(path, record)
     # Every model on every other speaker's B3, or on the audio of the given speakers only (e.g. the
     # four held-out speakers of the folds: what compare.py and the calibration statistics read).
     audio = speakers if audio_speakers is None else [s for s in speakers if s in set(audio_speakers)]
     missing = sorted(set(audio_speakers or ()) - set(speakers))
     if missing:
         raise RehearsalError(f"--cross_speakers: {', '.join(missing)} not in the corpus ({', '.join(speakers)})")
+    # an existing wer file is a finished decode only when it is whole: refused (not kept) otherwise
+    for spk in audio:
+        expected = None
+        for model in speakers:
+            wer = out / model / f"wer_{spk}.txt"
+            if model != spk and wer.is_file():
+                expected = expected if expected is not None else speaker_test_ids(corpus, spk)
+                check_wer_file(wer, expected)
+    out.mkdir(parents=True, exist_ok=True)
+    mark(corpus)
+    write_json(path, record)
     todo = {m: [s for s in audio if s != m and not (out / m / f"wer_{s}.txt").is_file()] for m in speakers}
     todo = {m: s for m, s in todo.items() if s}
     total = sum(len(s) for s in todo.values())
@@ -240,6 +349,34 @@ def cross_decodes(
     record_stage(corpus, "cross", info)
     log(f"cross stage: {info['seconds']:.1f} s, {total} decodes, {size / 1e6:.1f} MB in {files} files")
     return info
+
+
+def speaker_test_ids(corpus, speaker):
+    """The utterance ids of ``speaker``'s test CSV (``csv/<SPK>.csv``, the B3 the cross stage decodes)."""
+    from local.sa_models import ExtractionError, read_speaker_csv
+
+    try:
+        return {u.id for u in read_speaker_csv(Path(corpus) / "csv" / f"{speaker}.csv", speaker, data_root=corpus)}
+    except ExtractionError as err:
+        raise RehearsalError(str(err)) from None
+
+
+def check_wer_file(path, expected):
+    """RehearsalError (one line naming the file) unless the wer file ``path`` parses and holds
+    exactly the utterances ``expected`` (ids)."""
+    from local.wer_files import read_wer_file
+
+    try:
+        found = set(read_wer_file(path).ids)
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise RehearsalError(
+            f"{path} is damaged ({str(err).splitlines()[0][:200]}): remove it to decode it again"
+        ) from None
+    if found != expected:
+        raise RehearsalError(
+            f"{path} is incomplete ({len(found & expected)} of the {len(expected)} test utterances, "
+            f"{len(found - expected)} others): remove it to decode it again"
+        )
 
 
 def _one_thread():
