@@ -56,6 +56,8 @@ def world(tmp_path_factory):
     ``greedy_mix`` (raised less: the greedy search ends at once on some utterances and runs to its
     limit on another) and ``words`` (</s> and the CTC blank raised: beam hypotheses of 7 to 11
     pieces that end with </s>, at a different step per utterance, like a trained model's words)."""
+    import soundfile
+
     from local.sa_models import read_speaker_csv
     from local.store import load_tokenizer
     from local.synthetic import train_tokenizer
@@ -65,9 +67,13 @@ def world(tmp_path_factory):
     train_tokenizer(tokenizer, [w for _, w in UTTERANCES], 120, seed=3)
     sp = load_tokenizer(tokenizer)
     csv = root / "M08.csv"
-    rows = [f"{u},1.0,{AUDIO / (w + '.wav')},M08,{w}" for u, w in UTTERANCES]
+    # the recordings' own durations: the recipe refuses a CSV duration the audio file disagrees with
+    wavs = [AUDIO / (w + ".wav") for _, w in UTTERANCES]
+    rows = [f"{u},{soundfile.info(f).duration},{f},M08,{w}" for (u, w), f in zip(UTTERANCES, wavs)]
     csv.write_text("ID,duration,wav,spk_id,wrd\n" + "\n".join(rows) + "\n")
-    utts = read_speaker_csv(csv, "M08")
+    # in the order of UTTERANCES (the tests' expectations), not the CSV reader's ascending duration
+    order = [u for u, _ in UTTERANCES]
+    utts = sorted(read_speaker_csv(csv, "M08"), key=lambda utt: order.index(utt.id))
     variants = {
         "plain": _variant(root / "plain", tokenizer, sp, 0.0),
         "ending": _variant(root / "ending", tokenizer, sp, 2.0),

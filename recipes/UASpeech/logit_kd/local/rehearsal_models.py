@@ -91,7 +91,7 @@ def read_corpus(folder, speakers=None):
     audio files (present, 16 kHz mono)."""
     import soundfile
 
-    from local.sa_models import ExtractionError, read_speaker_csv
+    from local.sa_models import ExtractionError, check_audio, read_speaker_csv
 
     folder = Path(folder)
     if not (folder / "csv").is_dir():
@@ -134,6 +134,10 @@ def read_corpus(folder, speakers=None):
                         f"{info.channels} channel(s); the models read 16 kHz mono"
                     )
                 words.add(utt.word)
+            try:  # truncated recordings, and lengths that disagree with the CSV's durations
+                check_audio(utts)
+            except ExtractionError as err:
+                raise RehearsalError(f"speaker {spk}: CSV {csv}, {err}") from None
             corpus.csvs[spk][block] = csv
             corpus.counts[spk][block] = len(utts)
     corpus.words = sorted(words)

@@ -48,6 +48,72 @@ class Utterance:
     duration: float
 
 
+# Most a recording's length (samples / rate) may differ from its CSV duration, in seconds. The SA
+# pipeline's CSVs hold num_frames / sample_rate exactly; this only absorbs rounding when written.
+DURATION_TOLERANCE = 0.1
+CSV_COLUMNS = ("ID", "duration", "wav", "wrd")
+
+
+def scan_speaker_csv(csv_path, speaker, text):
+    """Every row of a speaker's CSV checked as text, before SpeechBrain's reader sees it (which fails
+    with a TypeError on a row of too few or too many fields, and takes any duration): each row has
+    the header's fields, a finite positive duration and (with a ``spk_id`` column) the CSV's
+    speaker. Returns {utterance id: line number}; ExtractionError naming the file, the line and
+    the utterance otherwise."""
+    import csv
+    import math
+
+    reader = csv.reader(io.StringIO(text), skipinitialspace=True)  # as SpeechBrain's DictReader
+    header = next(reader, [])
+    missing = [c for c in CSV_COLUMNS if c not in header]
+    if missing:
+        raise ExtractionError(
+            f"speaker {speaker}: CSV {csv_path} lacks the column(s) {missing} (expected ID,duration,wav,spk_id,wrd)"
+        )
+    column = {name: header.index(name) for name in header}
+    line_of = {}
+    while True:
+        line = reader.line_num + 1  # where the row starts (an unclosed quote runs on to later lines)
+        row = next(reader, None)
+        if row is None:
+            break
+        if not row:
+            continue
+        utt_id = row[column["ID"]] if column["ID"] < len(row) else "?"
+        where = f"speaker {speaker}: CSV {csv_path}, line {line}, utterance {utt_id}"
+        if len(row) != len(header):
+            runs_on = f" (an unclosed quote runs on to line {reader.line_num})" if reader.line_num > line else ""
+            raise ExtractionError(
+                f"{where}: {len(row)} field(s), the header has {len(header)} ({','.join(header)}){runs_on}"
+            )
+        text_value = row[column["duration"]]
+        try:
+            duration = float(text_value)
+        except ValueError:
+            duration = math.nan
+        if not (math.isfinite(duration) and duration > 0):
+            raise ExtractionError(f"{where}: duration {text_value!r} is not a finite positive number of seconds")
+        if "spk_id" in column and row[column["spk_id"]] != speaker:
+            raise ExtractionError(f"{where}: spk_id {row[column['spk_id']]!r} is not the CSV's speaker {speaker}")
+        line_of.setdefault(utt_id, line)
+    return line_of
+
+
+def check_wav_name(wav, utt_id, where):
+    """A recording named as a UASpeech utterance (``<SPK>_B<n>_<WORD>_M<k>.wav``, as the SA
+    pipeline's CSVs name them: the id is the file's name) must be that utterance's: a row that
+    points at another speaker's (or another utterance's) recording is refused. Files named
+    otherwise are not checked."""
+    stem = Path(str(wav)).stem
+    try:
+        spk = parse_utterance_id(stem)["speaker"]
+    except ValueError:
+        return
+    if stem != utt_id:
+        whose = f"speaker {spk}'s" if spk != parse_utterance_id(utt_id)["speaker"] else "another utterance's"
+        raise ExtractionError(f"{where}, utterance {utt_id}: its wav {wav} is {whose} recording {stem}")
+
+
 def read_speaker_csv(csv_path, speaker, data_root=None):
     """The utterances of one speaker's SpeechBrain CSV, in ascending-duration order (ties in CSV
     order), exactly as the SA pipeline's ``filtered_sorted(sort_key="duration")`` ordered them."""
@@ -57,12 +123,14 @@ def read_speaker_csv(csv_path, speaker, data_root=None):
     if not csv_path.is_file():
         raise ExtractionError(f"speaker {speaker}: CSV file {csv_path} does not exist")
     try:
-        lines = [line for line in csv_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text = csv_path.read_text(encoding="utf-8")
+        lines = [line for line in text.splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
         raise ExtractionError(f"speaker {speaker}: unreadable CSV {csv_path}: {err}") from None
     if len(lines) < 2:  # SpeechBrain's reader fails on it with an IndexError
         what = "is empty" if not lines else "has a header but no utterances"
         raise ExtractionError(f"speaker {speaker}: CSV {csv_path} {what}")
+    line_of = scan_speaker_csv(csv_path, speaker, text)
     replacements = {"data_root": str(data_root)} if data_root is not None else {}
     try:
         data = DynamicItemDataset.from_csv(str(csv_path), replacements=replacements)
@@ -92,6 +160,7 @@ def read_speaker_csv(csv_path, speaker, data_root=None):
             raise ExtractionError(f"{where}: {err}") from None
         if spk != speaker:
             raise ExtractionError(f"{where}: the utterance belongs to speaker {spk}, not {speaker}")
+        check_wav_name(item["wav"], utt_id, f"speaker {speaker}: CSV {csv_path}, line {line_of[utt_id]}")
         if not word.strip():
             raise ExtractionError(f"{where}: no target word")
         if word != word.upper():
@@ -541,6 +610,18 @@ def audio_info(utt, sample_rate=None):
         raise ExtractionError(f"utterance {utt.id}: unreadable audio file {utt.wav} ({err})") from None
     if info.frames <= 0:
         raise ExtractionError(f"utterance {utt.id}: audio file {utt.wav} holds no samples")
+    declared, held = _wav_data_bytes(utt.wav)
+    if declared is not None and held < declared:
+        raise ExtractionError(
+            f"utterance {utt.id}: audio file {utt.wav} is truncated: its header declares {declared} bytes "
+            f"of samples, the file holds {held}"
+        )
+    duration = getattr(utt, "duration", None)
+    if duration is not None and abs(info.frames / info.samplerate - duration) > DURATION_TOLERANCE:
+        raise ExtractionError(
+            f"utterance {utt.id}: audio file {utt.wav} lasts {info.frames / info.samplerate:.3f} s, "
+            f"its CSV duration is {duration:g} s (more than {DURATION_TOLERANCE:g} s apart)"
+        )
     if info.channels != 1:
         raise ExtractionError(f"utterance {utt.id}: {utt.wav} has {info.channels} channels, expected mono")
     if sample_rate is not None and info.samplerate != sample_rate:
@@ -548,6 +629,32 @@ def audio_info(utt, sample_rate=None):
             f"utterance {utt.id}: {utt.wav} is sampled at {info.samplerate} Hz, the model expects {sample_rate} Hz"
         )
     return int(info.frames), int(info.samplerate)
+
+
+def _wav_data_bytes(path):
+    """(bytes of samples its header declares, bytes the file holds after the header) of a RIFF WAVE
+    file; (None, None) for any other file, or a header that declares no size (a streamed wav).
+    libsndfile silently shortens a truncated wav to what is there, so this reads the header."""
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None, None
+            size = Path(path).stat().st_size
+            while True:
+                chunk = handle.read(8)
+                if len(chunk) < 8:
+                    return None, None
+                name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+                if name == b"data":
+                    if length in (0, 0xFFFFFFFF):
+                        return None, None
+                    return length, size - handle.tell()
+                handle.seek(length + (length & 1), 1)
+    except OSError:
+        return None, None
 
 
 def check_audio(utts, sample_rate=None):
