@@ -209,6 +209,19 @@ def test_a_damaged_wer_file_is_refused_not_kept(corpus, built, damage):
     assert _tree(corpus) == before
 
 
+def test_a_bad_test_recording_is_refused_before_the_cross_stage_writes(corpus, built):
+    """The cross stage checks the test CSVs and recordings of every decode it will make before it
+    writes anything (its workers read them one speaker at a time)."""
+    import shutil
+
+    shutil.rmtree(corpus / "cross_testing")
+    wav = sorted((corpus / "audio" / "M16").glob("M16_B3_*.wav"))[0]
+    wav.write_bytes(wav.read_bytes()[:2000])
+    before = _tree(corpus)
+    _refused("--corpus", corpus, "--stage", "cross", "--tokenizer_file", built["tokenizer"], mentions=(wav.stem,))
+    assert _tree(corpus) == before and not (corpus / "cross_testing").exists()
+
+
 # ------------------------------------------------------------------------------- lock (case 14)
 
 

@@ -306,10 +306,14 @@ def cross_decodes(
             if model != spk and wer.is_file():
                 expected = expected if expected is not None else speaker_test_ids(corpus, spk)
                 check_wer_file(wer, expected)
+    todo = {m: [s for s in audio if s != m and not (out / m / f"wer_{s}.txt").is_file()] for m in speakers}
+    # the test CSVs and recordings of the decodes to make, checked before anything is written (the
+    # workers read them one speaker at a time: a bad one would stop them after other files)
+    for spk in sorted({s for targets in todo.values() for s in targets}):
+        check_test_audio(corpus, spk)
     out.mkdir(parents=True, exist_ok=True)
     mark(corpus)
     write_json(path, record)
-    todo = {m: [s for s in audio if s != m and not (out / m / f"wer_{s}.txt").is_file()] for m in speakers}
     todo = {m: s for m, s in todo.items() if s}
     total = sum(len(s) for s in todo.values())
     wanted = sum(1 for m in speakers for s in audio if s != m)
@@ -357,6 +361,17 @@ def speaker_test_ids(corpus, speaker):
 
     try:
         return {u.id for u in read_speaker_csv(Path(corpus) / "csv" / f"{speaker}.csv", speaker, data_root=corpus)}
+    except ExtractionError as err:
+        raise RehearsalError(str(err)) from None
+
+
+def check_test_audio(corpus, speaker):
+    """RehearsalError (one line naming the file and the utterance) unless ``speaker``'s test CSV and
+    every recording it lists can be read and agree (local/sa_models.py: read_speaker_csv, check_audio)."""
+    from local.sa_models import ExtractionError, check_audio, read_speaker_csv
+
+    try:
+        check_audio(read_speaker_csv(Path(corpus) / "csv" / f"{speaker}.csv", speaker, data_root=corpus))
     except ExtractionError as err:
         raise RehearsalError(str(err)) from None
 
