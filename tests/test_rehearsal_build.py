@@ -222,6 +222,19 @@ def test_a_bad_test_recording_is_refused_before_the_cross_stage_writes(corpus, b
     assert _tree(corpus) == before and not (corpus / "cross_testing").exists()
 
 
+def test_a_bad_test_recording_is_one_line_before_the_logits_stage_writes(corpus, built):
+    """The logits stage checks every speaker's test CSV and recordings before extract_logits.py
+    writes anything; its error was two lines (extract_logits.py's, then the stage's)."""
+    import shutil
+
+    shutil.rmtree(corpus / "logit_extraction" / "F02" / "M16")  # a pair to extract again
+    wav = sorted((corpus / "audio" / "M16").glob("M16_B3_*.wav"))[0]
+    wav.write_bytes(wav.read_bytes()[:2000])
+    before = _tree(corpus)
+    _refused("--corpus", corpus, "--stage", "logits", "--tokenizer_file", built["tokenizer"], mentions=(wav.stem,))
+    assert _tree(corpus) == before
+
+
 # ------------------------------------------------------------------------------- lock (case 14)
 
 

@@ -175,6 +175,7 @@ def check_recordings(corpus):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from local.files import DiskFullError
+    from local.rehearsal_build import AlreadyReported
     from local.sa_models import ExtractionError
     from local.synthesizers import SynthesizerError
     from local.word_list import WordListError
@@ -261,6 +262,8 @@ def main(argv=None):
                     device=args.device,
                     progress=progress,
                 )
+    except AlreadyReported:  # its one line is on the console already
+        return 1
     except (RehearsalError, SynthesizerError, WordListError, DiskFullError, ExtractionError) as err:
         print(f"ERROR: {err}", file=sys.stderr)
         return 1

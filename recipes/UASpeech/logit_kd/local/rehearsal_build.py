@@ -43,6 +43,10 @@ def folder_size(folder):
     return total, count
 
 
+class AlreadyReported(RehearsalError):
+    """A failure whose one ``ERROR:`` line a job run in this process has printed already."""
+
+
 def record_stage(corpus, stage, info):
     """Adds ``info`` (seconds, bytes, ...) of ``stage`` to ``corpus.json``'s ``stages``; a stage
     resumed or rerun keeps the sum of its runs' seconds (``seconds_all_runs``): a rerun that finds
@@ -227,11 +231,14 @@ def extract(corpus, models_dir, tokenizer_file, batch_size=16, device="cpu", log
         "--speakers",
         *(f"{s}={Path(corpus) / 'csv' / f'{s}.csv'}" for s in speakers),
     ]
+    # every speaker's test CSV and recordings, checked before anything is written
+    for spk in speakers:
+        check_test_audio(corpus, spk)
     log(f"logits: extract_logits.py, {len(speakers)} models x {len(speakers)} speakers -> {root}")
     mark(corpus)
     status = extract_logits.main(argv)
-    if status != 0:
-        raise RehearsalError(f"extract_logits.py failed (exit status {status}): its log says which pair")
+    if status != 0:  # extract_logits.py has printed its one ERROR line, naming the pair
+        raise AlreadyReported(f"extract_logits.py failed (exit status {status})")
     size, files = folder_size(root)
     info = {"seconds": round(time.monotonic() - started, 1), "bytes": size, "files": files, "batch_size": batch_size}
     record_stage(corpus, "logits", info)
