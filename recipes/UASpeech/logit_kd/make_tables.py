@@ -206,28 +206,25 @@ def demo_cross(results):
     return "\n".join(lines)
 
 
-def demo_study(results):
-    """docs/study.md: the demo study's report (its study.md without its title and file list; its
-    sections as bold lines)."""
-    text = (results / "demo_study" / "study.md").read_text(encoding="utf-8")
-    lines = []
-    for line in text.splitlines()[1:]:
-        if line.startswith("Files: "):
-            break
-        lines.append(f"**{line[3:]}**" if line.startswith("## ") else line)
-    return "\n".join(lines).strip()
+def study_report(folder):
+    """A study's report for a docs page: its study.md without its title and file list, its sections
+    as bold lines."""
+
+    def render(results):
+        text = (results / folder / "study.md").read_text(encoding="utf-8")
+        lines = []
+        for line in text.splitlines()[1:]:
+            if line.startswith("Files: "):
+                break
+            lines.append(f"**{line[3:]}**" if line.startswith("## ") else line)
+        return "\n".join(lines).strip()
+
+    return render
 
 
-def rehearsal_study(results):
-    """docs/rehearsal_study.md: the study's report on the rehearsal corpus (synthetic speech, real
-    models), as demo_study renders the demo's."""
-    text = (results / "rehearsal_study" / "study.md").read_text(encoding="utf-8")
-    lines = []
-    for line in text.splitlines()[1:]:
-        if line.startswith("Files: "):
-            break
-        lines.append(f"**{line[3:]}**" if line.startswith("## ") else line)
-    return "\n".join(lines).strip()
+# docs/study.md: the demo study; docs/rehearsal_study.md: the study on the rehearsal corpus
+demo_study = study_report("demo_study")
+rehearsal_study = study_report("rehearsal_study")
 
 
 def rehearsal_summary(results):
