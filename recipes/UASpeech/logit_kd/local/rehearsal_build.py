@@ -140,9 +140,9 @@ def check_audio_stage(corpus):
 
 
 def _sha256(path):
-    import hashlib
+    from local.rehearsal_models import _sha256 as sha256  # the models stage's checksum of a file
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256(path)
 
 
 def check_models(corpus, models_dir, speakers, tokenizer_file):
