@@ -214,7 +214,11 @@ class FusionKD(sb.Brain):
                 valid_stats=stats,
             )
             # On every rank: the checkpointer synchronises the ranks itself.
-            self.checkpointer.save_and_keep_only(meta={"loss": stage_loss, "WER": stats["WER"]}, min_keys=["loss"])
+            # The validation figures go into the checkpoint's meta: the test reports those of the
+            # kept checkpoint, which is what a choice between configurations may look at (the
+            # held-out speaker's figures may not choose anything).
+            meta = {"loss": stage_loss, "WER": stats["WER"], "WRA": stats["WRA"], "WRA_mean": stats["WRA_mean"]}
+            self.checkpointer.save_and_keep_only(meta=meta, min_keys=["loss"])
             return
         stats.update(WER=results["student"]["WER"], WRA=results["student"]["WRA"])
         self.hparams.train_logger.log_stats({"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats)
@@ -261,6 +265,9 @@ class FusionKD(sb.Brain):
                 "decoding": TEACHER_FORCED,
                 "wer_files": wer_files,
                 "student": results["student"],
+                # The kept checkpoint's validation figures (training audio only): what ablate.py
+                # chooses configurations by. None for a fusion without parameters (no training).
+                "validation": getattr(self, "kept_validation", None),
                 "baselines": {name: r for name, r in results.items() if name != "student"},
                 # Free-running CTC decodes of the held-out audio: they do not see the reference.
                 "free_running_ctc": ctc,
@@ -279,6 +286,7 @@ class FusionKD(sb.Brain):
         # restores it only when training resumes from it).
         with self.hparams.train_log_state.kept():
             super().on_evaluate_start(max_key=max_key, min_key=min_key)
+        self.kept_validation = kept_validation(self.checkpointer, min_key)
 
     def init_optimizers(self):
         # The `mean` fusion has no parameters: nothing to optimise (Adam refuses an empty list).
@@ -292,6 +300,24 @@ class FusionKD(sb.Brain):
         # N times larger, N times fewer steps) and, outside DDP, never call set_epoch on it.
         self.train_sampler = loader_kwargs["batch_sampler"]
         return loader_kwargs
+
+
+def kept_validation(checkpointer, min_key):
+    """The validation figures of the checkpoint the test loads (its loss, the student's WRA
+    and the untrained mean's on the same validation items), or None when nothing was trained.
+    For ``self`` and ``matched`` a validation item is one teacher speaker's own stream, so
+    ``WRA_mean`` is that speaker's own model alone: ``sa_self``'s counterpart on the teachers."""
+    if checkpointer is None:
+        return None
+    ckpt = checkpointer.find_checkpoint(min_key=min_key)
+    if ckpt is None or "WRA" not in ckpt.meta:  # untrained, or saved before the meta held WRA
+        return None
+    meta = ckpt.meta
+    return {
+        "loss": float(meta["loss"]),
+        "WRA": float(meta["WRA"]),
+        "WRA_mean": float(meta["WRA_mean"]),
+    }
 
 
 def partial_run(debug, n_scored, n_items):
