@@ -178,6 +178,14 @@ def choose(cell, folds):
     return next(name for name in valid if _mean(valid[name].values()) >= best - 1e-9)
 
 
+# The test's baselines printed under each table (test figures only: they have no counterpart on
+# the validation items)
+BASELINES = {
+    "sa_self": "the held-out speaker's own SA model (with `cross`: a reference, no unseen-speaker system has it)",
+    "majority_vote": "the teachers' majority vote (ties: the teacher ranked first on the training audio)",
+}
+
+
 def _fmt(value):
     return "" if value is None else f"{value:.1f}"
 
@@ -240,10 +248,10 @@ def render(ablation, grid, folds, teacher_sets, seeds, complete=False):
             lines.append("| " + " | ".join(row) + " |")
         if complete:
             first = next(iter(complete.values()))
-            for baseline in ("sa_self", "majority_vote"):
+            for baseline, what in BASELINES.items():
                 if all(baseline in r["test"] for f in folds for r in first[f]):
                     per_fold = {f: _mean(r["test"][baseline] for r in first[f]) for f in folds}
-                    row = [f"`{baseline}`", "the test's baseline", *([""] * (len(folds) + 1))]
+                    row = [f"`{baseline}`", what, *([""] * (len(folds) + 1))]
                     row += [*(_fmt(per_fold[f]) for f in folds), _fmt(_mean(per_fold.values()))]
                     lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
