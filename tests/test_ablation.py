@@ -27,9 +27,12 @@ def grid(tmp_path, settings):
 MATCHED = {"matched": {"base": {}, "candidates": {"default": {}, "small": {"d_model": 32}}}}
 
 
-def write_run(folder, valid, valid_mean, test, test_mean, sa_self):
+def write_run(folder, valid, valid_mean, test, test_mean, sa_self, overrides=None):
     folder.mkdir(parents=True, exist_ok=True)
     info = {
+        "input_streams": "matched",
+        "fusion": "transformer",
+        "overrides": {"held_out": "M16", "seed": 1986, **(overrides or {})},
         "partial": None,
         "data_kind": "demo",
         "synthetic_data": True,
@@ -48,7 +51,7 @@ def fake_ablation(tmp_path, figures):
     for name, per_fold in figures.items():
         for fold, (valid, test) in per_fold.items():
             path = run_folder(folder, "matched", name, fold, "same_level", spec["matched"], SEEDS[0])
-            write_run(path, valid, 50.0, test, 60.0, 60.0)
+            write_run(path, valid, 50.0, test, 60.0, 60.0, MATCHED["matched"]["candidates"][name])
     return folder, spec
 
 
@@ -86,6 +89,9 @@ def test_a_tie_goes_to_the_row_listed_first_and_untrained_can_win(tmp_path):
     folder, spec = fake_ablation(tmp_path / "b", {"default": {"M08": (45, 90), "M16": (49, 90)},
                                                   "small": {"M08": (44, 90), "M16": (40, 90)}})  # fmt: skip
     assert chosen(folder, spec) == UNTRAINED  # the mean of the streams (valid 50) beats both
+    folder, spec = fake_ablation(tmp_path / "c", {"default": {"M08": (50, 90), "M16": (50, 90)},
+                                                  "small": {"M08": (40, 90), "M16": (40, 90)}})  # fmt: skip
+    assert chosen(folder, spec) == UNTRAINED  # a tie with the untrained fusion: training must earn its place
     text = render(folder, spec, FOLDS, ["same_level"], SEEDS)
     assert "| untrained ✓ |" in text and "| `sa_self` |" in text
 
@@ -115,15 +121,30 @@ def test_runs_without_validation_figures_or_partial_are_refused(tmp_path):
         chosen(folder, spec)
 
 
+def test_runs_of_an_edited_grid_are_refused(tmp_path):
+    """A candidate's runs made with other options than the grid gives it now are not shown under
+    its new description."""
+    folder, spec = fake_ablation(tmp_path, {"default": {"M08": (55, 70), "M16": (50, 70)},
+                                            "small": {"M08": (56, 70), "M16": (51, 70)}})  # fmt: skip
+    spec["matched"]["candidates"]["small"] = {"d_model": 16}
+    with pytest.raises(AblationError, match="the grid changed since"):
+        chosen(folder, spec)
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"matched": {"candidates": {"a": {"input_streams": "both"}}}}, "input_streams 'both' is not one of"),
+        ({"matched": {"candidates": {"a": {"input_streams": "both"}}}}, "--input_streams=both is not allowed"),
         ({"matched": {"candidates": {"a": {"fusion": "mean"}}}}, "the mean fusion is the `untrained` row"),
         ({"matched": {"candidates": {"a": {"held_out": "M08"}}}}, "--held_out is set by ablate.py"),
         ({"x": {"candidates": {"a": {}, "b": {"input_streams": "cross"}}}}, "tested on different inputs"),
         ({"matched": {"candidates": {}}}, "no candidates"),
         ({"matched": {"candidates": {"untrained": {}}}}, "the untrained fusion's row"),
+        ({"matched": {"candidates": {"a": {"alhpa": 0.3}}}}, "unknown option alhpa (did you mean alpha?)"),
+        ({"matched": {"candidates": {"a": {"alpha": 7}}}}, "--alpha=7 is not allowed"),
+        ({"matched": {"candidates": {"a": {"valid_fraction": 0.2}}}}, "decides the validation items"),
+        ({"matched": {"candidates": {"../a": {}}}}, "a candidate's name is letters"),
+        ({"matched": {"candidates": {"a": {"debug": True}}}}, "--debug is set by ablate.py"),
     ],
 )
 def test_a_bad_grid_stops_with_one_line_before_anything_is_written(tmp_path, settings, message):
@@ -137,6 +158,18 @@ def test_a_bad_grid_stops_with_one_line_before_anything_is_written(tmp_path, set
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_a_value_given_twice_stops_before_anything_is_written(tmp_path):
+    out = tmp_path / "ablation"
+    proc = subprocess.run(
+        [sys.executable, str(ABLATE), f"--ablation_folder={out}", "--folds", "M08", "M08"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--folds M08 M08: a value is given twice" in proc.stderr
     assert not out.exists()
 
 
@@ -174,7 +207,7 @@ def test_the_ablation_on_one_fold_end_to_end(tmp_path, demo_tree):
         valid[name] = info["validation"]["WRA"]
         valid[UNTRAINED] = info["validation"]["WRA_mean"]
     best = max(valid.values())
-    assert chosen_row == next(n for n in ("default", "self_items", UNTRAINED) if valid[n] >= best - 1e-9)
+    assert chosen_row == next(n for n in (UNTRAINED, "default", "self_items") if valid[n] >= best - 1e-9)
     table = (out / "ablation.md").read_text()
     assert f"| {chosen_row} ✓ |" in table and "valid M16" in table and "| `sa_self` |" in table
     again = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)

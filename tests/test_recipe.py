@@ -86,7 +86,7 @@ def test_outputs_of_a_fold(m16_run):
 def test_results_hold_the_kept_checkpoints_validation_figures(m16_run):
     """test_results.json carries the validation figures of the checkpoint the test loaded (the
     teacher speakers' productions: what ablate.py chooses by), equal to that epoch's line of
-    train_log.txt and not another epoch's."""
+    train_log.txt."""
     out, _ = m16_run
     results = json.loads((out / "test_results.json").read_text())
     rows = {row["epoch"]: row for row in read_train_log(out / "train_log.txt")}
@@ -95,8 +95,6 @@ def test_results_hold_the_kept_checkpoints_validation_figures(m16_run):
     assert validation["loss"] == pytest.approx(kept["loss"], rel=1e-3)
     assert validation["WRA"] == pytest.approx(kept["WRA"], abs=1e-3)
     assert validation["WRA_mean"] == pytest.approx(kept["WRA_mean"], abs=1e-3)
-    others = [row for epoch, row in rows.items() if epoch != results["epoch_loaded"]]
-    assert others and all(abs(row["loss"] - kept["loss"]) > 1e-4 for row in others)
     # the kept checkpoint is the one with the lowest validation loss
     assert kept["loss"] == min(row["loss"] for row in rows.values())
 

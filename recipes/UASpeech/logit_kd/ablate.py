@@ -23,12 +23,13 @@ finished runs and runs nothing.
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from local.ablation import AblationError, candidate_config, choices, load_grid, render
+from local.ablation import AblationError, candidate_config, choices, collect, load_grid, progress, render
 from local.corpus import SPEAKERS
 from local.files import atomic_write
 from local.folds import TEACHER_SETS
@@ -60,6 +61,17 @@ def parse_args(argv):
         parser.error("--seeds and --jobs must be at least 1")
     if args.logit_root and not args.tokenizer_file:
         parser.error("--logit_root needs --tokenizer_file (the SA models' SentencePiece model)")
+    if args.logit_root and not Path(args.logit_root).is_dir():
+        parser.error(f"--logit_root {args.logit_root}: no such folder")
+    if args.tokenizer_file and not Path(args.tokenizer_file).is_file():
+        parser.error(f"--tokenizer_file {args.tokenizer_file}: no such file")
+    for option, values in (
+        ("--folds", args.folds),
+        ("--teacher_sets", args.teacher_sets),
+        ("--settings", args.settings),
+    ):
+        if values and len(set(values)) < len(values):
+            parser.error(f"{option} {' '.join(values)}: a value is given twice")
     for fold in args.folds:
         if not (RECIPE / "hparams" / f"fold_{fold}.yaml").is_file():
             parser.error(f"no fold file hparams/fold_{fold}.yaml for --folds {fold}")
@@ -131,10 +143,27 @@ def prepare_demo_tree(args):
 
 
 def run_all(args, todo):
-    """The candidates' run_study.py processes, ``--jobs`` at a time; returns the failed ones."""
+    """The candidates' run_study.py processes, ``--jobs`` at a time; returns the failed ones. On
+    Ctrl-C or SIGTERM the running ones are stopped too (their train.py runs resume next time)."""
     logs = Path(args.ablation_folder) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     waiting, running, failed = list(todo), [], []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        _run(args, logs, waiting, running, failed)
+    finally:
+        for _, _, proc, _log, _ in running:
+            proc.terminate()
+        for _, _, proc, log, _ in running:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+    return failed
+
+
+def _run(args, logs, waiting, running, failed):
     while waiting or running:
         while waiting and len(running) < args.jobs:
             setting, name, command = waiting.pop(0)
@@ -153,25 +182,29 @@ def run_all(args, todo):
             print(f"{setting}/{name}: {status} after {time.monotonic() - start:.0f} s", flush=True)
             if proc.returncode:
                 failed.append(f"{setting}/{name} (log: {logs / f'{setting}_{name}.log'})")
-    return failed
 
 
 def main(argv=None):
     args = parse_args(argv)
     folder = Path(args.ablation_folder)
+    scope = (args.grid_spec, args.folds, args.teacher_sets, args.seed_list)
     failed = []
-    if not args.report:
-        prepare_demo_tree(args)
-        failed = run_all(args, jobs(args))
     try:
-        text = render(folder, args.grid_spec, args.folds, args.teacher_sets, args.seed_list)
-        chosen = choices(folder, args.grid_spec, args.folds, args.teacher_sets, args.seed_list)
+        collect(folder, *scope)  # runs already there must be this grid's, before anything is run
+        if not args.report:
+            prepare_demo_tree(args)
+            failed = run_all(args, jobs(args))
+        text = render(folder, *scope)
+        chosen = choices(folder, *scope)
+        done, total = progress(collect(folder, *scope), *scope)
     except AblationError as err:
         sys.exit(f"ERROR: {err}")
+    except KeyboardInterrupt:
+        sys.exit("\ninterrupted: run the same command again to go on (finished runs are skipped)")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / "ablation.md", lambda handle: handle.write(text))
     # ablation.json (the choices) marks a finished ablation: written only when every run finished
-    finished = not failed and "Unfinished" not in text
+    finished = not failed and done == total
     if finished:
         atomic_write(folder / "ablation.json", lambda handle: json.dump({"chosen": chosen}, handle, indent=1))
     elif (folder / "ablation.json").is_file():

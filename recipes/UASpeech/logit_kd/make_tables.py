@@ -451,7 +451,7 @@ def ablation(folder, settings=None, teacher_sets=("same_level", "all_others")):
 
         grid = load_grid(RECIPE / "hparams" / "ablation.yaml")
         grid = {s: grid[s] for s in settings or grid}
-        return ablation_tables(results / folder, grid, FOLDS, teacher_sets, [1986], complete=True)
+        return ablation_tables(results / folder, grid, FOLDS, teacher_sets, [1986], require_complete=True)
 
     return render
 

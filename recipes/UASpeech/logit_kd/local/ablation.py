@@ -9,14 +9,15 @@ stream: the untrained counterpart (``WRA_mean``) is then that speaker's own mode
 ``sa_self`` is on the test.
 """
 
+import difflib
 import json
+import re
 from pathlib import Path
 
 import yaml
 
 from local import data_kind
-from local.folds import INPUT_STREAMS
-from local.fusion import FUSIONS
+from local.options import base_keys, check_value
 
 RESULTS_FILE = "test_results.json"
 UNTRAINED = "untrained"  # the mean of the streams: for matched, the speaker's own model alone
@@ -31,7 +32,13 @@ RESERVED = (
     "seed",
     "threads",
     "cache_folder",
+    "debug",
 )
+# What decides the validation items: the same for every candidate of a setting (its `base`), or
+# the candidates would be chosen on different items
+BASE_ONLY = ("valid_fraction", "cross_audio", "teachers", "exclude_speakers", "logit_root")
+NAME = re.compile(r"[A-Za-z0-9_.-]+")
+BASE_HPARAMS = Path(__file__).resolve().parent.parent / "hparams" / "logit_kd.yaml"
 
 
 class AblationError(ValueError):
@@ -48,8 +55,11 @@ def load_grid(path):
     settings = grid.get("settings") if isinstance(grid, dict) else None
     if not isinstance(settings, dict) or not settings:
         raise AblationError(f"{path}: no `settings:` mapping")
+    known = base_keys(BASE_HPARAMS)
     for setting, spec in settings.items():
         where = f"{path}: settings.{setting}"
+        if not isinstance(setting, str) or not NAME.fullmatch(setting):
+            raise AblationError(f"{where}: a setting's name is letters, digits, '_', '.' or '-' (a folder name)")
         if not isinstance(spec, dict) or set(spec) - {"base", "candidates"}:
             raise AblationError(f"{where}: give `base` and `candidates` only")
         candidates = spec.get("candidates")
@@ -59,20 +69,25 @@ def load_grid(path):
         for name, overrides in {"base": spec["base"], **candidates}.items():
             if name == UNTRAINED:
                 raise AblationError(f"{where}: `{UNTRAINED}` is the name of the untrained fusion's row")
+            if not isinstance(name, str) or not NAME.fullmatch(name):
+                raise AblationError(f"{where}.{name}: a candidate's name is letters, digits, '_', '.' or '-'")
             if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
                 raise AblationError(f"{where}.{name}: give a mapping of options")
-            for key in overrides:
+            for key, value in overrides.items():
                 if key in RESERVED:
                     raise AblationError(f"{where}.{name}: --{key} is set by ablate.py for every run")
+                if key not in known:
+                    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                    hint = f" (did you mean {close[0]}?)" if close else ""
+                    raise AblationError(f"{where}.{name}: unknown option {key}{hint}")
+                if name != "base" and key in BASE_ONLY:
+                    raise AblationError(f"{where}.{name}: {key} decides the validation items: give it in `base`")
+                problem = check_value(key, value)
+                if problem:
+                    raise AblationError(f"{where}.{name}: {problem}")
         tests = {}
         for name in candidates:
             config = {**spec["base"], **candidates[name]}
-            if config.get("input_streams", "matched") not in INPUT_STREAMS:
-                raise AblationError(
-                    f"{where}.{name}: input_streams {config['input_streams']!r} is not one of {INPUT_STREAMS}"
-                )
-            if config.get("fusion", "transformer") not in FUSIONS:
-                raise AblationError(f"{where}.{name}: fusion {config['fusion']!r} is not one of {FUSIONS}")
             if config.get("fusion") == "mean":
                 raise AblationError(f"{where}.{name}: the mean fusion is the `{UNTRAINED}` row of every table already")
             # self and matched are tested alike (the held-out speaker's own stream), cross is not
@@ -110,31 +125,50 @@ def run_folder(ablation, setting, name, fold, teacher_set, spec, seed):
     return Path(ablation) / setting / name / f"{fold}_{teacher_set}_{streams}_{fusion}" / str(seed)
 
 
-def read_run(folder):
+# What ablate.py and run_study.py set for every run: not part of a candidate's configuration
+DRIVER_KEYS = set(RESERVED) | {"input_streams", "fusion", "noprogressbar", "held_out", "teacher_set"}
+
+
+def read_run(folder, spec=None, name=None):
     """The figures of one finished run (None when it has not finished): validation (teacher
-    speakers) apart from test (the held-out speaker)."""
+    speakers) apart from test (the held-out speaker). With ``spec`` and ``name``, the run must be
+    that candidate's as the grid says it now (a grid edited since gives its old runs away here)."""
     path = Path(folder) / RESULTS_FILE
     if not path.is_file():
         return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise AblationError(f"{path}: not readable: {err}") from None
-    if info.get("partial"):
-        raise AblationError(f"{path}: a partial run ({info['partial']}): remove it and run ablate.py again")
-    if not isinstance(info.get("validation"), dict):
-        raise AblationError(f"{path}: no validation figures (a run of an older train.py): remove it and run again")
-    baselines = info.get("baselines", {})
-    return {
-        "validation": {"student": info["validation"]["WRA"], UNTRAINED: info["validation"]["WRA_mean"]},
-        "test": {
-            "student": info["student"]["WRA"],
-            UNTRAINED: baselines["mean"]["WRA"],
-            **{k: baselines[k]["WRA"] for k in ("sa_self", "majority_vote") if k in baselines},
-        },
-        "teachers": info.get("teachers", []),
-        "data_kind": data_kind.of_info(info),
-    }
+        validation = info.get("validation")
+        if info.get("partial"):
+            raise AblationError(f"{path}: a partial run ({info['partial']}): remove it and run ablate.py again")
+        if not isinstance(validation, dict) or not {"WRA", "WRA_mean"} <= set(validation):
+            raise AblationError(f"{path}: no validation figures (a run of an older train.py): remove it and run again")
+        if spec is not None:
+            config = {**spec["base"], **spec["candidates"][name]}
+            wanted = (config.pop("input_streams", "matched"), config.pop("fusion", "transformer"))
+            wanted += ({k: str(v) for k, v in config.items()},)
+            recorded = {k: str(v) for k, v in info.get("overrides", {}).items() if k not in DRIVER_KEYS}
+            found = (info.get("input_streams"), info.get("fusion"), recorded)
+            if found != wanted:
+                raise AblationError(
+                    f"{path}: made with {found}, not with the grid's candidate {name} {wanted}: the grid changed "
+                    f"since; give another --ablation_folder (or remove that candidate's folder)"
+                )
+        baselines = info["baselines"]
+        return {
+            "validation": {"student": float(validation["WRA"]), UNTRAINED: float(validation["WRA_mean"])},
+            "test": {
+                "student": info["student"]["WRA"],
+                UNTRAINED: baselines["mean"]["WRA"],
+                **{k: baselines[k]["WRA"] for k in BASELINES if k in baselines},
+            },
+            "teachers": info.get("teachers", []),
+            "data_kind": data_kind.of_info(info),
+        }
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if isinstance(err, AblationError):
+            raise
+        raise AblationError(f"{path}: not a results file of train.py ({type(err).__name__}: {err})") from None
 
 
 def collect(ablation, grid, folds, teacher_sets, seeds):
@@ -145,7 +179,10 @@ def collect(ablation, grid, folds, teacher_sets, seeds):
             cell = found.setdefault((setting, teacher_set), {})
             for name in spec["candidates"]:
                 for fold in folds:
-                    runs = [read_run(run_folder(ablation, setting, name, fold, teacher_set, spec, s)) for s in seeds]
+                    runs = [
+                        read_run(run_folder(ablation, setting, name, fold, teacher_set, spec, s), spec, name)
+                        for s in seeds
+                    ]
                     if all(r is not None for r in runs):
                         cell.setdefault(name, {})[fold] = runs
     return found
@@ -168,14 +205,15 @@ def scores(cell, folds, part):
 
 def choose(cell, folds):
     """The row (a candidate, or ``untrained``) with the highest validation WRA averaged over the
-    folds; a tie goes to the row listed first (the defaults first, the untrained fusion last).
-    Reads the validation figures only."""
+    folds. A tie goes to the untrained fusion (training must earn its place), then to the
+    candidate listed first (the defaults). Reads the validation figures only."""
     complete = {name: runs for name, runs in cell.items() if all(f in runs for f in folds)}
     if not complete:
         return None
     valid = scores(complete, folds, "validation")
     best = max(_mean(valid[name].values()) for name in valid)
-    return next(name for name in valid if _mean(valid[name].values()) >= best - 1e-9)
+    order = [UNTRAINED, *(name for name in valid if name != UNTRAINED)]
+    return next(name for name in order if _mean(valid[name].values()) >= best - 1e-9)
 
 
 # The test's baselines printed under each table (test figures only: they have no counterpart on
@@ -198,10 +236,17 @@ DATA = {
 }
 
 
-def render(ablation, grid, folds, teacher_sets, seeds, complete=False):
+def progress(found, grid, folds, teacher_sets, seeds):
+    """(finished runs, the grid's runs) of ``collect``'s result."""
+    runs = sum(len(f) for cell in found.values() for c in cell.values() for f in c.values())
+    total = sum(len(spec["candidates"]) for spec in grid.values()) * len(teacher_sets) * len(folds) * len(seeds)
+    return runs, total
+
+
+def render(ablation, grid, folds, teacher_sets, seeds, require_complete=False):
     """The ablation's Markdown: per setting and teacher set, every candidate's validation WRA (the
     teacher speakers: what chooses) and test WRA (the held-out speakers: reported, chooses nothing).
-    ``complete``: refuse an ablation with unfinished runs (a table for the docs)."""
+    ``require_complete``: refuse an ablation with unfinished runs (a table for the docs)."""
     found = collect(ablation, grid, folds, teacher_sets, seeds)
     runs = [r for cell in found.values() for c in cell.values() for f in c.values() for r in f]
     if not runs:
@@ -210,17 +255,17 @@ def render(ablation, grid, folds, teacher_sets, seeds, complete=False):
     if len(kinds) > 1:
         raise AblationError(f"{ablation}: runs of different data ({', '.join(sorted(kinds))}) in one ablation")
     lines = [DATA[kinds.pop()]]
-    total = sum(len(spec["candidates"]) for spec in grid.values()) * len(teacher_sets) * len(folds) * len(seeds)
+    _, total = progress(found, grid, folds, teacher_sets, seeds)
     if len(runs) < total:
-        if complete:
+        if require_complete:
             raise AblationError(f"{ablation}: {len(runs)} of the grid's {total} runs are finished")
         lines += ["", f"**Unfinished: {len(runs)} of {total} runs.** Rows without every fold are not chosen from."]
     lines.append("")
     lines.append(
         f"WRA %, teacher-forced greedy, mean over seed(s) {', '.join(map(str, seeds))}. **valid**: the "
         "teacher speakers' validation productions (never the held-out speaker's), on the kept checkpoint; "
-        "the row with the best mean chooses (✓; a tie goes to the row above). **test**: the held-out "
-        "speakers, reported and never used to choose. `untrained`: the mean of the streams (for "
+        "the row with the best mean chooses (✓; a tie goes to `untrained`, then to the row above). "
+        "**test**: the held-out speakers, reported and never used to choose. `untrained`: the mean of the streams (for "
         "`matched` one stream: the speaker's own model alone, `sa_self` on the test)."
     )
     for (setting, teacher_set), cell in found.items():
@@ -234,9 +279,9 @@ def render(ablation, grid, folds, teacher_sets, seeds, complete=False):
         header += [f"test {f}" for f in folds] + ["test mean"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("| --- | --- | " + " | ".join(["---:"] * (2 * len(folds) + 2)) + " |")
-        complete = {name: runs for name, runs in cell.items() if all(f in runs for f in folds)}
-        valid = scores(complete, folds, "validation") if complete else {}
-        test = scores(complete, folds, "test") if complete else {}
+        rows = {name: runs for name, runs in cell.items() if all(f in runs for f in folds)}
+        valid = scores(rows, folds, "validation") if rows else {}
+        test = scores(rows, folds, "test") if rows else {}
         for name in [*spec["candidates"], UNTRAINED]:
             if name not in valid:
                 lines.append(f"| {name} | unfinished |" + " |" * (2 * len(folds) + 2))
@@ -246,8 +291,8 @@ def render(ablation, grid, folds, teacher_sets, seeds, complete=False):
             row = [f"{name}{mark}", what, *(_fmt(valid[name][f]) for f in folds), _fmt(_mean(valid[name].values()))]
             row += [*(_fmt(test[name][f]) for f in folds), _fmt(_mean(test[name].values()))]
             lines.append("| " + " | ".join(row) + " |")
-        if complete:
-            first = next(iter(complete.values()))
+        if rows:
+            first = next(iter(rows.values()))
             for baseline, what in BASELINES.items():
                 if all(baseline in r["test"] for f in folds for r in first[f]):
                     per_fold = {f: _mean(r["test"][baseline] for r in first[f]) for f in folds}
