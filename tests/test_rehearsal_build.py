@@ -138,6 +138,20 @@ def test_an_unfinished_model_is_refused(corpus, built, stage):
 
 
 @pytest.mark.parametrize("stage", ["logits", "cross"])
+def test_a_model_whose_checkpoint_is_gone_is_refused_before_writing(corpus, built, stage):
+    """A finished model's checkpoint files are checked against what it recorded (a lost checkpoint
+    was found only pair by pair, after the stage had started writing)."""
+    for ckpt in (corpus / "models" / "M16" / "save").glob("CKPT+*"):
+        shutil.rmtree(ckpt)
+    shutil.rmtree(corpus / "logit_extraction" / "M16")
+    (corpus / "cross_testing" / "M16" / "wer_F02.txt").unlink()
+    (corpus / "REHEARSAL.json").unlink()
+    before = _tree(corpus)
+    _refused("--corpus", corpus, "--stage", stage, "--tokenizer_file", built["tokenizer"], mentions=("M16", "missing"))
+    assert _tree(corpus) == before
+
+
+@pytest.mark.parametrize("stage", ["logits", "cross"])
 def test_models_of_another_corpus_are_refused(corpus, built, stage):
     # the same models beside a corpus whose CSVs differ: they were not trained on it
     csv = corpus / "csv" / "M07_B1.csv"

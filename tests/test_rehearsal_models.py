@@ -420,3 +420,27 @@ def test_resumed_model_times_are_marked_as_the_last_run_only(tiny, tmp_path):
     assert rows["SI"].endswith(" *") and not rows["M05"].endswith(" *"), lines
     assert any(line.startswith("* resumed from a checkpoint") for line in lines), lines
     assert json.loads((models / "SI" / "rehearsal_model.json").read_text())["resumed"] is True
+
+
+def test_keep_only_keeps_the_chosen_checkpoint_of_a_relative_folder(tmp_path, monkeypatch):
+    """The models stage keeps only each model's chosen checkpoint. The chosen path is absolute (the
+    trained model's), the save folder relative when --corpus is (the README's command): compared
+    unresolved, every checkpoint was deleted, the chosen one too (13 of 15 SA models lost theirs)."""
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from local.rehearsal_audio import RehearsalError
+    from local.rehearsal_models import _keep_only
+
+    monkeypatch.chdir(tmp_path)
+    layer = torch.nn.Linear(2, 2)
+    checkpointer = Checkpointer("corpus/models/M16/save", recoverables={"model": layer})
+    first = checkpointer.save_checkpoint(name="first")
+    checkpointer.save_checkpoint(name="second")
+    chosen = Path(first.path).resolve()
+    assert chosen.is_absolute()
+    _keep_only(Path("corpus/models/M16/save"), chosen)
+    left = sorted(p.name for p in Path("corpus/models/M16/save").iterdir())
+    assert left == ["CKPT+first"]
+    with pytest.raises(RehearsalError, match="is not there; nothing was deleted"):
+        _keep_only(Path("corpus/models/M16/save"), tmp_path / "corpus/models/M16/save/CKPT+second")
+    assert sorted(p.name for p in Path("corpus/models/M16/save").iterdir()) == ["CKPT+first"]

@@ -152,7 +152,7 @@ def check_models(corpus, models_dir, speakers, tokenizer_file):
     RehearsalError (one line naming the model or file) otherwise. Returns {speaker: folder}."""
     from types import SimpleNamespace
 
-    from local.rehearsal_models import BLOCKS, DONE, _fingerprint
+    from local.rehearsal_models import BLOCKS, DONE, _fingerprint, _record_matches
     from local.rehearsal_models import MANIFEST as MODELS_MANIFEST
 
     folders = model_folders(models_dir, speakers)
@@ -185,6 +185,8 @@ def check_models(corpus, models_dir, speakers, tokenizer_file):
             )
         if read_json_file(done, f"model {spk}'s record").get("fingerprint") != _fingerprint(plan, "sa", spk):
             raise RehearsalError(f"SA model {spk} in {folder} is not of the configuration {MODELS_MANIFEST} records")
+        # its checkpoint's files as they were when it finished (sizes and checksums it recorded)
+        _record_matches(folder, _fingerprint(plan, "sa", spk))
         ckpt = folder / "save" / "tokenizer.ckpt"
         if not ckpt.is_file() or _sha256(ckpt) != digest:
             raise RehearsalError(

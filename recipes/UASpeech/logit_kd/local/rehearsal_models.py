@@ -720,15 +720,20 @@ def _unverified(record):
 
 
 def _keep_only(save_folder, chosen):
-    """Deletes every checkpoint of ``save_folder`` but ``chosen`` (SpeechBrain's own deletion)."""
+    """Deletes every checkpoint of ``save_folder`` but ``chosen`` (SpeechBrain's own deletion).
+    The paths are compared resolved: the trained model's checkpoint path is absolute, the folder
+    may be given relative (``--corpus results/...``), and a plain comparison then deleted all."""
     from speechbrain.utils.checkpoints import Checkpointer, ckpt_recency
 
     checkpointer = Checkpointer(save_folder)
+    keep = Path(chosen).resolve()
+    if not any(Path(c.path).resolve() == keep for c in checkpointer.list_checkpoints()):
+        raise RehearsalError(f"{save_folder}: the chosen checkpoint {chosen} is not there; nothing was deleted")
     if len(checkpointer.list_checkpoints()) > 1:
         checkpointer.delete_checkpoints(
             num_to_keep=0,
             importance_keys=[ckpt_recency],
-            ckpt_predicate=lambda c: Path(c.path) != Path(chosen),
+            ckpt_predicate=lambda c: Path(c.path).resolve() != keep,
             verbosity=logging.DEBUG,
         )
 
