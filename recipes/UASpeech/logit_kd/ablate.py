@@ -34,6 +34,8 @@ from local.corpus import SPEAKERS
 from local.files import atomic_write
 from local.folds import TEACHER_SETS
 
+from run_study import data_options
+
 RECIPE = Path(__file__).resolve().parent
 RUN_STUDY = RECIPE / "run_study.py"
 FOLDS = ("M08", "M05", "M16", "M01")
@@ -90,11 +92,7 @@ def parse_args(argv):
 def jobs(args):
     """One run_study.py command per candidate: (setting, candidate, command)."""
     folder = Path(args.ablation_folder).resolve()
-    data = (
-        [f"--logit_root={Path(args.logit_root).resolve()}", f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"]
-        if args.logit_root
-        else [f"--demo_folder={Path(args.demo_folder).resolve()}"]
-    )
+    data = data_options(args.logit_root, args.tokenizer_file, args.demo_folder)
     out = []
     for setting, spec in args.grid_spec.items():
         for name in spec["candidates"]:

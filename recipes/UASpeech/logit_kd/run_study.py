@@ -153,15 +153,18 @@ def parse_args(argv):
     return args
 
 
+def data_options(logit_root, tokenizer_file, demo_folder):
+    """The options that name a run's data, as absolute paths (the runs start elsewhere)."""
+    tokenizer = [f"--tokenizer_file={Path(tokenizer_file).resolve()}"] if tokenizer_file else []
+    if logit_root:
+        return [f"--logit_root={Path(logit_root).resolve()}", *tokenizer]
+    return [f"--demo_folder={Path(demo_folder).resolve()}", *tokenizer]
+
+
 def plan(args):
     """The runs of the study, in order: fold, teacher set, input streams, fusion, seed."""
     study = Path(args.study_folder).resolve()
-    data = (
-        [f"--logit_root={Path(args.logit_root).resolve()}", f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"]
-        if args.logit_root
-        else [f"--demo_folder={Path(args.demo_folder).resolve()}"]
-        + ([f"--tokenizer_file={Path(args.tokenizer_file).resolve()}"] if args.tokenizer_file else [])
-    )
+    data = data_options(args.logit_root, args.tokenizer_file, args.demo_folder)
     if not any(item.startswith("--cache_folder=") for item in args.extra):
         data.append(f"--cache_folder={study / 'cache'}")  # one packed cache for all the runs of the study
     launch = [sys.executable]
