@@ -18,7 +18,9 @@ Writes ``<ablation_folder>/ablation.md`` (the tables) and ``ablation.json`` (the
 candidate's runs are in ``<ablation_folder>/<setting>/<candidate>/`` and its run_study.py output in
 ``<ablation_folder>/logs/``; finished runs are skipped, so after a crash run the same command again.
 ``--jobs`` candidates run at once (one CPU thread each). ``--report`` writes the tables from the
-finished runs and runs nothing.
+finished runs and runs nothing. The runs share the packed logits in ``<ablation_folder>/cache``
+(``--cache_folder``): on a full extraction with ``cross`` that is tens of GB (one store per fold,
+teacher set and temperature), and it can be removed once every run has finished.
 """
 
 import argparse

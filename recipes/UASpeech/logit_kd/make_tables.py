@@ -37,6 +37,7 @@ from pathlib import Path
 
 from local import data_kind
 from local.files import atomic_write
+from local.folds import TEACHER_SETS
 
 RECIPE = Path(__file__).resolve().parent
 SHARED = RECIPE.parents[2].parent / "shared" / "uaspeech"  # the SA artefacts beside the checkout
@@ -441,25 +442,21 @@ REHEARSAL_STUDY = [
 ] + [["python", "study_report.py", "{results}/rehearsal_study", "--quiet"]]  # fmt: skip
 
 
-def ablation(folder, settings=None, teacher_sets=("same_level", "all_others")):
-    """The ablation's tables (ablate.py's runs, every one finished), with the default grid (the
-    ``settings`` of it only, when given)."""
+def ablation(folder):
+    """The ablation's tables (ablate.py's runs of the default grid, on both teacher sets, every one
+    finished)."""
 
     def render(results):
         from local.ablation import load_grid
         from local.ablation import render as ablation_tables
 
         grid = load_grid(RECIPE / "hparams" / "ablation.yaml")
-        grid = {s: grid[s] for s in settings or grid}
-        return ablation_tables(results / folder, grid, FOLDS, teacher_sets, [1986], require_complete=True)
+        return ablation_tables(results / folder, grid, FOLDS, TEACHER_SETS, [1986], require_complete=True)
 
     return render
 
 
 ABLATE = ["python", "ablate.py"]
-# What of the grid is ablated on the rehearsal corpus: matched with the same_level teachers, where
-# the student falls below the speaker's own model (the rest would take hours more of 2 CPU cores).
-REHEARSAL_ABLATED = ("matched",)
 
 
 # name -> (render function, commands (lists) that write its result files, the files under results/
@@ -501,7 +498,7 @@ TABLES = {
         ["demo_ablation/ablation.json"],
     ),
     "rehearsal_ablation": (
-        ablation("rehearsal_ablation", REHEARSAL_ABLATED, ("same_level",)),
+        ablation("rehearsal_ablation"),
         [
             REHEARSAL_BUILD,
             [
@@ -509,10 +506,6 @@ TABLES = {
                 "--logit_root={results}/rehearsal_corpus/logit_extraction",
                 f"--tokenizer_file={_shared('sa_tokenizer.model')}",
                 "--ablation_folder={results}/rehearsal_ablation",
-                "--settings",
-                *REHEARSAL_ABLATED,
-                "--teacher_sets",
-                "same_level",
             ],
         ],  # fmt: skip
         ["rehearsal_ablation/ablation.json"],
