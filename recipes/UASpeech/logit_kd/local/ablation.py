@@ -274,7 +274,9 @@ def render(ablation, grid, folds, teacher_sets, seeds, require_complete=False):
         spec = grid[setting]
         chosen = choose(cell, folds)
         base = ", ".join(f"`{k}: {_yaml_value(v)}`" for k, v in spec["base"].items())
-        lines.append(f"\n**{setting}, teachers `{teacher_set}`** (every run, where its row does not say otherwise: {base})\n")
+        lines.append(
+            f"\n**{setting}, teachers `{teacher_set}`** (every run, where its row does not say otherwise: {base})\n"
+        )
         header = ["row", "differs by"] + [f"valid {f}" for f in folds] + ["valid mean"]
         header += [f"test {f}" for f in folds] + ["test mean"]
         lines.append("| " + " | ".join(header) + " |")
