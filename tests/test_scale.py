@@ -2,12 +2,14 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from local.kd import EnsembleTargets
@@ -291,6 +293,54 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_results(demo_tree, tmp_pat
     b = json.loads((crashed / "test_results.json").read_text())
     assert without_output_folder(a) == without_output_folder(b)
     assert (reference / "train_log.txt").read_text() == (crashed / "train_log.txt").read_text()
+
+
+def test_a_run_killed_while_deleting_an_old_checkpoint_resumes(tmp_path, monkeypatch):
+    """SpeechBrain deletes an old checkpoint file by file; a run killed meanwhile (the kill test
+    above, once in a while) must not leave a folder that still looks like a checkpoint but lacks
+    files: the next run would refuse it (no fingerprint) or fail to load it."""
+    import shutil
+
+    from speechbrain.utils.checkpoints import Checkpointer
+
+    from local.checkpoints import FINGERPRINT, CompleteCheckpointer, RunFingerprint
+    from local.fingerprint import FingerprintError, check_fingerprint
+
+    fingerprint = {"version": 2, "options": {"alpha": 0.7}}
+    save = tmp_path / "save"
+    recoverables = {"model": torch.nn.Linear(2, 2), FINGERPRINT: RunFingerprint(fingerprint)}
+    ckpt = CompleteCheckpointer(save, recoverables=recoverables)
+    ckpt.save_and_keep_only(meta={"loss": 1.0}, num_to_keep=1)
+    (old,) = ckpt.list_checkpoints()
+    original_delete, rmtree = Checkpointer.__dict__["_delete_checkpoint"], shutil.rmtree
+
+    class Killed(BaseException):
+        pass
+
+    def killed_midway(path, *args, **kwargs):  # the fingerprint goes first, then the process dies
+        (path / f"{FINGERPRINT}.ckpt").unlink()
+        raise Killed
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        ckpt.save_and_keep_only(meta={"loss": 0.5}, num_to_keep=1)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    assert Checkpointer.__dict__["_delete_checkpoint"] is original_delete  # SpeechBrain's, once more
+    assert old.path.is_dir() and not (old.path / "CKPT.yaml").exists()  # an interrupted save now
+    check_fingerprint(save, fingerprint)  # resumes: the half-deleted folder is no checkpoint
+    resumed = CompleteCheckpointer(save, recoverables=recoverables)
+    assert [c.meta["loss"] for c in resumed.list_checkpoints()] == [0.5]
+    resumed.save_and_keep_only(meta={"loss": 0.25}, num_to_keep=1)
+    # the interrupted folder is gone (its name may be taken again by a save in the same second)
+    assert [(c.path.name, c.meta["loss"]) for c in resumed.list_checkpoints()] == [
+        (p.name, 0.25) for p in save.glob("CKPT+*")
+    ]
+    # such a folder left by an earlier version of this class cannot be told from a checkpoint of an
+    # older recipe: the run stops with one line that names both, and the folder
+    (kept,) = save.glob("CKPT+*")
+    (kept / f"{FINGERPRINT}.ckpt").unlink()
+    with pytest.raises(FingerprintError, match=re.escape(f"{kept} has no readable fingerprint: ") + ".*killed while"):
+        check_fingerprint(save, fingerprint)
 
 
 def test_train_log_follows_the_checkpoint_it_resumes_from(tmp_path):

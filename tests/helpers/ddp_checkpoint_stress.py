@@ -7,6 +7,7 @@ collective operation: if the processes disagreed on the checkpoint set they woul
 other for ever (the test runs this under a timeout). Prints "done N" on the main process.
 """
 
+import os
 import random
 import sys
 import time
@@ -27,7 +28,16 @@ def slow_replace(src, dst, _replace=local.checkpoints.os.replace):
     _replace(src, dst)
 
 
-local.checkpoints.os = type("os_with_slow_replace", (), {"replace": staticmethod(slow_replace)})
+class OsWithSlowReplace:
+    """``os`` as local.checkpoints sees it, with the slow rename."""
+
+    replace = staticmethod(slow_replace)
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+
+local.checkpoints.os = OsWithSlowReplace()
 
 
 EPOCHS = int(sys.argv[3]) if len(sys.argv) > 3 else 40

@@ -6,6 +6,10 @@ process agrees, and which carry the fingerprint of the run that made them.
   as the most recent checkpoint and then fail to load. Here the meta file is written under a
   temporary name and renamed once every parameter file is saved; folders left behind by an
   interrupted save have no ``CKPT.yaml``, are ignored by SpeechBrain, and are removed at the next save.
+  Deleting works the other way round: ``CKPT.yaml`` goes first, then the folder. SpeechBrain 1.1.2
+  removes the folder file by file (``shutil.rmtree``, in directory order), so a run killed while it
+  deleted an old checkpoint left a folder that still looked like a checkpoint but lacked some of its
+  files (its fingerprint, say), which the next run then refused or failed to load.
 - Under DDP, deleting a checkpoint is a collective operation (SpeechBrain's ``_delete_checkpoint``
   runs on the main process and broadcasts), so every process must delete the same checkpoints. A
   process that lists the folder while the main process is still renaming a new checkpoint's meta
@@ -37,12 +41,25 @@ from speechbrain.utils.checkpoints import (
     mark_as_saver,
     register_checkpoint_hooks,
 )
-from speechbrain.utils.distributed import ddp_broadcast, if_main_process
+from speechbrain.utils.distributed import ddp_broadcast, if_main_process, main_process_only
 from speechbrain.utils.epoch_loop import EpochCounterWithStopper
 
 from local.files import DiskFullError, atomic_write, is_disk_full, write_json
 
 PARTIAL = METAFNAME + ".partial"
+logger = logging.getLogger(__name__)
+
+
+@main_process_only
+def _delete_meta_first(checkpoint, verbosity=logging.INFO):
+    """SpeechBrain's ``Checkpointer._delete_checkpoint``, with the meta file removed first: a run
+    killed halfway leaves a folder without ``CKPT.yaml`` (an interrupted save, see the module
+    docstring), never one that looks complete."""
+    if not Checkpointer._is_checkpoint_dir(checkpoint.path):
+        raise RuntimeError("Checkpoint does not appear valid for deletion.")
+    os.remove(Path(checkpoint.path) / METAFNAME)
+    shutil.rmtree(checkpoint.path)
+    logger.log(verbosity, f"Deleted checkpoint in {checkpoint.path}")
 
 
 class CompleteCheckpointer(Checkpointer):
@@ -65,6 +82,17 @@ class CompleteCheckpointer(Checkpointer):
         if checkpoint is not None:  # the main process: every parameter file is on disk now
             os.replace(checkpoint.path / PARTIAL, checkpoint.path / METAFNAME)
         return checkpoint
+
+    def delete_checkpoints(self, **kwargs):
+        # SpeechBrain 1.1.2 calls the deletion as ``Checkpointer._delete_checkpoint(...)``, on the
+        # base class, so a subclass cannot override it: it is swapped for this call only (one
+        # thread saves and deletes checkpoints in a run).
+        original = Checkpointer.__dict__["_delete_checkpoint"]
+        Checkpointer._delete_checkpoint = staticmethod(_delete_meta_first)
+        try:
+            return super().delete_checkpoints(**kwargs)
+        finally:
+            Checkpointer._delete_checkpoint = original
 
     def list_checkpoints(self):
         # Every process must see the same checkpoints (see the module docstring): the main process

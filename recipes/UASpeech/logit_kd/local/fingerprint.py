@@ -144,7 +144,13 @@ def check_fingerprint(save_folder, fingerprint):
     fingerprint (or with none, or an older one: an older version of the recipe). ``fingerprint``
     may be ``option_fingerprint`` alone (checked before the inputs are read) or the whole one."""
     for name, old in read_fingerprints(save_folder).items():
-        if old is None or old.get("version") != VERSION:
+        if old is None:
+            raise FingerprintError(
+                f"{Path(save_folder) / name} has no readable fingerprint: it was made by an older version of "
+                f"the recipe, or left incomplete by a run killed while it deleted this checkpoint; remove "
+                f"that folder, or give another --output_folder"
+            )
+        if old.get("version") != VERSION:
             raise FingerprintError(
                 f"{Path(save_folder) / name} was made by an older version of the recipe (its fingerprint "
                 f"does not say everything this version checks): give another --output_folder"
