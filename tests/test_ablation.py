@@ -96,6 +96,16 @@ def test_a_tie_goes_to_the_row_listed_first_and_untrained_can_win(tmp_path):
     assert "| untrained ✓ |" in text and "| `sa_self` |" in text
 
 
+def test_a_candidate_not_eligible_is_shown_and_never_chosen(tmp_path):
+    folder, spec = fake_ablation(tmp_path, {"default": {"M08": (55, 70), "M16": (52, 70)},
+                                            "small": {"M08": (60, 90), "M16": (60, 90)}})  # fmt: skip
+    assert chosen(folder, spec) == "small"
+    spec["matched"]["not_eligible"] = {"small": "too slow"}
+    assert chosen(folder, spec) == "default"
+    text = render(folder, spec, FOLDS, ["same_level"], SEEDS)
+    assert "| small | `d_model: 32` (not eligible: too slow) |" in text and "| default ✓ |" in text
+
+
 def test_a_candidate_without_every_fold_is_not_chosen_and_the_table_says_so(tmp_path):
     folder, spec = fake_ablation(tmp_path, {"default": {"M08": (55, 70), "M16": (50, 70)},
                                             "small": {"M08": (99, 70)}})  # fmt: skip
@@ -145,6 +155,9 @@ def test_runs_of_an_edited_grid_are_refused(tmp_path):
         ({"matched": {"candidates": {"a": {"valid_fraction": 0.2}}}}, "decides the validation items"),
         ({"matched": {"candidates": {"../a": {}}}}, "a candidate's name is letters"),
         ({"matched": {"candidates": {"a": {"debug": True}}}}, "--debug is set by ablate.py"),
+        ({"matched": {"candidates": {"a": {"matched_choice": True}}}}, "--matched_choice is set by ablate.py"),
+        ({"matched": {"candidates": {"a": {}}, "not_eligible": {"b": "slow"}}}, "not_eligible: b is not a candidate"),
+        ({"matched": {"candidates": {"a": {}}, "not_eligible": {"a": ""}}}, "why it cannot be chosen"),
     ],
 )
 def test_a_bad_grid_stops_with_one_line_before_anything_is_written(tmp_path, settings, message):
@@ -204,6 +217,7 @@ def test_the_ablation_on_one_fold_end_to_end(tmp_path, demo_tree):
             (out / "matched" / name / f"M16_same_level_{streams}_transformer/1986/test_results.json").read_text()
         )
         assert info["input_streams"] == streams and info["overrides"]["d_model"] == 16
+        assert info["matched_choice"] == {} and info["alpha"] == 0.7  # the options as written
         valid[name] = info["validation"]["WRA"]
         valid[UNTRAINED] = info["validation"]["WRA_mean"]
     best = max(valid.values())

@@ -20,8 +20,6 @@ def plain_options():
         tag = getattr(getattr(value, "tag", None), "value", None)
         if str(key).startswith("__") or (tag and not tag.startswith(("!ref", "!PL"))):
             continue
-        if hasattr(value, "items") and value:  # a mapping of settings; an empty one is an option (models)
-            continue
         keys.append(key)
     return keys
 

@@ -122,6 +122,9 @@ def jobs(args):
                 "--",
                 # one packed cache for every candidate (its builds are atomic and locked)
                 f"--cache_folder={Path(args.cache_folder or folder / 'cache').resolve()}",
+                # the candidates differ from logit_kd.yaml as written, not from what its
+                # per-teacher-set choice (matched_choices) would make of them: that is what a grid chooses
+                "--matched_choice=false",
                 *overrides,
             ]
             out.append((setting, name, command))

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from local.files import atomic_write
 from local.folds import INPUT_STREAMS, TEACHER_SETS
 from local.fusion import FUSIONS
+from local.options import base_doc, matched_choice, read_fold_file
 from local.report import MANIFEST_FILE, RESULTS_FILE, write_report
 
 RECIPE = Path(__file__).resolve().parent
@@ -228,8 +229,19 @@ def _options(command):
     return dict(item[2:].split("=", 1) for item in command if item.startswith("--") and "=" in item)
 
 
-# Where a run writes and how it is launched: not what it computes.
-NOT_COMPARED = ("output_folder", "cache_folder")
+# Where a run writes and how it is launched: not what it computes. matched_choice is compared by
+# what it gives the run (planned_choice), so that a run made before the option existed (none) is
+# the same run as one with --matched_choice=false.
+NOT_COMPARED = ("output_folder", "cache_folder", "matched_choice")
+
+
+def planned_choice(run):
+    """The options the per-teacher-set choice of logit_kd.yaml (matched_choices) gives a planned run."""
+    hparams_file = next(item for item in run["command"] if item.endswith(".yaml") and not item.startswith("--"))
+    base, fold = read_fold_file(hparams_file)
+    overrides = dict(fold)
+    overrides.update({k: yaml.safe_load(v) for k, v in _options(run["command"]).items()})
+    return matched_choice(base_doc(base), overrides)
 
 
 def changed_options(study, run, previous):
@@ -237,15 +249,23 @@ def changed_options(study, run, previous):
     compared with the manifest's record of its command, or, without one, with its test_results.json
     (the options it recorded and its data)."""
     planned = {k: v for k, v in _options(run["command"]).items() if k not in NOT_COMPARED}
-    if previous is not None and "command" in previous:
-        old = {k: v for k, v in _options(previous["command"]).items() if k not in NOT_COMPARED}
-        diffs = [
-            f"--{k} {old.get(k, '(unset)')} -> {planned.get(k, '(unset)')}" for k in sorted(set(old) | set(planned))
-        ]
-        return "; ".join(d for d, k in zip(diffs, sorted(set(old) | set(planned))) if old.get(k) != planned.get(k))
     with open(study / run["name"] / RESULTS_FILE, encoding="utf-8") as handle:
         info = json.load(handle)
     diffs = []
+    # The options a per-teacher-set choice gives the run, as it would now and as it did (a run made
+    # before the choice existed got none): a study folder of the options as written is not
+    # reported as the chosen configuration's, nor the other way round.
+    then, now = info.get("matched_choice", {}), planned_choice(run)
+    if then != now:
+        diffs.append(f"options chosen per teacher set {_choice(then)} -> {_choice(now)}")
+    if previous is not None and "command" in previous:
+        old = {k: v for k, v in _options(previous["command"]).items() if k not in NOT_COMPARED}
+        diffs += [
+            f"--{k} {old.get(k, '(unset)')} -> {planned.get(k, '(unset)')}"
+            for k in sorted(set(old) | set(planned))
+            if old.get(k) != planned.get(k)
+        ]
+        return "; ".join(diffs)
     recorded = info.get("overrides", {})
     for key, value in planned.items():
         if key in recorded and str(yaml.safe_load(value)) != str(recorded[key]):
@@ -254,6 +274,10 @@ def changed_options(study, run, previous):
         if key in planned and info.get(key) not in (None, str(Path(planned[key]).resolve())):
             diffs.append(f"--{key} {info[key]} -> {planned[key]}")
     return "; ".join(diffs)
+
+
+def _choice(options):
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "none"
 
 
 def tail(path, lines=TAIL_LINES):

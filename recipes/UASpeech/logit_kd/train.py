@@ -436,7 +436,9 @@ def load_fold(hparams):
         **packing,
     )
     valid_groups = validation_groups(train_store, hparams["valid_fraction"], hparams["seed"])
-    splits = build_items(train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups)
+    splits = build_items(
+        train_store, test_store, held_out, teachers, hparams["input_streams"], valid_groups, hparams["matched_items"]
+    )
     check_honesty(splits, train_store, test_store, held_out)
     # The ranking of the teacher models on every stream of the training audio, train and validation
     # items (never the test; combine.RANKING_RULE): the best single teacher and the vote's tie-break.
@@ -458,6 +460,9 @@ def load_fold(hparams):
         "teachers": teachers,
         "teacher_set": hparams["teacher_set"] if hparams["teachers"] is None else "explicit",
         "input_streams": hparams["input_streams"],
+        "matched_items": hparams["matched_items"],
+        # The options the per-teacher-set choice of logit_kd.yaml gave this run ({}: none)
+        "matched_choice": dict(hparams.get("matched_choice_applied") or {}),
         "fusion": hparams["fusion"],
         "target_aggregation": hparams["target_aggregation"],
         "temperature": hparams["temperature"],
@@ -628,6 +633,14 @@ def main(argv):
         fold.info["fusion"],
         *(len(fold.splits[s]) for s in ("train", "valid", "test")),
     )
+    if fold.info["matched_choice"]:
+        logger.info(
+            "Options chosen for %s teachers with the speaker's own model as the test input (matched_choices "
+            "of %s; --matched_choice=false: the options as written): %s",
+            fold.info["teacher_set"],
+            Path(base_file).name,
+            ", ".join(f"{k}={v}" for k, v in fold.info["matched_choice"].items()),
+        )
     for name, table in (
         ("train/valid logits", fold.train_store),
         ("test logits", fold.test_store),

@@ -33,6 +33,7 @@ RESERVED = (
     "threads",
     "cache_folder",
     "debug",
+    "matched_choice",  # false: a candidate differs from logit_kd.yaml as written
 )
 # What decides the validation items: the same for every candidate of a setting (its `base`), or
 # the candidates would be chosen on different items
@@ -60,12 +61,19 @@ def load_grid(path):
         where = f"{path}: settings.{setting}"
         if not isinstance(setting, str) or not NAME.fullmatch(setting):
             raise AblationError(f"{where}: a setting's name is letters, digits, '_', '.' or '-' (a folder name)")
-        if not isinstance(spec, dict) or set(spec) - {"base", "candidates"}:
-            raise AblationError(f"{where}: give `base` and `candidates` only")
+        if not isinstance(spec, dict) or set(spec) - {"base", "candidates", "not_eligible"}:
+            raise AblationError(f"{where}: give `base`, `candidates` and `not_eligible` only")
         candidates = spec.get("candidates")
         if not isinstance(candidates, dict) or not candidates:
             raise AblationError(f"{where}: no candidates")
         spec.setdefault("base", {})
+        spec.setdefault("not_eligible", {})
+        barred = spec["not_eligible"]
+        if not isinstance(barred, dict) or not all(isinstance(v, str) and v.strip() for v in barred.values()):
+            raise AblationError(f"{where}.not_eligible: give a mapping of candidate -> why it cannot be chosen")
+        for name in barred:
+            if name not in candidates:
+                raise AblationError(f"{where}.not_eligible: {name} is not a candidate")
         for name, overrides in {"base": spec["base"], **candidates}.items():
             if name == UNTRAINED:
                 raise AblationError(f"{where}: `{UNTRAINED}` is the name of the untrained fusion's row")
@@ -117,7 +125,7 @@ def _yaml_value(value):
 def describe(spec, name):
     """What a candidate changes, as it reads in a table."""
     changes = spec["candidates"][name]
-    return ", ".join(f"`{k}: {_yaml_value(v)}`" for k, v in changes.items()) or "the recipe's defaults"
+    return ", ".join(f"`{k}: {_yaml_value(v)}`" for k, v in changes.items()) or "`logit_kd.yaml` as written"
 
 
 def run_folder(ablation, setting, name, fold, teacher_set, spec, seed):
@@ -203,11 +211,12 @@ def scores(cell, folds, part):
     return rows
 
 
-def choose(cell, folds):
+def choose(cell, folds, not_eligible=()):
     """The row (a candidate, or ``untrained``) with the highest validation WRA averaged over the
-    folds. A tie goes to the untrained fusion (training must earn its place), then to the
-    candidate listed first (the defaults). Reads the validation figures only."""
-    complete = {name: runs for name, runs in cell.items() if all(f in runs for f in folds)}
+    folds, the candidates ``not_eligible`` (the grid's: over the time limit, say) left out. A tie
+    goes to the untrained fusion (training must earn its place), then to the candidate listed
+    first (the options as written). Reads the validation figures only."""
+    complete = {name: runs for name, runs in cell.items() if all(f in runs for f in folds) and name not in not_eligible}
     if not complete:
         return None
     valid = scores(complete, folds, "validation")
@@ -264,7 +273,8 @@ def render(ablation, grid, folds, teacher_sets, seeds, require_complete=False):
     lines.append(
         f"WRA %, teacher-forced greedy, mean over seed(s) {', '.join(map(str, seeds))}. **valid**: the "
         "teacher speakers' validation productions (never the held-out speaker's), on the kept checkpoint; "
-        "the row with the best mean chooses (✓; a tie goes to `untrained`, then to the row above). "
+        "the row with the best mean chooses (✓; a row marked not eligible is left out; a tie goes to `untrained`, "
+        "then to the row above). "
         "**test**: the held-out speakers, reported and never used to choose. `untrained`: the mean of the streams (for "
         "`matched` one stream: the speaker's own model alone, `sa_self` on the test)."
     )
@@ -272,7 +282,7 @@ def render(ablation, grid, folds, teacher_sets, seeds, require_complete=False):
         if not cell:
             continue
         spec = grid[setting]
-        chosen = choose(cell, folds)
+        chosen = choose(cell, folds, spec["not_eligible"])
         base = ", ".join(f"`{k}: {_yaml_value(v)}`" for k, v in spec["base"].items())
         lines.append(
             f"\n**{setting}, teachers `{teacher_set}`** (every run, where its row does not say otherwise: {base})\n"
@@ -289,6 +299,8 @@ def render(ablation, grid, folds, teacher_sets, seeds, require_complete=False):
                 lines.append(f"| {name} | unfinished |" + " |" * (2 * len(folds) + 2))
                 continue
             what = describe(spec, name) if name != UNTRAINED else "no training: the mean of the streams"
+            if name in spec["not_eligible"]:
+                what += f" (not eligible: {spec['not_eligible'][name]})"
             mark = " ✓" if name == chosen else ""
             row = [f"{name}{mark}", what, *(_fmt(valid[name][f]) for f in folds), _fmt(_mean(valid[name].values()))]
             row += [*(_fmt(test[name][f]) for f in folds), _fmt(_mean(test[name].values()))]
@@ -307,4 +319,4 @@ def render(ablation, grid, folds, teacher_sets, seeds, require_complete=False):
 def choices(ablation, grid, folds, teacher_sets, seeds):
     """``{"<setting>/<teacher_set>": chosen row}`` of the finished cells."""
     found = collect(ablation, grid, folds, teacher_sets, seeds)
-    return {f"{s}/{t}": choose(cell, folds) for (s, t), cell in found.items() if cell}
+    return {f"{s}/{t}": choose(cell, folds, grid[s]["not_eligible"]) for (s, t), cell in found.items() if cell}

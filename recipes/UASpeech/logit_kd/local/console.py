@@ -46,6 +46,14 @@ def closing_block(results_file, seconds=None):
         f"teachers: {len(info['teachers'])} ({info['teacher_set']}); fusion {info['fusion']}; "
         f"best checkpoint: epoch {info['epoch_loaded']}",
         f"setting: {setting(info['input_streams'])}",
+        *(
+            [
+                f"options chosen for {info['teacher_set']} teachers (--matched_choice=false: as written): "
+                + ", ".join(f"{k}={v}" for k, v in info["matched_choice"].items())
+            ]
+            if info.get("matched_choice")
+            else []
+        ),
         f"decoding: {info['decoding']}; not comparable with decodes of the audio (beam search + CTC + LM)",
         results_table(systems),
     ]

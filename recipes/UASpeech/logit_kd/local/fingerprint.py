@@ -17,7 +17,8 @@ from local.packed import file_signature
 # executed, what else the test reports. (threads: float summation order only; the same model.)
 # number_of_epochs is not here either: a run resumed with more epochs continues the same model,
 # and check_epochs refuses a folder whose checkpoints went past the epochs asked for.
-ADDED_LATER = ("max_train_items",)
+# Options added later, with the value that is what runs made before them did.
+ADDED_LATER = {"max_train_items": None, "matched_items": "all"}
 NOT_THE_MODEL = {
     "number_of_epochs",
     "output_folder",
@@ -40,6 +41,10 @@ NOT_THE_MODEL = {
     "speaker_csv",
     "data_root",
     "free_running",
+    # Whether and which per-teacher-set choice applies: the options it sets are in the fingerprint
+    # with their values, as any other.
+    "matched_choice",
+    "matched_choices",
 }
 # SpeechBrain run options that change the trained model (how it is optimised, in which precision,
 # whether --debug cut its epochs short), with SpeechBrain 1.1.2's defaults.
@@ -73,8 +78,8 @@ def option_fingerprint(hparams, teachers, run_opts=None):
     options = {k: _plain(hparams[k]) for k in sorted(CHECKS) if k in hparams and k not in NOT_THE_MODEL}
     # Options added later enter the fingerprint only when set, so that folders made before them
     # (with their default) still resume and are still recognised as finished.
-    for key in ADDED_LATER:
-        if options.get(key) is None:
+    for key, before in ADDED_LATER.items():
+        if options.get(key, before) == before:
             options.pop(key, None)
     for key, default in MODEL_RUN_OPTIONS.items():
         value = hparams.get(key, run_opts.get(key))

@@ -172,8 +172,9 @@ def _item(streams, target, utt_id, word, self_stream=-1):
     }
 
 
-def build_items(train_store, test_store, held_out, teachers, input_streams, valid_groups):
-    """``{"train": {id: item}, "valid": {...}, "test": {...}}`` for a fold.
+def build_items(train_store, test_store, held_out, teachers, input_streams, valid_groups, matched_items="all"):
+    """``{"train": {id: item}, "valid": {...}, "test": {...}}`` for a fold. ``matched_items: own``
+    gives ``matched`` the training items of ``self`` (one per teacher utterance, its own stream).
 
     ``train_store`` holds the teacher pairs only and ``test_store`` the pairs on the held-out
     speaker's audio, so the held-out speaker cannot leak into training by construction.
@@ -197,7 +198,7 @@ def build_items(train_store, test_store, held_out, teachers, input_streams, vali
                 if in_valid(j):  # validation looks like the test: one speaker's own stream
                     utt_id = train_store.utt_ids[j]
                     splits["valid"][utt_id] = _item([j], streams, utt_id, train_store.words[j])
-            if input_streams == "self":
+            if input_streams == "self" or matched_items == "own":
                 for j in train:
                     utt_id = train_store.utt_ids[j]
                     splits["train"][utt_id] = _item([j], train, utt_id, train_store.words[j])

@@ -167,6 +167,33 @@ def searches(value):
     return None if ok and len(set(value)) == len(value) else "a list of greedy and/or beam, e.g. [greedy,beam]"
 
 
+MATCHED_ITEMS = ("all", "own")
+# What a per-teacher-set choice may not change: what the fold is, where it writes, and what
+# decides whether a choice applies at all.
+NOT_CHOOSABLE = (
+    "held_out", "teacher_set", "teachers", "input_streams", "matched_choice", "matched_choices", "output_folder",
+    "save_folder", "train_log", "test_wer_file", "test_utterances_file", "test_results_file", "logit_root",
+    "tokenizer_file", "demo_folder", "cache_folder", "valid_fraction", "exclude_speakers",
+)  # fmt: skip
+
+
+def matched_choices(value):
+    """The ``matched_choices`` option: {teacher set: {option: value, ...}} of checked values."""
+    form = "a mapping {same_level: {OPTION: VALUE, ...}, all_others: {...}}"
+    if not isinstance(value, dict) or not all(k in TEACHER_SETS for k in value):
+        return form
+    for teacher_set, options in value.items():
+        if not isinstance(options, dict):
+            return f"{form}; {teacher_set}: {_show(options)} is not a mapping"
+        for key, option in options.items():
+            if key in NOT_CHOOSABLE or key not in CHECKS:
+                return f"{form} of options a choice may change; {teacher_set}: {key} is not one"
+            problem = CHECKS[key](option)
+            if problem:
+                return f"{form}; {teacher_set}: {key} must be {problem}"
+    return None
+
+
 # Every plain option of hparams/logit_kd.yaml (a test keeps this in step with the yaml).
 CHECKS = {
     "seed": integer(0),
@@ -195,6 +222,9 @@ CHECKS = {
     "test_utterances_file": path(),
     "test_results_file": path(),
     "input_streams": choice(INPUT_STREAMS),
+    "matched_items": choice(MATCHED_ITEMS),
+    "matched_choice": choice((True, False)),
+    "matched_choices": matched_choices,
     "cross_audio": choice(CROSS_AUDIO),
     "target_aggregation": choice(AGGREGATIONS),
     "temperature": number(0, low_open=True),
@@ -240,6 +270,8 @@ def _show(value):
         return str(value).lower()
     if isinstance(value, list):
         return "[" + ",".join(str(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
     return str(value)
 
 
@@ -259,6 +291,11 @@ def check_hparams(hparams):
         raise HparamsError("--models is given without --speaker_csv: the free-running decode needs the held-out CSV")
     if hparams.get("speaker_csv") and not Path(hparams["speaker_csv"]).is_file():
         raise HparamsError(f"--speaker_csv={hparams['speaker_csv']} is not allowed: the file does not exist")
+    if hparams.get("matched_items", "all") != "all" and hparams.get("input_streams") != "matched":
+        raise HparamsError(
+            f"--matched_items={hparams['matched_items']} is not allowed with input_streams "
+            f"{hparams.get('input_streams')}: it chooses the training items of input_streams matched"
+        )
     if "d_model" in hparams and hparams["d_model"] % hparams["n_heads"]:
         raise HparamsError(
             f"--n_heads={hparams['n_heads']} is not allowed: n_heads must divide d_model ({hparams['d_model']})"
@@ -330,9 +367,48 @@ def _yaml_load(text, where):
 
 def base_keys(base_file):
     """The top-level keys of a base hparams file (without building anything)."""
+    return [k for k in base_doc(base_file) if not str(k).startswith("__")]
+
+
+def base_doc(base_file):
+    """A base hparams file as yaml (round trip: nothing built)."""
     with open(base_file, encoding="utf-8") as handle:
-        doc = ruamel.yaml.YAML().load(handle)
-    return [k for k in doc if not str(k).startswith("__")]
+        return ruamel.yaml.YAML().load(handle)
+
+
+def _plain(value):
+    """A ruamel value as plain python (mappings and lists included)."""
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def matched_choice(base, overrides):
+    """The options ``matched_choices`` gives a run ({} when none), from its base hparams file
+    (``base``, as ``base_doc`` reads it) and its overrides: a run with ``input_streams:
+    matched``, ``matched_choice: true`` and a teacher set (not a list of teachers) gets its teacher
+    set's choice whole, when neither the fold file nor the command line (``overrides``) sets any
+    option of it; a run that sets one gets the options as written, so that what it asked for is
+    never mixed with a choice made for another configuration."""
+
+    def value(key):
+        return _plain(overrides[key] if key in overrides else base.get(key))
+
+    if value("input_streams") != "matched" or value("matched_choice") is not True:
+        return {}
+    if value("teachers") is not None:
+        return {}
+    choices = _plain(base.get("matched_choices")) or {}
+    if "matched_choices" in overrides:  # merged into the base's mapping, as hyperpyyaml merges it
+        recursive_update(choices, _plain(overrides["matched_choices"]))
+    if not isinstance(choices, dict):
+        return {}  # refused by its check
+    chosen = choices.get(value("teacher_set")) or {}
+    if not isinstance(chosen, dict) or any(key in overrides for key in chosen):
+        return {}
+    return dict(chosen)
 
 
 def unknown_option(key, known, hparams_file):
@@ -368,7 +444,8 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
     cli = _yaml_load(cli_overrides, "the command line") if cli_overrides else None
     if cli:
         recursive_update(overrides, dict(cli))  # the command line wins over the fold file
-    known = base_keys(base)
+    doc = base_doc(base)
+    known = [k for k in doc if not str(k).startswith("__")]
     for key in overrides:
         if key not in known:
             raise unknown_option(key, known, hparams_file)
@@ -379,6 +456,14 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
             if problem:
                 where = "" if cli and key in cli else f" (in {hparams_file})" if key in fold_file_keys else ""
                 raise HparamsError(problem + where)
+    # The per-teacher-set choice joins the overrides (so hyperparams.yaml and test_results.json
+    # say how the run was made); its values were checked with matched_choices above.
+    chosen = matched_choice(doc, overrides)
+    if "matched_choices" not in overrides:  # the command line's and the fold file's were checked above
+        problem = check_value("matched_choices", _plain(doc.get("matched_choices")))
+        if problem:
+            raise HparamsError(f"{problem} (in {base})")
+    overrides.update(chosen)
     if cli and "logit_root" in cli and "tokenizer_file" not in cli:
         raise HparamsError(
             "--logit_root is given without --tokenizer_file: a real logit tree needs the SA models' "
@@ -404,6 +489,7 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
             raise HparamsError(f"cannot load {base} with the options given: {first}") from None
     if check:
         check_hparams(hparams)
+    hparams["matched_choice_applied"] = chosen
     return base, overrides, hparams
 
 
@@ -423,8 +509,6 @@ def describe_options(hparams_file):
         tag = getattr(getattr(value, "tag", None), "value", None)
         if tag and not tag.startswith(("!ref", "!PLACEHOLDER")):
             continue  # objects (the student, the optimiser, ...) are built from the options
-        if hasattr(value, "items") and value:
-            continue  # a mapping of settings (an option's own is empty by default: models)
         shown = "(required)" if tag == "!PLACEHOLDER" else str(getattr(value, "value", value)) if tag else _show(value)
         lines.append((key, shown, comments.get(key, "")))
     width = max(len(k) for k, _, _ in lines) + 2
