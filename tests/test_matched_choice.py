@@ -191,3 +191,81 @@ def test_the_ablation_runs_every_candidate_against_the_options_as_written():
     assert len(commands) > 2
     for command in commands:
         assert "--matched_choice=false" in command[command.index("--") + 1 :], shlex.join(command)
+
+
+def test_each_choice_is_a_candidate_of_the_ablation_grid():
+    """The options chosen per teacher set are a candidate of hparams/ablation.yaml's matched setting
+    that the grid may choose (``input_streams: self`` is ``matched_items: own``), so that the table
+    that chose them is the table of those options."""
+    import yaml
+
+    from local.options import base_doc
+
+    grid = yaml.safe_load((HPARAMS / "ablation.yaml").read_text())["settings"]["matched"]
+    candidates = {}
+    for name, config in grid["candidates"].items():
+        config = {**grid["base"], **config}
+        if config.pop("input_streams", "matched") == "self":
+            config["matched_items"] = "own"
+        candidates[name] = config
+    choices = base_doc(HPARAMS / "logit_kd.yaml")["matched_choices"]
+    for teacher_set, chosen in choices.items():
+        names = [n for n, c in candidates.items() if c == dict(chosen) and n not in grid.get("not_eligible", {})]
+        assert names, f"{teacher_set}: {dict(chosen)} is no eligible candidate of the grid"
+
+
+def test_a_runs_hyperparams_yaml_gives_its_options_again(tmp_path):
+    """hyperparams.yaml holds the resolved options with the choice off: loaded as a plain hparams
+    file it gives the run's options, whether the choice applied or the run set one of its options."""
+    from local.run_folder import write_hyperparams
+
+    for fold, cli in (("M08", []), ("M08", ["--alpha=0.5"]), ("M01", [])):
+        out = tmp_path / f"{fold}_{len(cli)}"
+        cli = [f"--output_folder={out}", *cli]
+        text = "\n".join(f"{k[2:]}: {v}" for k, v in (item.split("=", 1) for item in cli))
+        base, overrides, hparams = load_fold_hparams(str(HPARAMS / f"fold_{fold}.yaml"), text)
+        out.mkdir(exist_ok=True)  # loading built the Checkpointer, which made its save folder
+        write_hyperparams(out, base, {**overrides, "matched_choice": False})
+        _, _, again = load_fold_hparams(str(out / "hyperparams.yaml"), f"output_folder: {out}")
+        assert resolved(again) == resolved(hparams) and again["matched_choice_applied"] == {}
+
+
+def test_a_folder_of_the_options_as_written_names_the_way_out(tmp_path):
+    from local.fingerprint import FingerprintError, check_fingerprint
+
+    written, _ = load("M08", tmp_path, "--matched_choice=false")
+    chosen, applied = load("M08", tmp_path)
+    ckpt = tmp_path / "save" / "CKPT+x"
+    ckpt.mkdir(parents=True)
+    (ckpt / "CKPT.yaml").write_text("end-of-epoch: true\n")
+    (ckpt / "fingerprint.ckpt").write_text(json.dumps(option_fingerprint(written, ["F05"])))
+    check_fingerprint(tmp_path / "save", option_fingerprint(written, ["F05"]), {})
+    with pytest.raises(FingerprintError) as err:
+        check_fingerprint(tmp_path / "save", option_fingerprint(chosen, ["F05"]), applied)
+    message = str(err.value)
+    assert "alpha 0.7 -> 0.9" in message and "--matched_choice=false gives the options as written" in message
+    assert "\n" not in message
+
+
+def test_help_shows_what_a_fold_gets():
+    from local.options import describe_options
+
+    text = describe_options(HPARAMS / "fold_M01.yaml")
+    assert "--max_train_items         3000 (chosen for all_others; null as written)" in text
+    assert "--matched_items           own (chosen for all_others; all as written)" in text
+    text = describe_options(HPARAMS / "fold_M16.yaml")
+    assert "--alpha                   0.9 (chosen for same_level; 0.7 as written)" in text
+    assert "--max_train_items         null\n" in text
+
+
+def test_a_choice_may_not_change_what_names_a_run():
+    for key, value in (("fusion", "mean"), ("seed", 3), ("threads", 2), ("input_streams", "self")):
+        problem = check_value("matched_choices", {"same_level": {key: value}})
+        assert problem and f"same_level: {key} is not one" in problem
+
+
+def test_a_study_plan_with_a_tagged_pass_through_option_is_read(tmp_path):
+    import run_study
+
+    run = _planned_run(tmp_path, "M08", "--save_folder=!ref <output_folder>/save")
+    assert run_study.planned_choice(run) == {"alpha": 0.9}

@@ -76,6 +76,9 @@ def test_every_run_and_the_report_exist(study):
     text = (folder / "study.md").read_text()
     assert "SYNTHETIC" in text  # demo-tree numbers are labelled as such
     assert "## teacher_set=same_level, input_streams=matched, fusion=transformer" in text
+    # the options the choice per teacher set gave every run, whatever its fusion
+    assert all(results_of(folder, run)["matched_choice"] == {"alpha": 0.9} for run in RUNS)
+    assert "Options chosen per teacher set (`matched_choices`), every run: `alpha: 0.9`." in text
     assert "| mid (58–62 %) | M05 | **KD student (transformer)**" in text
     assert "seeds 1986 1987" in text and "Holm-corrected over every test of the table" in text
     # the driver prints the report it wrote

@@ -235,12 +235,21 @@ def _options(command):
 NOT_COMPARED = ("output_folder", "cache_folder", "matched_choice")
 
 
+# The options whose values decide whether and which choice applies (of the others, only whether
+# the run sets them counts)
+CHOICE_KEYS = ("input_streams", "teacher_set", "teachers", "matched_choice", "matched_choices")
+
+
 def planned_choice(run):
     """The options the per-teacher-set choice of logit_kd.yaml (matched_choices) gives a planned run."""
     hparams_file = next(item for item in run["command"] if item.endswith(".yaml") and not item.startswith("--"))
     base, fold = read_fold_file(hparams_file)
     overrides = dict(fold)
-    overrides.update({k: yaml.safe_load(v) for k, v in _options(run["command"]).items()})
+    for key, value in _options(run["command"]).items():
+        try:
+            overrides[key] = yaml.safe_load(value) if key in CHOICE_KEYS else value
+        except yaml.YAMLError:  # train.py refuses it with one line when it runs
+            overrides[key] = value
     return matched_choice(base_doc(base), overrides)
 
 

@@ -564,7 +564,8 @@ def preflight(hparams_file, run_opts, overrides):
             errors=(FoldError,),
         )
         options = option_fingerprint(hparams, teachers, run_opts)
-        agree(check_fingerprint, hparams["save_folder"], options, errors=(FingerprintError,))
+        chosen = hparams["matched_choice_applied"]
+        agree(check_fingerprint, hparams["save_folder"], options, chosen, errors=(FingerprintError,))
         lock = agree(lambda: OutputLock(hparams["output_folder"]).acquire(), on=if_main_process)
         # Reading and packing the fold uses every core (row by row, its results do not depend on the
         # thread count: tested); training and the test use the pinned `threads`.
@@ -572,7 +573,7 @@ def preflight(hparams_file, run_opts, overrides):
         fold = prepare_fold(hparams)
         torch.set_num_threads(hparams["threads"])
         fingerprint = make_fingerprint(hparams, fold, run_opts)
-        agree(check_fingerprint, hparams["save_folder"], fingerprint, errors=(FingerprintError,))
+        agree(check_fingerprint, hparams["save_folder"], fingerprint, chosen, errors=(FingerprintError,))
         student = hparams["student"](vocab_size=fold.train_store.vocab_size, n_identities=len(SPEAKERS))
         trainable = any(p.requires_grad for p in student.parameters())
         test_only = bool(run_opts.get("test_only"))
@@ -611,7 +612,9 @@ def main(argv):
 
     # SpeechBrain's experiment folder, with hyperparams.yaml written atomically and log.txt a whole
     # line at a time (a full disk then loses nothing of a finished folder: local/run_folder.py)
-    write_hyperparams(hparams["output_folder"], base_file, fold_overrides)
+    # hyperparams.yaml holds the options the run resolved to (the choice per teacher set among its
+    # overrides), so it is written with the choice off: loaded again, it gives this run's options
+    write_hyperparams(hparams["output_folder"], base_file, {**fold_overrides, "matched_choice": False})
     sb.create_experiment_directory(experiment_directory=hparams["output_folder"], log_config=str(LOG_CONFIG))
     if fold.info["data_kind"] == data_kind.REHEARSAL:
         logger.warning(

@@ -144,10 +144,12 @@ def differences(old, new, limit=4):
     return out
 
 
-def check_fingerprint(save_folder, fingerprint):
+def check_fingerprint(save_folder, fingerprint, chosen=None):
     """Raises FingerprintError (one line) if the save folder holds checkpoints made with another
     fingerprint (or with none, or an older one: an older version of the recipe). ``fingerprint``
-    may be ``option_fingerprint`` alone (checked before the inputs are read) or the whole one."""
+    may be ``option_fingerprint`` alone (checked before the inputs are read) or the whole one.
+    ``chosen``: the options the per-teacher-set choice gave this run, named when they differ (a
+    folder made before the choice, or with ``--matched_choice=false``)."""
     for name, old in read_fingerprints(save_folder).items():
         if old is None:
             raise FingerprintError(
@@ -161,9 +163,16 @@ def check_fingerprint(save_folder, fingerprint):
                 f"does not say everything this version checks): give another --output_folder"
             )
         if any(old.get(k) != v for k, v in fingerprint.items()):
+            changed = [k for k in chosen or {} if old["options"].get(k) != fingerprint["options"].get(k)]
+            hint = (
+                f"; {', '.join(changed)} chosen per teacher set (matched_choices): --matched_choice=false "
+                f"gives the options as written"
+                if changed
+                else ""
+            )
             raise FingerprintError(
                 f"{Path(save_folder).parent} holds checkpoints of another configuration "
-                f"({'; '.join(differences(old, fingerprint)) or 'its fingerprint'}): give another "
+                f"({'; '.join(differences(old, fingerprint)) or 'its fingerprint'}{hint}): give another "
                 f"--output_folder, or remove {Path(save_folder)} to train this one there"
             )
 

@@ -171,7 +171,8 @@ MATCHED_ITEMS = ("all", "own")
 # What a per-teacher-set choice may not change: what the fold is, where it writes, and what
 # decides whether a choice applies at all.
 NOT_CHOOSABLE = (
-    "held_out", "teacher_set", "teachers", "input_streams", "matched_choice", "matched_choices", "output_folder",
+    "held_out", "teacher_set", "teachers", "input_streams", "matched_choice", "matched_choices", "fusion", "seed",
+    "threads", "output_folder",
     "save_folder", "train_log", "test_wer_file", "test_utterances_file", "test_results_file", "logit_root",
     "tokenizer_file", "demo_folder", "cache_folder", "valid_fraction", "exclude_speakers",
 )  # fmt: skip
@@ -488,7 +489,12 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
             first = " ".join(str(err).split()) or type(err).__name__
             raise HparamsError(f"cannot load {base} with the options given: {first}") from None
     if check:
-        check_hparams(hparams)
+        try:
+            check_hparams(hparams)
+        except HparamsError as err:
+            if any(f"--{key}=" in str(err) for key in chosen):
+                raise HparamsError(f"{err} (an option chosen per teacher set: matched_choices in {base})") from None
+            raise
     hparams["matched_choice_applied"] = chosen
     return base, overrides, hparams
 
@@ -503,13 +509,19 @@ def describe_options(hparams_file):
         doc = ruamel.yaml.YAML().load(handle)
     keys = [k for k in doc if not str(k).startswith("__")]
     comments = _comments(doc, list(doc))
+    chosen = matched_choice(doc, fold) if "matched_choices" in doc else {}
     lines = []
     for key in keys:
         value = fold.get(key, doc[key])
         tag = getattr(getattr(value, "tag", None), "value", None)
         if tag and not tag.startswith(("!ref", "!PLACEHOLDER")):
             continue  # objects (the student, the optimiser, ...) are built from the options
+        if hasattr(value, "items") and value and key not in CHECKS:
+            continue  # a mapping of settings of another hparams file (an option's own: matched_choices)
         shown = "(required)" if tag == "!PLACEHOLDER" else str(getattr(value, "value", value)) if tag else _show(value)
+        if key in chosen:
+            teacher_set = fold.get("teacher_set", doc.get("teacher_set"))
+            shown = f"{_show(chosen[key])} (chosen for {teacher_set}; {shown} as written)"
         lines.append((key, shown, comments.get(key, "")))
     width = max(len(k) for k, _, _ in lines) + 2
     out = [

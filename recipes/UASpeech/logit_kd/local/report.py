@@ -456,6 +456,21 @@ def _shown(rows):
     return shown
 
 
+def _chosen_line(folds):
+    """The options the choice per teacher set (matched_choices) gave the runs of a configuration, as
+    a line above its table ([] when it gave none: runs made before it, cross, --matched_choice=false)."""
+    found = {
+        json.dumps(r.info.get("matched_choice") or {}, sort_keys=True): r.info.get("matched_choice") or {}
+        for members in folds.values()
+        for r in members
+    }
+    if found == {"{}": {}}:
+        return []
+    shown = ["; ".join(f"`{k}: {v}`" for k, v in c.items()) or "none" for c in found.values()]
+    every = "every run" if len(found) == 1 else "**differs between runs**"
+    return [f"Options chosen per teacher set (`matched_choices`), {every}: {' / '.join(shown)}.", ""]
+
+
 def markdown(rows, cells, not_finished, n_boot, n_perm, seed, folder_name):
     runs = [r for folds in cells.values() for members in folds.values() for r in members]
     kind = runs_kind(runs)
@@ -508,9 +523,8 @@ def markdown(rows, cells, not_finished, n_boot, n_perm, seed, folder_name):
     for config in cells:
         title = f"teacher_set={config[0]}, input_streams={config[1]}, fusion={config[2]}"
         sel = _shown([r for r in rows if (r["teacher_set"], r["input_streams"], r["fusion"]) == config])
+        lines += [f"## {title}", "", *_chosen_line(cells[config])]
         lines += [
-            f"## {title}",
-            "",
             "| group | fold | system | n | seeds | WER % (± sd) [95 % CI] | WRA % (± sd) [95 % CI] | "
             "ΔWRA [95 % CI] | p WER (Holm) | p WRA (Holm) |",
             "|---|---|---|---:|---:|---|---|---|---:|---:|",
