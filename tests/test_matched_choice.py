@@ -88,6 +88,10 @@ def test_a_changed_choice_on_the_command_line_is_merged_and_checked(tmp_path):
     assert applied == {"alpha": 0.8} and hparams["alpha"] == 0.8
     hparams, applied = load("M01", tmp_path, "--matched_choices={same_level: {alpha: 0.8}}")
     assert applied == {"matched_items": "own", "max_train_items": 3000}  # the other teacher set's is kept
+    assert hparams["matched_choices"]["same_level"] == {"alpha": 0.8}
+    # a teacher set given is replaced whole: {} is the options as written for it
+    hparams, applied = load("M08", tmp_path, "--matched_choices={same_level: {}}")
+    assert applied == {} and resolved(hparams) == WRITTEN and hparams["matched_choices"]["same_level"] == {}
     for bad, says in [
         ("{same_level: {teacher_set: all_others}}", "same_level: teacher_set is not one"),
         ("{same_level: {alpha: 2}}", "same_level: alpha must be"),
@@ -269,3 +273,25 @@ def test_a_study_plan_with_a_tagged_pass_through_option_is_read(tmp_path):
 
     run = _planned_run(tmp_path, "M08", "--save_folder=!ref <output_folder>/save")
     assert run_study.planned_choice(run) == {"alpha": 0.9}
+
+
+def test_the_ablations_matched_choices_are_printed_as_the_option(tmp_path):
+    """ablate.py says its matched choices as train.py's matched_choices option; given back, that
+    option makes a run get what the ablation chose."""
+    import yaml
+
+    from local.ablation import UNTRAINED, as_matched_choices
+
+    grid = yaml.safe_load((HPARAMS / "ablation.yaml").read_text())["settings"]
+    grid["matched"].setdefault("base", {})
+    chosen = {"matched/same_level": "as_written", "matched/all_others": "self_items_2000", "cross/same_level": "T_1"}
+    choices, unsaid = as_matched_choices(chosen, grid)
+    assert choices == {"same_level": {}, "all_others": {"matched_items": "own", "max_train_items": 2000}}
+    assert unsaid == {}
+    _, unsaid = as_matched_choices({"matched/all_others": UNTRAINED}, grid)
+    assert "sa_self" in unsaid["all_others"]
+    option = "{same_level: {}, all_others: {matched_items: own, max_train_items: 2000}}"
+    hparams, applied = load("M01", tmp_path, f"--matched_choices={option}")
+    assert applied == {"matched_items": "own", "max_train_items": 2000}
+    hparams, applied = load("M08", tmp_path, f"--matched_choices={option}")
+    assert applied == {} and resolved(hparams) == WRITTEN

@@ -14,7 +14,9 @@ figures shown beside them choose nothing. The untrained fusion (the mean of the 
     python ablate.py --logit_root=/data/logit_extraction --tokenizer_file=/data/tokenizer.model \\
         --ablation_folder=results/ablation --seeds 3
 
-Writes ``<ablation_folder>/ablation.md`` (the tables) and ``ablation.json`` (the choices). Each
+Writes ``<ablation_folder>/ablation.md`` (the tables) and ``ablation.json`` (the choices, and the
+``matched`` ones as train.py's ``matched_choices`` option, printed at the end: the defaults of a
+``matched`` run are the rehearsal corpus's choices until you set your own). Each
 candidate's runs are in ``<ablation_folder>/<setting>/<candidate>/`` and its run_study.py output in
 ``<ablation_folder>/logs/``; finished runs are skipped, so after a crash run the same command again.
 ``--jobs`` candidates run at once (one CPU thread each). ``--report`` writes the tables from the
@@ -31,7 +33,16 @@ import sys
 import time
 from pathlib import Path
 
-from local.ablation import AblationError, candidate_config, choices, collect, load_grid, progress, render
+from local.ablation import (
+    AblationError,
+    as_matched_choices,
+    candidate_config,
+    choices,
+    collect,
+    load_grid,
+    progress,
+    render,
+)
 from local.corpus import SPEAKERS
 from local.files import atomic_write
 from local.folds import TEACHER_SETS
@@ -208,12 +219,20 @@ def main(argv=None):
     atomic_write(folder / "ablation.md", lambda handle: handle.write(text))
     # ablation.json (the choices) marks a finished ablation: written only when every run finished
     finished = not failed and done == total
+    # the matched choices as train.py's option, to use them as the defaults of a matched run
+    matched, unsaid = as_matched_choices(chosen, args.grid_spec)
     if finished:
-        atomic_write(folder / "ablation.json", lambda handle: json.dump({"chosen": chosen}, handle, indent=1))
+        record = {"chosen": chosen, "matched_choices": matched, "matched_choices_unsaid": unsaid}
+        atomic_write(folder / "ablation.json", lambda handle: json.dump(record, handle, indent=1))
     elif (folder / "ablation.json").is_file():
         (folder / "ablation.json").unlink()
     print(text)
     print("chosen on the teacher speakers' validation: " + "; ".join(f"{k}: {v}" for k, v in chosen.items()))
+    if matched and finished:
+        flow = ", ".join(f"{t}: {{{', '.join(f'{k}: {v}' for k, v in o.items())}}}" for t, o in matched.items())
+        print(f'as train.py\'s option (or matched_choices in hparams/logit_kd.yaml): --matched_choices="{{{flow}}}"')
+    for teacher_set, why in unsaid.items():
+        print(f"matched, {teacher_set}: {why}; --matched_choice=false keeps the options as written")
     if failed:
         sys.exit("FAILED: " + ", ".join(failed) + "; run the same command again to retry them")
     return 0

@@ -303,7 +303,15 @@ def _rehearsal_run(streams, teacher_set, fold):
     return f"rehearsal_study/{streams}/{fold}_{teacher_set}_{streams}_transformer/{REHEARSAL_DECODE_SEED}"
 
 
-def _rehearsal_decode(streams, teacher_set, fold):
+def _chosen_run(streams, teacher_set, fold):
+    return f"rehearsal_chosen/{fold}_{teacher_set}_{streams}_transformer/{REHEARSAL_DECODE_SEED}"
+
+
+# The free-running decodes of the chosen defaults' study (matched): seed 1986 of each teacher set and fold
+CHOSEN_DECODED = tuple(("matched", teacher_set, fold) for teacher_set in ("same_level", "all_others") for fold in FOLDS)
+
+
+def _rehearsal_decode(streams, teacher_set, fold, run=_rehearsal_run):
     """decode.py on one run of the rehearsal study: the fold's test-stream models (and the held-out
     speaker's own, for sa_self), greedy and beam 8 + partial CTC + LM (CPU-sized: docs/rehearsal_study.md)."""
     from local.folds import teacher_speakers
@@ -311,16 +319,17 @@ def _rehearsal_decode(streams, teacher_set, fold):
     models = [fold] if streams == "matched" else [*teacher_speakers(fold, teacher_set), fold]
     corpus = "{results}/rehearsal_corpus"
     return [
-        "python", "decode.py", "{results}/" + _rehearsal_run(streams, teacher_set, fold), "--models",
+        "python", "decode.py", "{results}/" + run(streams, teacher_set, fold), "--models",
         *(f"{m}={corpus}/models/{m}/hyperparams.yaml:{corpus}/models/{m}/save" for m in models),
         f"--speaker_csv={corpus}/csv/{fold}.csv", f"--data_root={corpus}", "--search", "greedy", "beam",
         "--beam_size=8", "--ctc_scoring=partial", "--noprogressbar",
     ]  # fmt: skip
 
 
-def rehearsal_free(results):
+def rehearsal_free(results, decoded=REHEARSAL_DECODED, run=_rehearsal_run):
     """docs/rehearsal_study.md: the free-running decodes of the rehearsal study's seed-1986 runs,
-    student against the same baselines, each decoded by the same search."""
+    student against the same baselines, each decoded by the same search (``decoded`` and ``run``:
+    another study's, as docs/ablation.md shows the chosen defaults')."""
     from local.corpus import production_of
     from local.significance import holm, paired_test
     from local.wer_files import read_wer_file
@@ -333,8 +342,8 @@ def rehearsal_free(results):
     )
     lines += list(header)
     infos, tests = [], []
-    for streams, teacher_set, fold in REHEARSAL_DECODED:
-        folder = results / _rehearsal_run(streams, teacher_set, fold)
+    for streams, teacher_set, fold in decoded:
+        folder = results / run(streams, teacher_set, fold)
         info = _run(folder)
         infos.append(info)
         for key, search in (("greedy", "greedy"), (REHEARSAL_BEAM, "beam 8 + CTC + LM")):
@@ -566,6 +575,11 @@ TABLES = {
         rehearsal_chosen_study,
         [REHEARSAL_BUILD, REHEARSAL_CHOSEN],
         ["rehearsal_chosen/study.md"],
+    ),
+    "rehearsal_chosen_free": (
+        lambda results: rehearsal_free(results, CHOSEN_DECODED, _chosen_run),
+        [REHEARSAL_BUILD, REHEARSAL_CHOSEN] + [_rehearsal_decode(*d, run=_chosen_run) for d in CHOSEN_DECODED],
+        [f"{_chosen_run(*d)}/wer_test_free_{REHEARSAL_BEAM}.txt" for d in CHOSEN_DECODED],
     ),
     "rehearsal_study": (
         rehearsal_study,

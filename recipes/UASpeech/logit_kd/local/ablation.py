@@ -320,3 +320,29 @@ def choices(ablation, grid, folds, teacher_sets, seeds):
     """``{"<setting>/<teacher_set>": chosen row}`` of the finished cells."""
     found = collect(ablation, grid, folds, teacher_sets, seeds)
     return {f"{s}/{t}": choose(cell, folds, grid[s]["not_eligible"]) for (s, t), cell in found.items() if cell}
+
+
+def as_matched_choices(chosen, grid):
+    """``{teacher set: options}`` for train.py's ``matched_choices`` from the ``matched`` setting's
+    choices (``choices``' result): a candidate's options on top of its base, ``input_streams: self``
+    as ``matched_items: own``; {} for the written options (no option changed). A teacher set whose
+    choice no options can say (``untrained``: the speaker's own model alone, or another fusion) is
+    left out and named in the second value."""
+    spec = grid.get("matched")
+    out, unsaid = {}, {}
+    for key, name in chosen.items():
+        setting, _, teacher_set = key.partition("/")
+        if setting != "matched" or spec is None or name is None:
+            continue
+        if name == UNTRAINED:
+            unsaid[teacher_set] = "no training was chosen: the speaker's own model alone (sa_self)"
+            continue
+        config = {**spec["base"], **spec["candidates"][name]}
+        streams = config.pop("input_streams", "matched")
+        if config.pop("fusion", "transformer") != "transformer" or streams not in ("matched", "self"):
+            unsaid[teacher_set] = f"{name} changes the fusion or the test input, which matched_choices may not"
+            continue
+        if streams == "self":
+            config["matched_items"] = "own"
+        out[teacher_set] = config
+    return out, unsaid

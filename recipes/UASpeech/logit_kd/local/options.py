@@ -386,6 +386,18 @@ def _plain(value):
     return value
 
 
+def resolved_choices(base, overrides):
+    """``matched_choices`` of a run: the base's, each teacher set the fold file or the command line
+    gives replaced whole (``{same_level: {}}``: the options as written for that teacher set)."""
+    choices = _plain(base.get("matched_choices")) or {}
+    given = _plain(overrides.get("matched_choices"))
+    if isinstance(choices, dict) and isinstance(given, dict):
+        choices = {**choices, **given}
+    elif "matched_choices" in overrides:
+        choices = given
+    return choices
+
+
 def matched_choice(base, overrides):
     """The options ``matched_choices`` gives a run ({} when none), from its base hparams file
     (``base``, as ``base_doc`` reads it) and its overrides: a run with ``input_streams:
@@ -401,9 +413,7 @@ def matched_choice(base, overrides):
         return {}
     if value("teachers") is not None:
         return {}
-    choices = _plain(base.get("matched_choices")) or {}
-    if "matched_choices" in overrides:  # merged into the base's mapping, as hyperpyyaml merges it
-        recursive_update(choices, _plain(overrides["matched_choices"]))
+    choices = resolved_choices(base, overrides)
     if not isinstance(choices, dict):
         return {}  # refused by its check
     chosen = choices.get(value("teacher_set")) or {}
@@ -495,6 +505,9 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
             if any(f"--{key}=" in str(err) for key in chosen):
                 raise HparamsError(f"{err} (an option chosen per teacher set: matched_choices in {base})") from None
             raise
+    # hyperpyyaml merged a given matched_choices into the base's key by key (it cannot empty one):
+    # the mapping a run holds is the one it resolved, each teacher set given replaced whole
+    hparams["matched_choices"] = resolved_choices(doc, overrides)
     hparams["matched_choice_applied"] = chosen
     return base, overrides, hparams
 
