@@ -466,7 +466,7 @@ def _chosen_line(folds):
     }
     if found == {"{}": {}}:
         return []
-    shown = ["; ".join(f"`{k}: {v}`" for k, v in c.items()) or "none" for c in found.values()]
+    shown = [", ".join(f"`{k}: {v}`" for k, v in c.items()) or "none" for c in found.values()]
     every = "every run" if len(found) == 1 else "**differs between runs**"
     return [f"Options chosen per teacher set (`matched_choices`), {every}: {' / '.join(shown)}.", ""]
 
