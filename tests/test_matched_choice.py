@@ -32,8 +32,8 @@ def resolved(hparams):
     return {k: hparams[k] for k in WRITTEN}
 
 
-def test_the_yaml_holds_one_choice_per_teacher_set_and_it_is_checked():
-    _, _, hparams = load_fold_hparams(str(HPARAMS / "fold_M08.yaml"), "output_folder: /tmp/unused_choice")
+def test_the_yaml_holds_one_choice_per_teacher_set_and_it_is_checked(tmp_path):
+    hparams, _ = load("M08", tmp_path)
     assert set(hparams["matched_choices"]) == {"same_level", "all_others"}
     assert check_value("matched_choices", hparams["matched_choices"]) is None
     assert hparams["matched_choice"] is True

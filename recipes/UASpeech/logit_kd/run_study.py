@@ -43,7 +43,7 @@ from tqdm import tqdm
 from local.files import atomic_write
 from local.folds import INPUT_STREAMS, TEACHER_SETS
 from local.fusion import FUSIONS
-from local.options import base_doc, matched_choice, read_fold_file
+from local.options import base_doc, describe_choice, matched_choice, read_fold_file
 from local.report import MANIFEST_FILE, RESULTS_FILE, write_report
 
 RECIPE = Path(__file__).resolve().parent
@@ -266,7 +266,7 @@ def changed_options(study, run, previous):
     # reported as the chosen configuration's, nor the other way round.
     then, now = info.get("matched_choice", {}), planned_choice(run)
     if then != now:
-        diffs.append(f"options chosen per teacher set {_choice(then)} -> {_choice(now)}")
+        diffs.append(f"options chosen per teacher set {describe_choice(then)} -> {describe_choice(now)}")
     if previous is not None and "command" in previous:
         old = {k: v for k, v in _options(previous["command"]).items() if k not in NOT_COMPARED}
         diffs += [
@@ -283,10 +283,6 @@ def changed_options(study, run, previous):
         if key in planned and info.get(key) not in (None, str(Path(planned[key]).resolve())):
             diffs.append(f"--{key} {info[key]} -> {planned[key]}")
     return "; ".join(diffs)
-
-
-def _choice(options):
-    return ", ".join(f"{k}={v}" for k, v in options.items()) or "none"
 
 
 def tail(path, lines=TAIL_LINES):

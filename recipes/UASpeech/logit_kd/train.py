@@ -64,7 +64,14 @@ from local.folds import (
 )
 from local.fusion import MeanFusion, drop_streams
 from local.kd import EnsembleTargets, kd_loss, stream_scores, teacher_quality, teacher_ranking
-from local.options import HparamsError, check_hparams, check_run_options, describe_options, load_fold_hparams
+from local.options import (
+    HparamsError,
+    check_hparams,
+    check_run_options,
+    describe_choice,
+    describe_options,
+    load_fold_hparams,
+)
 from local.run_folder import LOG_CONFIG, OutputLock, check_writable, made_by_this_run, remove, write_hyperparams
 from local.scoring import SystemScores, majority_vote, results_table, teacher_ranks, write_utterances
 from local.store import LogitStore, LogitStoreError, TokenTable, load_tokenizer
@@ -642,7 +649,7 @@ def main(argv):
             "of %s; --matched_choice=false: the options as written): %s",
             fold.info["teacher_set"],
             Path(base_file).name,
-            ", ".join(f"{k}={v}" for k, v in fold.info["matched_choice"].items()),
+            describe_choice(fold.info["matched_choice"]),
         )
     for name, table in (
         ("train/valid logits", fold.train_store),

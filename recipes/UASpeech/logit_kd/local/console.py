@@ -13,6 +13,7 @@ from pathlib import Path
 
 from local import data_kind
 from local.corpus import intelligibility_group
+from local.options import describe_choice
 from local.scoring import results_table
 
 RULE = "=" * 78
@@ -49,7 +50,7 @@ def closing_block(results_file, seconds=None):
         *(
             [
                 f"options chosen for {info['teacher_set']} teachers (--matched_choice=false: as written): "
-                + ", ".join(f"{k}={v}" for k, v in info["matched_choice"].items())
+                + describe_choice(info["matched_choice"])
             ]
             if info.get("matched_choice")
             else []

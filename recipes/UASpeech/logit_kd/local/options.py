@@ -398,6 +398,11 @@ def resolved_choices(base, overrides):
     return choices
 
 
+def describe_choice(options):
+    """The options a choice gave a run, as one line says them (``alpha=0.9, ...``; ``none``)."""
+    return ", ".join(f"{k}={v}" for k, v in options.items()) or "none"
+
+
 def matched_choice(base, overrides):
     """The options ``matched_choices`` gives a run ({} when none), from its base hparams file
     (``base``, as ``base_doc`` reads it) and its overrides: a run with ``input_streams:
@@ -468,12 +473,8 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
                 where = "" if cli and key in cli else f" (in {hparams_file})" if key in fold_file_keys else ""
                 raise HparamsError(problem + where)
     # The per-teacher-set choice joins the overrides (so hyperparams.yaml and test_results.json
-    # say how the run was made); its values were checked with matched_choices above.
+    # say how the run was made); check_hparams checks its values with matched_choices.
     chosen = matched_choice(doc, overrides)
-    if "matched_choices" not in overrides:  # the command line's and the fold file's were checked above
-        problem = check_value("matched_choices", _plain(doc.get("matched_choices")))
-        if problem:
-            raise HparamsError(f"{problem} (in {base})")
     overrides.update(chosen)
     if cli and "logit_root" in cli and "tokenizer_file" not in cli:
         raise HparamsError(
@@ -498,6 +499,9 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
         except Exception as err:  # noqa: BLE001 - any failure to build the hparams is one line
             first = " ".join(str(err).split()) or type(err).__name__
             raise HparamsError(f"cannot load {base} with the options given: {first}") from None
+    # hyperpyyaml merged a given matched_choices into the base's key by key (it cannot empty one):
+    # the mapping a run holds, and that check_hparams checks, is the one it resolved
+    hparams["matched_choices"] = resolved_choices(doc, overrides)
     if check:
         try:
             check_hparams(hparams)
@@ -505,9 +509,6 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
             if any(f"--{key}=" in str(err) for key in chosen):
                 raise HparamsError(f"{err} (an option chosen per teacher set: matched_choices in {base})") from None
             raise
-    # hyperpyyaml merged a given matched_choices into the base's key by key (it cannot empty one):
-    # the mapping a run holds is the one it resolved, each teacher set given replaced whole
-    hparams["matched_choices"] = resolved_choices(doc, overrides)
     hparams["matched_choice_applied"] = chosen
     return base, overrides, hparams
 
@@ -518,8 +519,7 @@ def load_fold_hparams(hparams_file, cli_overrides="", check=True):
 def describe_options(hparams_file):
     """The recipe's options for ``--help``: name, default (of this fold) and the yaml's comment."""
     base, fold = read_fold_file(hparams_file)
-    with open(base, encoding="utf-8") as handle:
-        doc = ruamel.yaml.YAML().load(handle)
+    doc = base_doc(base)
     keys = [k for k in doc if not str(k).startswith("__")]
     comments = _comments(doc, list(doc))
     chosen = matched_choice(doc, fold) if "matched_choices" in doc else {}
