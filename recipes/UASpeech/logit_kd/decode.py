@@ -91,6 +91,7 @@ import torch
 
 from local.console import RULE, OneLineParser
 from local.corpus import parse_utterance_id, word_category
+from local.decoding_choice import ChoiceError, kind_of, read_choice
 from local.distributed import RunError, agree, is_distributed, leave, local_rank, world_size
 from local.files import DiskFullError, write_json
 from local.free_running import (
@@ -127,6 +128,7 @@ from local.store import LogitStoreError, load_tokenizer
 
 logger = logging.getLogger("decode")
 PARTIAL = ".free_running_partial"
+CHOSEN = "chosen"  # the search of --search chosen: each system's own, from tune_decoding.py
 GIB = 2**30
 
 
@@ -271,8 +273,8 @@ def systems_of(info, models, student, ctc_names=None):
 
 def search_key(search, ctc_scoring, ctc_source):
     """The name of a decoding in test_results.json and in its file names."""
-    if search == "greedy":
-        return "greedy"
+    if search in ("greedy", CHOSEN):
+        return search
     key = "beam"
     if ctc_scoring == "partial":
         key += "_partialctc"
@@ -351,7 +353,13 @@ def build_parser():
     parser.add_argument("--models", nargs="+", required=True, metavar="NAME=HPARAMS.yaml:CKPT")
     parser.add_argument("--speaker_csv", required=True, help="the held-out speaker's SpeechBrain CSV")
     parser.add_argument("--data_root", help="replaces $data_root in the CSV's wav column")
-    parser.add_argument("--search", nargs="+", choices=SEARCHES, default=list(SEARCHES))
+    parser.add_argument(
+        "--search",
+        nargs="+",
+        choices=(*SEARCHES, CHOSEN),
+        default=list(SEARCHES),
+        help="greedy, beam (default: both), chosen (each system as tune_decoding.py chose on the teacher speakers)",
+    )
     parser.add_argument(
         "--lm_file", help="TransformerLM checkpoint (default: lm.ckpt of the model's save folder); none"
     )
@@ -501,6 +509,11 @@ def prepare(args):
     job.scale = job.run_opts.get("scorer_beam_scale", 2.0)
     job.batch_size = job.run_opts.get("batch_size") or default_batch_size(args, job.settings, job.device)
     job.ctc_names = ctc_models_of(job.info, args.ctc_source, job.specs)
+    if args.ctc_source != "own" and CHOSEN in args.search:
+        raise DecodeError(
+            f"--ctc_source={args.ctc_source} is not allowed with --search chosen: each system reads its own CTC"
+        )
+    job.choice = chosen_decodings(job.folder, job.info) if CHOSEN in args.search else None
     job.keys = {search: search_key(search, args.ctc_scoring, args.ctc_source) for search in args.search}
     done = [k for k in job.keys.values() if k in job.info.get("free_running", {})]
     if done and not args.force:
@@ -517,12 +530,12 @@ def prepare(args):
         candidate = Path(job.anchor.checkpoint) / "lm.ckpt"
         candidate = candidate if candidate.exists() else Path(job.anchor.checkpoint).parent / "lm.ckpt"
         lm_file = str(candidate) if candidate.exists() else "none"
-    if "beam" in args.search and job.settings["lm_weight"] > 0 and lm_file == "none":
+    if uses_lm(job) and lm_file == "none":
         raise DecodeError(
             "the beam search has lm_weight > 0 but no language model: give --lm_file=PATH, or --lm_weight=0 "
             "(then its figures are not comparable with an LM decode)"
         )
-    if "beam" in args.search and job.settings["lm_weight"] > 0 and not Path(lm_file).is_file():
+    if uses_lm(job) and not Path(lm_file).is_file():
         raise DecodeError(f"--lm_file={lm_file} is not allowed: the file does not exist (or give --lm_file=none)")
     job.lm_file = lm_file
     return job
@@ -552,30 +565,68 @@ def load_models(job):
     check_audio(job.utts, next(iter(rates)))
     student, job.student_ckpt = load_student(job.fold_hparams, job.folder / "save", job.tokenizer.vocab_size())
     job.systems = systems_of(info, job.models, student.to(job.device), job.ctc_names)
+    if job.choice is not None and job.choice["student_checkpoint"] != job.student_ckpt:
+        raise DecodeError(
+            f"{job.folder / 'decoding_choice.json'} was chosen with the student {job.choice['student_checkpoint']}, "
+            f"not {job.student_ckpt}: run tune_decoding.py --force again"
+        )
     job.lm = None
-    if "beam" in args.search and job.settings["lm_weight"] > 0:
+    if uses_lm(job):
         job.lm = load_language_model(job.anchor.hparams, job.lm_file, job.device)
         logger.info("language model: %s", job.lm_file)
+    # (key, system) -> (search, settings, ctc_scoring, scorer_beam_scale) of its searcher
+    job.search_of = {}
+    for search in args.search:
+        for name in job.systems:
+            if search == CHOSEN:
+                entry = job.choice["chosen"][kind_of(name)]
+                spec = (entry["search"], entry["settings"], entry["ctc_scoring"], entry["scorer_beam_scale"])
+            else:
+                spec = (search, job.settings, args.ctc_scoring, job.scale)
+            job.search_of[(job.keys[search], name)] = spec
     job.searchers = {
-        (job.keys[search], name): build_searcher(
-            search, decoder, job.settings, BOS, EOS, job.lm, args.ctc_scoring, job.scale
+        (key, name): build_searcher(
+            search, job.systems[name], settings, BOS, EOS, job.lm if settings["lm_weight"] > 0 else None, scoring, scale
         ).to(job.device)
-        for search in args.search
-        for name, decoder in job.systems.items()
+        for (key, name), (search, settings, scoring, scale) in job.search_of.items()
     }
+
+
+def chosen_decodings(folder, info):
+    """The fold's decoding_choice.json (tune_decoding.py), checked against the fold."""
+    try:
+        choice = read_choice(folder)
+    except ChoiceError as err:
+        raise DecodeError(str(err)) from None
+    fold = {k: info[k] for k in ("held_out", "teachers", "input_streams")}
+    if choice.get("fold") != fold:
+        raise DecodeError(
+            f"{Path(folder) / 'decoding_choice.json'} was chosen for the fold {choice.get('fold')}, not {fold}: "
+            f"run tune_decoding.py --force on this fold"
+        )
+    return choice
+
+
+def uses_lm(job):
+    """Whether a search of the job scores with the TransformerLM."""
+    if "beam" in job.args.search and job.settings["lm_weight"] > 0:
+        return True
+    chosen = job.choice["chosen"].values() if job.choice is not None else ()
+    return any(c["search"] == "beam" and c["settings"]["lm_weight"] > 0 for c in chosen)
 
 
 def plan(job, todo):
     """The batches of ``todo``: length-sorted, each within --batch_size and the memory budget (the
     costliest search per utterance, logged with its parts for the job's longest utterance)."""
-    args, settings = job.args, job.settings
     frames = {u.id: encoder_frames(job.samples[u.id]) for u in job.utts}
     budget = job.run_opts["max_memory"] * GIB if job.run_opts["max_memory"] else default_budget(job.device)
-    costs = [(s, n, d) for s in args.search for n, d in job.systems.items()]
 
     def parts(t):
         return max(
-            ((s, n, search_memory(s, d, settings, t, args.ctc_scoring, job.scale)) for s, n, d in costs),
+            (
+                (search, name, search_memory(search, job.systems[name], these, t, scoring, scale), these)
+                for (_, name), (search, these, scoring, scale) in job.search_of.items()
+            ),
             key=lambda x: sum(x[2].values()),
         )
 
@@ -583,7 +634,7 @@ def plan(job, todo):
         return sum(parts(t)[2].values())
 
     longest = max(frames.values())
-    search, name, memory = parts(longest)
+    search, name, memory, settings = parts(longest)
     logger.info(
         "memory of a search per utterance (the longest, %d encoder frames; the %s search of %s, %d stream(s)%s): "
         "%s; budget %.1f GiB: batches of up to %d utterance(s) at that length (--batch_size=%d)",
@@ -629,6 +680,7 @@ def decode(job):
             "systems": sorted(job.systems),
             "ctc": [args.ctc_scoring, job.scale, job.ctc_names],
             "precision": args.precision,
+            "chosen": job.choice["chosen"] if job.choice is not None else None,
             "tokenizer": job.info["tokenizer_file"],
             "utterances": [(u.id, u.wav, u.word) for u in job.utts],
         }
@@ -729,10 +781,16 @@ def write_results(job, hyps, seconds, decoded):
             teachers = {n: s for n, s in by_system.items() if n.startswith("teacher_")}
             by_system["majority_vote"], _ = majority_vote(teachers, job.tokenizer, teacher_ranks(info))
         ctc_source = None if args.ctc_source == "own" else args.ctc_source
-        decoding = describe(search, settings, job.lm, args.ctc_scoring, job.scale, ctc_source)
+        if search == CHOSEN:
+            decoding, of_system = chosen_description(job.choice, by_system)
+        else:
+            decoding = describe(search, settings, job.lm, args.ctc_scoring, job.scale, ctc_source)
+            of_system = dict.fromkeys(by_system, decoding)
         if not covered["complete"]:
             total = covered["fold_test_utterances"]
-            decoding += f" [SUBSET: {covered['decoded']} of the fold's {total} test utterances]"
+            subset = f" [SUBSET: {covered['decoded']} of the fold's {total} test utterances]"
+            decoding += subset
+            of_system = {name: text + subset for name, text in of_system.items()}
         # --force: the files of the decoding being redone go, so that none of another run stays listed
         for old in files_of_key(wer_files, key):
             (folder / old).unlink(missing_ok=True)
@@ -740,17 +798,18 @@ def write_results(job, hyps, seconds, decoded):
         for name, system in by_system.items():
             file = wer_file_name(key, name)
             system.write_stats(folder / file)
-            wer_files[file] = {"system": name, "decoding": decoding, "free_running": key}
+            wer_files[file] = {"system": name, "decoding": of_system[name], "free_running": key}
         beam = search == "beam"
         results[key] = {
             "decoding": decoding,
             "search": search,
+            **(chosen_record(job.choice) if search == CHOSEN else {}),
             "settings": dict(settings) if beam else {k: settings[k] for k in ("min_decode_ratio", "max_decode_ratio")},
             "settings_from": dict(job.source),
             "ctc_scoring": args.ctc_scoring if beam else None,
             "scorer_beam_scale": job.scale if beam and args.ctc_scoring == "partial" else None,
             "ctc_source": args.ctc_source if beam else None,
-            "lm_file": str(job.lm_file) if beam and job.lm is not None else None,
+            "lm_file": str(job.lm_file) if (beam or search == CHOSEN) and job.lm is not None else None,
             "models": {m.name: str(m.ckpt_dir) for m in job.models.values()},
             "systems_decoded": len(job.systems),
             "test_utterances": dict(covered),
@@ -768,6 +827,28 @@ def write_results(job, hyps, seconds, decoded):
         }
     write_json(folder / "test_results.json", {**info, "wer_files": wer_files, "free_running": results})
     return results
+
+
+def chosen_description(choice, systems):
+    """(How a ``chosen`` decode was made, in words; {system: how that system was decoded})."""
+    chosen = choice["chosen"]
+    head = "each system decoded as chosen on the teacher speakers' validation audio (tune_decoding.py)"
+    names = {"student": "student", "mean": "mean", "single": "SA models alone and their vote"}
+    parts = [f"{names[kind]}: {entry['decoding']}" for kind, entry in chosen.items()]
+    of_system = {}
+    for name in systems:
+        kind = "single" if name == "majority_vote" else kind_of(name)
+        of_system[name] = f"{head}: {chosen[kind]['decoding']}"
+    return f"{head}; " + "; ".join(parts), of_system
+
+
+def chosen_record(choice):
+    """What test_results.json keeps of the choice a ``chosen`` decode used."""
+    return {
+        "chosen": {kind: entry["candidate"] for kind, entry in choice["chosen"].items()},
+        "chosen_settings": {kind: entry["settings"] for kind, entry in choice["chosen"].items()},
+        "chosen_on": {"validation_utterances": choice.get("utterances"), "rule": choice.get("rule")},
+    }
 
 
 def print_block(job, results):
@@ -790,7 +871,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (DecodeError, ExtractionError, LogitStoreError, DiskFullError) as err:
+    except (DecodeError, ChoiceError, ExtractionError, LogitStoreError, DiskFullError) as err:
         print(f"ERROR: {err}", file=sys.stderr, flush=True)
         return 2
 

@@ -326,10 +326,17 @@ def _rehearsal_decode(streams, teacher_set, fold, run=_rehearsal_run):
     ]  # fmt: skip
 
 
-def rehearsal_free(results, decoded=REHEARSAL_DECODED, run=_rehearsal_run):
+# (key in free_running, how the table names it) of the searches a free-running table shows
+FREE_SEARCHES = (("greedy", "greedy"), (REHEARSAL_BEAM, "beam 8 + CTC + LM"))
+CHOSEN_SEARCH = ("chosen", "chosen on teachers")
+
+
+def rehearsal_free(results, decoded=REHEARSAL_DECODED, run=_rehearsal_run, searches=FREE_SEARCHES, pooled=False):
     """docs/rehearsal_study.md: the free-running decodes of the rehearsal study's seed-1986 runs,
     student against the same baselines, each decoded by the same search (``decoded`` and ``run``:
-    another study's, as docs/ablation.md shows the chosen defaults')."""
+    another study's, as docs/ablation.md shows the chosen defaults'). ``searches``: the decodings
+    shown (``chosen``: each system as tune_decoding.py chose on the teacher speakers); ``pooled``:
+    a row per teacher set and search over the four folds too (the test over every production)."""
     from local.corpus import production_of
     from local.significance import holm, paired_test
     from local.wer_files import read_wer_file
@@ -341,12 +348,12 @@ def rehearsal_free(results, decoded=REHEARSAL_DECODED, run=_rehearsal_run):
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     )
     lines += list(header)
-    infos, tests = [], []
+    infos, tests, pool = [], [], {}
     for streams, teacher_set, fold in decoded:
         folder = results / run(streams, teacher_set, fold)
         info = _run(folder)
         infos.append(info)
-        for key, search in (("greedy", "greedy"), (REHEARSAL_BEAM, "beam 8 + CTC + LM")):
+        for key, search in searches:
             free = (info.get("free_running") or {}).get(key)
             if free is None:
                 raise TableError(f"{folder / 'test_results.json'}: no free_running.{key} (run decode.py)")
@@ -374,29 +381,120 @@ def rehearsal_free(results, decoded=REHEARSAL_DECODED, run=_rehearsal_run):
             a = {u.id: u for u in read_wer_file(folder / f"wer_test_free_{key}.txt").utterances}
             b = {u.id: u for u in read_wer_file(folder / f"wer_test_free_{key}_{against}.txt").utterances}
             ids = sorted(a)
-            test = paired_test(
-                [int(not a[i].correct) for i in ids],
-                [int(not b[i].correct) for i in ids],
-                [production_of(i) for i in ids],
-            )
+            errors = ([int(not a[i].correct) for i in ids], [int(not b[i].correct) for i in ids])
+            groups = [production_of(i) for i in ids]
+            test = paired_test(*errors, groups)
             tests.append((len(lines), against, 100.0 * -test["mean_diff"], test["p_value"]))
+            cell = pool.setdefault((streams, teacher_set, search), {"errors": ([], []), "groups": [], "wra": {}})
+            cell["errors"][0].extend(errors[0])
+            cell["errors"][1].extend(errors[1])
+            cell["groups"].extend(groups)
+            for name in ("student", "sa_self", "mean", "majority_vote"):
+                if name in systems:
+                    cell["wra"].setdefault(name, []).append((systems[name]["WRA"], systems[name]["n"]))
             chosen = f"{wra('teacher_' + best)} ({best})" if best and f"teacher_{best}" in systems else ""
             lines.append(
                 f"| {streams} | {teacher_set} | {fold} | {search} | **{wra('student')}** | {wra('sa_self')} | "
                 f"{wra('mean')} | {wra('majority_vote')} | {chosen} | {oracle} | "
             )
+    if pooled:
+        for (streams, teacher_set, search), cell in pool.items():
+
+            def mean_wra(name, cell=cell):
+                parts = cell["wra"].get(name)
+                if not parts or len(parts) != len(cell["wra"]["student"]):
+                    return ""
+                return f"{sum(w * n for w, n in parts) / sum(n for _, n in parts):.1f}"
+
+            against = "sa_self" if streams == "matched" else "majority_vote"
+            test = paired_test(*cell["errors"], cell["groups"])
+            tests.append((len(lines), against, 100.0 * -test["mean_diff"], test["p_value"]))
+            lines.append(
+                f"| {streams} | {teacher_set} | pooled | {search} | **{mean_wra('student')}** | "
+                f"{mean_wra('sa_self')} | {mean_wra('mean')} | {mean_wra('majority_vote')} |  |  | "
+            )
     for (row, against, delta, _), p in zip(tests, holm([t[3] for t in tests])):
         shown = "vote" if against == "majority_vote" else against
         lines[row] += f"{delta:+.1f} vs {shown}, p {p:.3f} |" if p >= 0.001 else f"{delta:+.1f} vs {shown}, p < 0.001 |"
+    how = (
+        "every system decoded by the same search (beam: each system with its own streams' CTC and the "
+        "held-out speaker's TransformerLM)"
+    )
+    if CHOSEN_SEARCH in searches:
+        how += (
+            "; *chosen on teachers*: each kind of system (the student, `mean`, the SA models alone and so "
+            "their vote) decoded by the search that was best for it on the teacher speakers' validation audio "
+            "(tune_decoding.py: greedy, or beam 8 at CTC weight 0, 0.2 or 0.4 and LM weight 0, 0.3 or 0.6; "
+            "its choices are the next table)"
+        )
     head = (
         f"{_data_line(infos)} WRA %, seed {REHEARSAL_DECODE_SEED} of each configuration, every test "
-        "utterance of each fold (a subset is refused); the student in the loop; every system "
-        "decoded by the same search (beam: each system with its own streams' CTC and the held-out "
-        "speaker's TransformerLM). ‡ a ceiling, not a system: right when any teacher alone is. Δ: the "
+        f"utterance of each fold (a subset is refused); the student in the loop; {how}. ‡ a ceiling, not a "
+        "system: right when any teacher alone is. Δ: the "
         "student's WRA minus `sa_self`'s (matched) or the vote's (cross), percentage points; p: paired sign-flip "
         "test (10000 permutations, whole productions), Holm-corrected over the table."
     )
     return "\n".join([head, "", *lines])
+
+
+# The cross folds of the rehearsal ablation's runs of the options as written (the cross defaults:
+# the ablation kept them), seed 1986: each system's decoding chosen on the teacher speakers
+CROSS_DECODED = tuple(("cross", teacher_set, fold) for teacher_set in ("same_level", "all_others") for fold in FOLDS)
+
+
+def _ablation_cross_run(streams, teacher_set, fold):
+    return f"rehearsal_ablation/cross/as_written/{fold}_{teacher_set}_{streams}_transformer/{REHEARSAL_DECODE_SEED}"
+
+
+def _models_arg(models):
+    corpus = "{results}/rehearsal_corpus"
+    return [f"{m}={corpus}/models/{m}/hyperparams.yaml:{corpus}/models/{m}/save" for m in models]
+
+
+def _cross_tune(streams, teacher_set, fold):
+    """tune_decoding.py on one cross fold of the rehearsal ablation: 20 validation utterances of
+    each speaker (CPU-sized), beam 8 with CTC scored on the 2 x beam best candidates."""
+    from local.folds import teacher_speakers
+
+    corpus = "{results}/rehearsal_corpus"
+    return [
+        "python", "tune_decoding.py", "{results}/" + _ablation_cross_run(streams, teacher_set, fold), "--models",
+        *_models_arg(teacher_speakers(fold, teacher_set)), f"--csv_folder={corpus}/csv", f"--data_root={corpus}",
+        "--beam_size=8", "--ctc_scoring=partial", "--utterances_per_speaker=20", "--noprogressbar",
+    ]  # fmt: skip
+
+
+def _cross_decode(streams, teacher_set, fold):
+    command = _rehearsal_decode(streams, teacher_set, fold, run=_ablation_cross_run)
+    at = command.index("beam")
+    return [*command[: at + 1], "chosen", *command[at + 1 :]]
+
+
+def decoding_choices(results, decoded=CROSS_DECODED, run=_ablation_cross_run):
+    """docs/rehearsal_study.md: what tune_decoding.py chose for each kind of system, and its
+    validation WRA under the SA pipeline's setting and under the choice."""
+    lines = [
+        "Validation WRA % on the teacher speakers' audio (never the held-out speaker's), 20 validation "
+        "utterances of each speaker; the SA setting: beam 8, CTC 0.4, LM 0.6. The vote's models are "
+        "searched as the choice for the vote.",
+        "",
+        "| teachers | fold | utterances | student: chosen | SA setting | chosen | `mean`: chosen | SA setting | chosen "
+        "| vote: chosen | SA setting | chosen |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for streams, teacher_set, fold in decoded:
+        path = results / run(streams, teacher_set, fold) / "decoding_choice.json"
+        if not path.is_file():
+            raise TableError(f"{path} is missing (run tune_decoding.py)")
+        choice = json.loads(path.read_text(encoding="utf-8"))
+        sa = choice["candidates"][0]["name"]
+        cells = []
+        for kind in ("student", "mean", "single"):
+            entry = choice["chosen"][kind]
+            scores = choice["validation_WRA"][entry["judged_by"]]
+            cells += [f"`{entry['candidate']}`", f"{scores[sa]:.1f}", f"{scores[entry['candidate']]:.1f}"]
+        lines.append(f"| {teacher_set} | {fold} | {choice['utterances']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def compare_m08(results):
@@ -489,6 +587,12 @@ def ablation(folder):
 
 
 ABLATE = ["python", "ablate.py"]
+REHEARSAL_ABLATE = [
+    *ABLATE,
+    "--logit_root={results}/rehearsal_corpus/logit_extraction",
+    f"--tokenizer_file={_shared('sa_tokenizer.model')}",
+    "--ablation_folder={results}/rehearsal_ablation",
+]
 
 
 # name -> (render function, commands (lists) that write its result files, the files under results/
@@ -533,12 +637,7 @@ TABLES = {
         ablation("rehearsal_ablation"),
         [
             REHEARSAL_BUILD,
-            [
-                *ABLATE,
-                "--logit_root={results}/rehearsal_corpus/logit_extraction",
-                f"--tokenizer_file={_shared('sa_tokenizer.model')}",
-                "--ablation_folder={results}/rehearsal_ablation",
-            ],
+            REHEARSAL_ABLATE,
         ],  # fmt: skip
         ["rehearsal_ablation/ablation.json"],
     ),
@@ -580,6 +679,18 @@ TABLES = {
         lambda results: rehearsal_free(results, CHOSEN_DECODED, _chosen_run),
         [REHEARSAL_BUILD, REHEARSAL_CHOSEN] + [_rehearsal_decode(*d, run=_chosen_run) for d in CHOSEN_DECODED],
         [f"{_chosen_run(*d)}/wer_test_free_{REHEARSAL_BEAM}.txt" for d in CHOSEN_DECODED],
+    ),
+    "rehearsal_cross_free": (
+        lambda results: rehearsal_free(
+            results, CROSS_DECODED, _ablation_cross_run, (*FREE_SEARCHES, CHOSEN_SEARCH), pooled=True
+        ),
+        [REHEARSAL_BUILD, REHEARSAL_ABLATE] + [c(*d) for d in CROSS_DECODED for c in (_cross_tune, _cross_decode)],
+        [f"{_ablation_cross_run(*d)}/wer_test_free_chosen.txt" for d in CROSS_DECODED],
+    ),
+    "rehearsal_decoding_choices": (
+        decoding_choices,
+        [REHEARSAL_BUILD, REHEARSAL_ABLATE] + [_cross_tune(*d) for d in CROSS_DECODED],
+        [f"{_ablation_cross_run(*d)}/decoding_choice.json" for d in CROSS_DECODED],
     ),
     "rehearsal_study": (
         rehearsal_study,
