@@ -227,3 +227,73 @@ def test_tune_refuses_bad_input_before_writing(world, tmp_path):  # noqa: F811
     proc = _tune(world, folder, csvs, "--lm_weights", "1.5")
     assert proc.returncode == 2 and "lm_weight" in proc.stderr and "Traceback" not in proc.stderr
     assert not (folder / "decoding_choice.json").exists()
+
+
+def _free_results(results, fold, right, tokenizer):
+    """A cross run of the rehearsal ablation as make_tables reads it: ``right`` {system: [bool per
+    utterance]} for every decoding (greedy, beam_partialctc, chosen), two productions x two mics."""
+    from local.scoring import SystemScores
+
+    import make_tables
+
+    folder = results / make_tables._ablation_cross_run("cross", "same_level", fold)
+    folder.mkdir(parents=True)
+    ids = [f"{fold}_B3_{w}_M{m}" for w in ("D1", "D2") for m in (5, 6)]
+    words = ["ONE", "ONE", "TWO", "TWO"]
+    free = {}
+    for key, _ in (*make_tables.FREE_SEARCHES, make_tables.CHOSEN_SEARCH):
+        systems = {}
+        for name, flags in right.items():
+            scores = SystemScores(tokenizer)
+            hyps = [w if ok else "ZULU" for w, ok in zip(words, flags)]
+            scores.append_texts(ids, hyps, words, ["D"] * 4, ["M5", "M6"] * 2)
+            suffix = "" if name == "student" else f"_{name}"
+            scores.write_stats(folder / f"wer_test_free_{key}{suffix}.txt")
+            systems[name] = scores.summary()
+        free[key] = {"systems": systems, "subset": False}
+    info = {"student": {}, "data_kind": "rehearsal", "free_running": free, "teachers": ["F05", "M09"]}
+    info["best_single_teacher"] = {"name": "F05"}
+    (folder / "test_results.json").write_text(json.dumps(info))
+
+
+def test_free_table_pools_the_folds(tmp_path, demo_tree):
+    """make_tables' free-running table with the chosen decodings and a pooled row per teacher set
+    and search: the pooled WRA is over every utterance of the folds, its test over every production."""
+    import make_tables
+    from local.store import load_tokenizer
+
+    tokenizer = load_tokenizer(demo_tree / "tokenizer.model")
+    results = tmp_path / "results"
+    # M08: student right 4 of 4, vote 1 of 4; M05: student 2 of 4, vote 2 of 4
+    vote08, vote05 = [True, False, False, False], [True, True, False, False]
+    _free_results(
+        results,
+        "M08",
+        {"student": [True] * 4, "majority_vote": vote08, "teacher_F05": vote08, "teacher_M09": [False] * 4},
+        tokenizer,
+    )
+    _free_results(
+        results,
+        "M05",
+        {"student": [True, True, False, False], "majority_vote": vote05, "teacher_F05": vote05, "teacher_M09": vote05},
+        tokenizer,
+    )
+    decoded = (("cross", "same_level", "M08"), ("cross", "same_level", "M05"))
+    table = make_tables.rehearsal_free(
+        results,
+        decoded,
+        make_tables._ablation_cross_run,
+        (*make_tables.FREE_SEARCHES, make_tables.CHOSEN_SEARCH),
+        pooled=True,
+    )
+    rows = [line for line in table.splitlines() if line.startswith("| cross |")]
+    assert len(rows) == 2 * 3 + 3  # two folds x three searches, one pooled row per search
+    pooled = [r for r in rows if "| pooled |" in r]
+    assert [r.split(" | ")[3] for r in pooled] == ["greedy", "beam 8 + CTC + LM", "chosen on teachers"]
+    for row in pooled:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == "**75.0**" and cells[7] == "37.5"  # (4 + 2) / 8 and (1 + 2) / 8
+        assert cells[10].startswith("+37.5 vs vote, p ")
+    m08 = next(r for r in rows if "| M08 | chosen on teachers |" in r)
+    assert "**100.0**" in m08 and "| 25.0 (F05) |" in m08 and "+75.0 vs vote" in m08
+    assert "*chosen on teachers*" in table and "Rehearsal corpus" in table

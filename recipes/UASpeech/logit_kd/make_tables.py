@@ -451,36 +451,43 @@ def _models_arg(models):
     return [f"{m}={corpus}/models/{m}/hyperparams.yaml:{corpus}/models/{m}/save" for m in models]
 
 
-def _cross_tune(streams, teacher_set, fold):
-    """tune_decoding.py on one cross fold of the rehearsal ablation: 20 validation utterances of
-    each speaker (CPU-sized), beam 8 with CTC scored on the 2 x beam best candidates."""
+def _tuned_run(streams, teacher_set, fold):
+    """The runs whose decodings are chosen on the teacher speakers: with cross streams, the
+    rehearsal ablation's runs of the options as written; matched, the chosen defaults' study's."""
+    return (_ablation_cross_run if streams == "cross" else _chosen_run)(streams, teacher_set, fold)
+
+
+def _tune(streams, teacher_set, fold):
+    """tune_decoding.py on one run of ``_tuned_run``: 20 validation utterances of each speaker
+    (CPU-sized), beam 8 with CTC scored on the 2 x beam best candidates."""
     from local.folds import teacher_speakers
 
     corpus = "{results}/rehearsal_corpus"
     return [
-        "python", "tune_decoding.py", "{results}/" + _ablation_cross_run(streams, teacher_set, fold), "--models",
+        "python", "tune_decoding.py", "{results}/" + _tuned_run(streams, teacher_set, fold), "--models",
         *_models_arg(teacher_speakers(fold, teacher_set)), f"--csv_folder={corpus}/csv", f"--data_root={corpus}",
         "--beam_size=8", "--ctc_scoring=partial", "--utterances_per_speaker=20", "--noprogressbar",
     ]  # fmt: skip
 
 
-def _cross_decode(streams, teacher_set, fold):
-    command = _rehearsal_decode(streams, teacher_set, fold, run=_ablation_cross_run)
+def _chosen_decode(streams, teacher_set, fold):
+    """decode.py with the chosen decodings too (greedy, beam at the SA setting, chosen)."""
+    command = _rehearsal_decode(streams, teacher_set, fold, run=_tuned_run)
     at = command.index("beam")
     return [*command[: at + 1], "chosen", *command[at + 1 :]]
 
 
-def decoding_choices(results, decoded=CROSS_DECODED, run=_ablation_cross_run):
-    """docs/rehearsal_study.md: what tune_decoding.py chose for each kind of system, and its
-    validation WRA under the SA pipeline's setting and under the choice."""
+def decoding_choices(results, decoded=CROSS_DECODED + CHOSEN_DECODED, run=_tuned_run):
+    """What tune_decoding.py chose for each kind of system, and the validation WRA it was chosen
+    on under the SA pipeline's setting and under the choice."""
     lines = [
         "Validation WRA % on the teacher speakers' audio (never the held-out speaker's), 20 validation "
-        "utterances of each speaker; the SA setting: beam 8, CTC 0.4, LM 0.6. The vote's models are "
-        "searched as the choice for the vote.",
+        "utterances of each speaker; *SA setting*: beam 8, CTC 0.4, LM 0.6. The SA models alone are "
+        "chosen by their vote's WRA with `cross`, by the model alone's (`sa_self` on the test) with `matched`.",
         "",
-        "| teachers | fold | utterances | student: chosen | SA setting | chosen | `mean`: chosen | SA setting | chosen "
-        "| vote: chosen | SA setting | chosen |",
-        "| --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |",
+        "| streams | teachers | fold | utterances | student: chosen | SA setting | chosen | `mean`: chosen "
+        "| SA setting | chosen | SA models alone: chosen | SA setting | chosen |",
+        "| --- | --- | --- | ---: | --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |",
     ]
     for streams, teacher_set, fold in decoded:
         path = results / run(streams, teacher_set, fold) / "decoding_choice.json"
@@ -490,10 +497,13 @@ def decoding_choices(results, decoded=CROSS_DECODED, run=_ablation_cross_run):
         sa = choice["candidates"][0]["name"]
         cells = []
         for kind in ("student", "mean", "single"):
-            entry = choice["chosen"][kind]
+            entry = choice["chosen"].get(kind)
+            if entry is None:
+                cells += ["", "", ""]
+                continue
             scores = choice["validation_WRA"][entry["judged_by"]]
             cells += [f"`{entry['candidate']}`", f"{scores[sa]:.1f}", f"{scores[entry['candidate']]:.1f}"]
-        lines.append(f"| {teacher_set} | {fold} | {choice['utterances']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {streams} | {teacher_set} | {fold} | {choice['utterances']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -676,21 +686,23 @@ TABLES = {
         ["rehearsal_chosen/study.md"],
     ),
     "rehearsal_chosen_free": (
-        lambda results: rehearsal_free(results, CHOSEN_DECODED, _chosen_run),
-        [REHEARSAL_BUILD, REHEARSAL_CHOSEN] + [_rehearsal_decode(*d, run=_chosen_run) for d in CHOSEN_DECODED],
-        [f"{_chosen_run(*d)}/wer_test_free_{REHEARSAL_BEAM}.txt" for d in CHOSEN_DECODED],
+        lambda results: rehearsal_free(
+            results, CHOSEN_DECODED, _chosen_run, (*FREE_SEARCHES, CHOSEN_SEARCH), pooled=True
+        ),
+        [REHEARSAL_BUILD, REHEARSAL_CHOSEN] + [c(*d) for d in CHOSEN_DECODED for c in (_tune, _chosen_decode)],
+        [f"{_chosen_run(*d)}/wer_test_free_chosen.txt" for d in CHOSEN_DECODED],
     ),
     "rehearsal_cross_free": (
         lambda results: rehearsal_free(
             results, CROSS_DECODED, _ablation_cross_run, (*FREE_SEARCHES, CHOSEN_SEARCH), pooled=True
         ),
-        [REHEARSAL_BUILD, REHEARSAL_ABLATE] + [c(*d) for d in CROSS_DECODED for c in (_cross_tune, _cross_decode)],
+        [REHEARSAL_BUILD, REHEARSAL_ABLATE] + [c(*d) for d in CROSS_DECODED for c in (_tune, _chosen_decode)],
         [f"{_ablation_cross_run(*d)}/wer_test_free_chosen.txt" for d in CROSS_DECODED],
     ),
     "rehearsal_decoding_choices": (
         decoding_choices,
-        [REHEARSAL_BUILD, REHEARSAL_ABLATE] + [_cross_tune(*d) for d in CROSS_DECODED],
-        [f"{_ablation_cross_run(*d)}/decoding_choice.json" for d in CROSS_DECODED],
+        [REHEARSAL_BUILD, REHEARSAL_ABLATE, REHEARSAL_CHOSEN] + [_tune(*d) for d in CROSS_DECODED + CHOSEN_DECODED],
+        [f"{_tuned_run(*d)}/decoding_choice.json" for d in CROSS_DECODED + CHOSEN_DECODED],
     ),
     "rehearsal_study": (
         rehearsal_study,
