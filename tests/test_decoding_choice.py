@@ -232,9 +232,9 @@ def test_tune_refuses_bad_input_before_writing(world, tmp_path):  # noqa: F811
 def _free_results(results, fold, right, tokenizer):
     """A cross run of the rehearsal ablation as make_tables reads it: ``right`` {system: [bool per
     utterance]} for every decoding (greedy, beam_partialctc, chosen), two productions x two mics."""
-    from local.scoring import SystemScores
-
     import make_tables
+
+    from local.scoring import SystemScores
 
     folder = results / make_tables._ablation_cross_run("cross", "same_level", fold)
     folder.mkdir(parents=True)
@@ -260,6 +260,7 @@ def test_free_table_pools_the_folds(tmp_path, demo_tree):
     """make_tables' free-running table with the chosen decodings and a pooled row per teacher set
     and search: the pooled WRA is over every utterance of the folds, its test over every production."""
     import make_tables
+
     from local.store import load_tokenizer
 
     tokenizer = load_tokenizer(demo_tree / "tokenizer.model")
