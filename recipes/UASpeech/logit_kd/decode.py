@@ -13,6 +13,11 @@ step logits, and SpeechBrain's searchers extend the hypotheses (``local/free_run
   the settings of the held-out speaker's hparams file (its ``test_search``: beam 66, CTC 0.4, LM
   0.6, temperature 1.15 in the SA project's yaml), each overridable here.
 
+- ``chosen``: each kind of system (the student, ``mean``, the SA models alone and so their vote) by
+  the search tune_decoding.py chose for it on the teacher speakers' validation audio (greedy, or
+  beam at the CTC and LM weights best there; ``<fold>/decoding_choice.json``): not the SA
+  pipeline's settings, so its figures stand beside other ``chosen`` figures only.
+
 The baselines are decoded by the same search: ``sa_self`` (the held-out speaker's own SA model
 alone: with beam + LM it is the SA pipeline's own test decode of that speaker), and with ``cross``
 each teacher alone, ``mean`` (the teachers' probabilities averaged per step) and their
@@ -22,7 +27,7 @@ Usage (from recipes/UASpeech/logit_kd; the fold's output folder is train.py's)::
 
     python decode.py results/logit_kd/M08_same_level_matched_transformer/1986 \\
         --models M08=/exp/M08/hyperparams.yaml:/exp/M08/save \\
-        --speaker_csv=/data/csv/M08.csv --data_root=/data/UASpeech [--search greedy beam]
+        --speaker_csv=/data/csv/M08.csv --data_root=/data/UASpeech [--search greedy beam chosen]
         [--batch_size=N] [--max_memory=GiB] [--device=cuda --precision=bf16]
         [--lm_file=/exp/M08/save/lm.ckpt | --lm_file=none] [--beam_size=66] [--ctc_weight=0.4]
         [--lm_weight=0.6] [--temperature=1.15] [--lm_temperature=1.15] [--ctc_scoring=full|partial]
