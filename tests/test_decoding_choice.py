@@ -182,6 +182,12 @@ def test_tune_then_decode_chosen(world, tmp_path):  # noqa: F811
         assert decoding.startswith("each system decoded as chosen on the teacher speakers' validation audio")
         assert decoding.endswith(choice["chosen"][kind]["decoding"])
     assert "student: " in chosen["decoding"] and "SA models alone and their vote: " in chosen["decoding"]
+    # a new choice removes the chosen decoding made with the old one (its figures would outlive it)
+    proc = _tune(world, folder, csvs, "--force", "--ctc_weights", "0.4", "--lm_weights", "0.6")
+    assert proc.returncode == 0 and "removed the chosen decoding made with the earlier choice" in proc.stdout
+    info = json.loads((folder / "test_results.json").read_text())
+    assert set(info["free_running"]) == {"greedy", "beam"} and not list(folder.glob("wer_test_free_chosen*"))
+    assert not [f for f in info["wer_files"] if "chosen" in f] and (folder / "wer_test_free_greedy.txt").is_file()
 
 
 def test_decode_chosen_refuses_a_missing_or_stale_choice(world, tmp_path):  # noqa: F811

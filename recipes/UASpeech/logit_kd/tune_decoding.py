@@ -22,11 +22,13 @@ Usage (from recipes/UASpeech/logit_kd; the fold folder is train.py's)::
 ``matched`` each teacher speaker's own). ``--csv_folder``: a folder of SpeechBrain CSVs named
 ``<SPEAKER>.csv``, one per speaker whose validation audio is decoded. Writes
 ``<fold folder>/decoding_choice.json``: the candidates, the WRA of every system on every candidate,
-the utterances, and the choice (refused when it exists, unless ``--force``). Bad options and inputs
+the utterances, and the choice (refused when it exists, unless ``--force``; a new choice removes
+the fold's ``chosen`` decoding made with the earlier one). Bad options and inputs
 stop before anything is written, with one line ``ERROR: ...`` (exit status 2).
 """
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -354,8 +356,35 @@ def run(args):
         "seconds": round(time.time() - tick, 1),
     }
     write_choice(job.folder, data)
+    dropped = drop_stale_decoding(job.folder)
     print_block(job, data)
+    if dropped:
+        print(
+            f"removed the chosen decoding made with the earlier choice ({', '.join(dropped)}): run decode.py "
+            f"--search chosen again",
+            flush=True,
+        )
     return 0
+
+
+def drop_stale_decoding(folder):
+    """A new choice makes the fold's ``chosen`` decoding (made with the earlier one) stale: its
+    files and its block of test_results.json go, so that no figure outlives the choice it was
+    decoded with. Returns the files removed."""
+    from local.files import write_json
+
+    path = Path(folder) / "test_results.json"
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if decode.CHOSEN not in info.get("free_running", {}):
+        return []
+    wer_files = dict(info.get("wer_files", {}))
+    removed = decode.files_of_key(wer_files, decode.CHOSEN)
+    for name in removed:
+        (Path(folder) / name).unlink(missing_ok=True)
+        del wer_files[name]
+    free = {k: v for k, v in info["free_running"].items() if k != decode.CHOSEN}
+    write_json(path, {**info, "wer_files": wer_files, "free_running": free})
+    return removed
 
 
 def print_block(job, data):
