@@ -530,11 +530,7 @@ def prepare(args):
     ids, n = fold_test_ids(job.folder, job.info)
     job.utts, job.covered = coverage(utts, ids, n, args.subset, args.speaker_csv)
     job.samples = check_audio(job.utts)  # every audio file readable
-    lm_file = args.lm_file
-    if lm_file is None:
-        candidate = Path(job.anchor.checkpoint) / "lm.ckpt"
-        candidate = candidate if candidate.exists() else Path(job.anchor.checkpoint).parent / "lm.ckpt"
-        lm_file = str(candidate) if candidate.exists() else "none"
+    lm_file = args.lm_file if args.lm_file is not None else default_lm_file(job.anchor) or "none"
     if uses_lm(job) and lm_file == "none":
         raise DecodeError(
             "the beam search has lm_weight > 0 but no language model: give --lm_file=PATH, or --lm_weight=0 "
@@ -610,6 +606,15 @@ def chosen_decodings(folder, info):
             f"run tune_decoding.py --force on this fold"
         )
     return choice
+
+
+def default_lm_file(spec):
+    """The ``lm.ckpt`` of an SA model's save folder (the Pretrainer's link), or of the folder above
+    a checkpoint given directly; None when there is none."""
+    for candidate in (Path(spec.checkpoint) / "lm.ckpt", Path(spec.checkpoint).parent / "lm.ckpt"):
+        if candidate.exists():
+            return str(candidate)
+    return None
 
 
 def uses_lm(job):

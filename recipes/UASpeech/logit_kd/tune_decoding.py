@@ -210,11 +210,7 @@ def prepare(args):
     lm_weights = [c[2]["lm_weight"] for c in job.candidates if c[1] == "beam"]
     job.lm_file = None
     if any(w > 0 for w in lm_weights):
-        lm_file = args.lm_file
-        if lm_file is None:
-            candidate = Path(job.anchor.checkpoint) / "lm.ckpt"
-            candidate = candidate if candidate.exists() else Path(job.anchor.checkpoint).parent / "lm.ckpt"
-            lm_file = str(candidate) if candidate.exists() else None
+        lm_file = args.lm_file if args.lm_file is not None else decode.default_lm_file(job.anchor)
         if lm_file is None or not Path(lm_file).is_file():
             raise DecodeError(
                 f"--lm_weights has a weight > 0 but there is no language model file ({lm_file}): give --lm_file=PATH"
